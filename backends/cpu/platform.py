@@ -1,0 +1,64 @@
+"""CPU platform: the embedded default. gloo collectives, torch SDPA, Megatron via the CPU compat layer.
+
+Always available. Megatron-core is made to run on a CPU-only torch by ``megatron_compat`` (installed by
+``prepare_training_runtime``); the rollout default is portable_rl's own torch engine server, and the real
+SGLang server runs with ``--device cpu --attention-backend torch_native``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from portable_rl.platform import KernelStatus, Platform, ProbeResult
+
+
+class CpuPlatform(Platform):
+    name: ClassVar[str] = "cpu"
+    torch_device_type: ClassVar[str] = "cpu"
+    dist_backend: ClassVar[str] = "gloo"
+    comm_library: ClassVar[str] = "gloo"
+    visible_devices_env: ClassVar[tuple[str, ...]] = ()
+    ray_resource: ClassVar[str | None] = None
+    ray_noset_env: ClassVar[tuple[str, ...]] = ()
+    # Keep each worker to its share of the cores; torch otherwise spawns a thread per core in every actor.
+    comm_env_defaults: ClassVar[dict[str, str]] = {}
+    runtime_env_defaults: ClassVar[dict[str, str]] = {"TOKENIZERS_PARALLELISM": "false"}
+    megatron_attention_backend: ClassVar[str] = "local"
+    sglang_attention_backend: ClassVar[str] = "torch_native"
+    sglang_device: ClassVar[str] = "cpu"
+    supports_numa_affinity: ClassVar[bool] = False
+    pinned_memory_fork_safe: ClassVar[bool] = True
+    ipc_handle_carries_device: ClassVar[bool] = False
+    memory_saver_supported: ClassVar[bool] = False
+    shared_tensor_transport: ClassVar[str] = "shared_memory"
+    image_repo: ClassVar[str] = "cpu"
+    default_fp8_dtype: ClassVar[str | None] = None
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        return ProbeResult(ok=True, reason=f"CPU fallback ({os.cpu_count()} cores)")
+
+    def kernels(self) -> list[KernelStatus]:
+        return [
+            KernelStatus("torch SDPA", True, "attention in the CPU engine and HF reference"),
+            KernelStatus(
+                "megatron local spec",
+                True,
+                "TransformerEngine is GPU-only; Megatron uses the local layer spec",
+            ),
+        ]
+
+    def prepare_training_runtime(self) -> None:
+        from portable_rl.backends.cpu import megatron_compat
+
+        megatron_compat.install()
+
+    def sglang_server_args(self) -> dict[str, Any]:
+        args = super().sglang_server_args()
+        # The CPU SGLang path needs fp32 and the pure-torch sampler; grammar backends pull GPU kernels.
+        args.update({"sampling_backend": "pytorch", "dtype": "float32", "grammar_backend": "none"})
+        return args
+
+    def megatron_overrides(self) -> dict[str, Any]:
+        return {"use_cpu_initialization": True, "gradient_accumulation_fusion": False, "bf16": False}

@@ -1,0 +1,1 @@
+"""Sub-commands of the portable-rl CLI (see portable_rl.cli)."""

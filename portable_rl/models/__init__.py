@@ -1,0 +1,1 @@
+"""Model sources: tiny random-init checkpoints for tests and the shipped demo model."""
