@@ -176,6 +176,22 @@ class Platform:
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on CPU)."""
 
+    def ipc_export_device(self, device_index: int) -> int | str:
+        """What a shared-tensor handle should carry for the exporter's device ``device_index``.
+
+        Where ``ipc_handle_carries_device`` holds, GPU backends return a stable device id (the UUID, as SGLang's
+        patched torch reductions do) so an importer with another device mask can map it; the base keeps the ordinal.
+        """
+        return device_index
+
+    def ipc_import_device(self, carried: int | str) -> int:
+        """The local device ordinal for a value produced by ``ipc_export_device`` in another process."""
+        if isinstance(carried, int):
+            return carried
+        raise ValueError(
+            f"platform {self.name!r} cannot map shared-tensor device id {carried!r} to a local device"
+        )
+
     def describe(self) -> dict[str, Any]:
         """All declared facts and probed devices as plain data (for doctor and conformance reports)."""
         return {

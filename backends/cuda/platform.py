@@ -168,3 +168,13 @@ class CudaPlatform(Platform):
         import torch
 
         torch.cuda.synchronize()
+
+    def ipc_export_device(self, device_index: int) -> int | str:
+        from portable_rl.backends._ipc_device import device_uuid
+
+        return device_uuid(device_index)
+
+    def ipc_import_device(self, carried: int | str) -> int:
+        from portable_rl.backends._ipc_device import local_ordinal_of
+
+        return local_ordinal_of(carried)
