@@ -1,0 +1,287 @@
+"""The conformance suite must be able to fail: break an implementation, watch the verdict flip.
+
+The ``broken`` fixture swaps one piece of what a check measures (a kernel, the collective results, the
+training run) for a deliberately wrong version through monkeypatch; every test asserts the check that
+should notice reports ``fail``, and that the unbroken version passes. Collective results are simulated
+here from the same inputs a correct backend would reduce (the real 2-process run is in tests/conformance).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from portable_rl import conformance
+from portable_rl.conformance import (
+    Context,
+    Measurement,
+    collectives,
+    determinism,
+    kernels,
+    run_case,
+    tolerances,
+)
+from portable_rl.conformance.registry import CHECKS, Check, unmet_requirement
+from portable_rl.conformance.tolerances import PLATFORMS, tolerance
+from portable_rl.platform import load
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    c = Context(load("cpu"), workdir=tmp_path)
+    yield c
+    c.close()
+
+
+def verdicts(name: str, ctx: Context) -> dict[str | None, str]:
+    conformance.load_all()
+    return {case.dtype: run_case(case, ctx).status for case in CHECKS[name].cases()}
+
+
+def perfect_collectives(platform_name, out_dir):
+    """What two ranks of a correct backend hold after the worker's collectives."""
+    import torch
+
+    inputs = [collectives.rank_inputs(r) for r in range(collectives.WORLD)]
+    small_sum = inputs[0]["small"] + inputs[1]["small"]
+    det_sum = inputs[0]["det"] + inputs[1]["det"]
+    held = []
+    for _ in range(collectives.WORLD):
+        held.append(
+            {
+                "all_reduce": {
+                    **{d: small_sum.to(getattr(torch, d)) for d in collectives.COLLECTIVE_DTYPES},
+                    "random32": inputs[0]["random32"] + inputs[1]["random32"],
+                },
+                "broadcast": {d: inputs[1]["bcast"][d].clone() for d in collectives.COLLECTIVE_DTYPES},
+                "all_gather": {
+                    d: [inputs[r]["gather"][d].clone() for r in range(collectives.WORLD)]
+                    for d in collectives.COLLECTIVE_DTYPES
+                },
+                "determinism": [det_sum.clone(), det_sum.clone()],
+            }
+        )
+    return held
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    """``broken(kind)`` applies one named breakage for the rest of the test."""
+
+    def apply(kind: str) -> None:
+        if kind == "kernel_scaled":
+            orig = kernels.IMPLEMENTATIONS["rmsnorm"]
+            monkeypatch.setitem(kernels.IMPLEMENTATIONS, "rmsnorm", lambda x, w, eps: orig(x, w, eps) * 1.05)
+        elif kind == "attention_not_causal":
+            import torch.nn.functional as F
+
+            def no_mask(q, k, v):
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=False)
+
+            monkeypatch.setitem(kernels.IMPLEMENTATIONS, "attention", no_mask)
+        elif kind == "logprobs_off_by_one_token":
+            orig = kernels.IMPLEMENTATIONS["token_logprobs"]
+            monkeypatch.setitem(
+                kernels.IMPLEMENTATIONS, "token_logprobs", lambda lg, t: orig(lg, (t + 1) % lg.shape[-1])
+            )
+        elif kind.startswith("collective_"):
+            import torch
+
+            what = kind.removeprefix("collective_")
+
+            def corrupted(platform_name, out_dir):
+                held = perfect_collectives(platform_name, out_dir)
+                if what == "all_reduce":
+                    held[1]["all_reduce"]["float32"][7] += 1
+                elif what == "broadcast":
+                    held[0]["broadcast"]["bfloat16"] = perfect_collectives(None, None)[0]["all_gather"][
+                        "bfloat16"
+                    ][0]
+                elif what == "all_gather":
+                    held[0]["all_gather"]["float32"].reverse()
+                elif what == "determinism":
+                    run = held[1]["determinism"][1]
+                    run.view(torch.int32)[123] ^= 1  # one flipped mantissa bit
+                return held
+
+            monkeypatch.setattr(collectives, "run_workers", corrupted)
+        elif kind == "training_nondeterministic":
+            calls = {"n": 0}
+            orig = determinism.train_steps
+
+            def noisy(platform, seed):
+                calls["n"] += 1
+                return orig(platform, seed + calls["n"])  # a different seed each run, like an unseeded init
+
+            monkeypatch.setattr(determinism, "train_steps", noisy)
+        else:
+            raise ValueError(f"unknown breakage {kind!r}")
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "kind,check,dtypes",
+    [
+        ("kernel_scaled", "kernels.rmsnorm", ("float32", "bfloat16")),
+        ("attention_not_causal", "kernels.attention", ("float32", "bfloat16")),
+        ("logprobs_off_by_one_token", "kernels.token_logprobs", ("float32", "bfloat16")),
+    ],
+)
+def test_broken_kernel_fails(kind, check, dtypes, ctx, broken):
+    assert set(verdicts(check, ctx).values()) == {"pass"}
+    broken(kind)
+    assert verdicts(check, ctx) == {d: "fail" for d in dtypes}
+
+
+@pytest.mark.parametrize(
+    "what,check,dtype",
+    [
+        ("all_reduce", "collectives.all_reduce", "float32"),
+        ("broadcast", "collectives.broadcast", "bfloat16"),
+        ("all_gather", "collectives.all_gather", "float32"),
+        ("determinism", "collectives.all_reduce_determinism", None),
+    ],
+)
+def test_corrupted_collective_fails(what, check, dtype, ctx, broken, monkeypatch, tmp_path):
+    monkeypatch.setattr(collectives, "run_workers", perfect_collectives)
+    assert set(verdicts(check, ctx).values()) == {"pass"}
+    broken(f"collective_{what}")
+    fresh = Context(load("cpu"), workdir=tmp_path / "fresh")
+    result = verdicts(check, fresh)
+    assert result[dtype] == "fail"
+    assert all(v == "pass" for d, v in result.items() if d != dtype)  # only the corrupted case flips
+
+
+def test_nondeterministic_training_fails(ctx, broken):
+    assert verdicts("determinism.hf_train_steps", ctx) == {None: "pass"}
+    broken("training_nondeterministic")
+    assert verdicts("determinism.hf_train_steps", ctx) == {None: "fail"}
+
+
+def test_training_that_never_steps_is_not_a_pass(ctx, monkeypatch):
+    import torch
+
+    frozen = {"losses": [2.0, 2.0], "weights": {"w": torch.zeros(2)}}
+    monkeypatch.setattr(determinism, "train_steps", lambda platform, seed: frozen)
+    case = CHECKS["determinism.hf_train_steps"].cases()[0]
+    res = run_case(case, ctx)
+    assert res.status == "fail" and "did not change the loss" in res.detail
+
+
+def test_a_check_that_raises_is_a_failure_with_its_cause(ctx, monkeypatch):
+    def boom(c, dtype):
+        raise RuntimeError("device lost\nsecond line")
+
+    monkeypatch.setitem(tolerances.TOLERANCES, "meta.boom", {"*": {"*": 0.0}})
+    missing = run_case(Check("meta.untoleranced", "x", lambda c, d: Measurement(0.0)).cases()[0], ctx)
+    assert missing.status == "fail" and "no tolerance for check 'meta.untoleranced'" in missing.reason
+
+    res = run_case(Check("meta.boom", "nothing", boom).cases()[0], ctx)
+    assert res.status == "fail" and res.reason == "raised RuntimeError: device lost"
+
+
+def test_nan_is_a_failure(ctx, monkeypatch):
+    monkeypatch.setitem(CHECKS, "meta.nan", Check("meta.nan", "nan", lambda c, d: Measurement(float("nan"))))
+    monkeypatch.setitem(tolerances.TOLERANCES, "meta.nan", {"*": {"*": 1.0}})
+    assert run_case(CHECKS["meta.nan"].cases()[0], ctx).status == "fail"
+
+
+def test_every_case_has_a_tolerance_on_every_platform():
+    for case in conformance.all_cases():
+        for platform in PLATFORMS:
+            assert tolerance(case.check.name, platform, case.dtype) >= 0
+
+
+def test_requirements_become_reasons():
+    cpu = load("cpu")
+    gpu_check = Check("meta.gpu", "x", lambda c, d: Measurement(0.0), markers=("gpu",))
+    assert "needs a GPU platform" in unmet_requirement(gpu_check, cpu)
+    missing = Check(
+        "meta.missing", "x", lambda c, d: Measurement(0.0), requires=("portable_rl.no_such_part",)
+    )
+    assert unmet_requirement(missing, cpu).startswith("component not yet available: portable_rl.no_such_part")
+    two = Check("meta.two", "x", lambda c, d: Measurement(0.0), min_devices=2)
+    assert unmet_requirement(two, cpu) is None  # on CPU ranks share the host
+
+
+def test_requirements_on_a_one_gpu_host(monkeypatch):
+    from fake_hosts import simulate_cuda
+
+    simulate_cuda(monkeypatch, [(9, 0)])
+    cuda = load("cuda")
+    conformance.load_all()
+    assert "needs 2 devices" in unmet_requirement(CHECKS["collectives.all_reduce"], cuda)
+    assert unmet_requirement(CHECKS["ray.device_placement"], cuda) is None
+    assert "needs the rocm platform" in unmet_requirement(
+        Check("meta.rocm", "x", lambda c, d: Measurement(0.0), markers=("rocm",)), cuda
+    )
+
+
+def test_ray_env_comparison_reports_each_mismatch():
+    from portable_rl.conformance.ray_visibility import compare_worker_env
+
+    expected = [{"A": "1", "B": "x"}, {"A": "1", "B": "x"}]
+    good = {"env": {"A": "1", "B": "x"}, "placement_group": "pg", "visible": [0]}
+    bad = {"env": {"A": "1"}, "placement_group": "other", "visible": [1]}
+    assert compare_worker_env(expected, [[0], [0]], [good, good], "pg") == []
+    problems = compare_worker_env(expected, [[0], [0]], [good, bad], "pg")
+    assert len(problems) == 3 and all(p.startswith("worker 1:") for p in problems)
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------------
+def test_cli_list(capsys):
+    from portable_rl.cli import main
+
+    assert main(["conformance", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "collectives.all_reduce",
+        "kernels.attention",
+        "determinism.hf_train_steps",
+        "ray.worker_env",
+    ):
+        assert name in out
+
+
+def test_cli_unknown_check_is_one_line_exit_2(capsys):
+    from portable_rl.cli import main
+
+    assert main(["conformance", "--only", "kernels.atention"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'kernels.atention'" in err[0] and "did you mean 'kernels.attention'" in err[0]
+
+
+def test_cli_unavailable_platform_is_one_line_exit_2(capsys, monkeypatch):
+    from portable_rl.cli import main
+
+    monkeypatch.delenv("PORTABLE_RL_PLATFORM", raising=False)
+    assert main(["conformance", "--platform", "rocm", "--only", "kernels.rmsnorm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rocm" in err[0] and "not available" in err[0]
+    import os
+
+    assert "PORTABLE_RL_PLATFORM" not in os.environ  # restored after the run
+
+
+def test_cli_pass_then_broken_fails_exit_1_with_report(tmp_path, capsys, broken):
+    from portable_rl.cli import main
+
+    assert (
+        main(["conformance", "--platform", "cpu", "--only", "kernels.rmsnorm", "--report", str(tmp_path)])
+        == 0
+    )
+    broken("kernel_scaled")
+    assert main(["conformance", "--platform", "cpu", "--only", "kernels", "--report", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "conformance-cpu.json").read_text())
+    by_id = {(r["check"], r["dtype"]): r for r in report["results"]}
+    assert by_id[("kernels.rmsnorm", "float32")]["status"] == "fail"
+    assert by_id[("kernels.rmsnorm", "float32")]["error"] > by_id[("kernels.rmsnorm", "float32")]["tolerance"]
+    assert by_id[("kernels.attention", "float32")]["status"] == "pass"
+    assert report["summary"]["fail"] == 2 and report["platform"]["dist_backend"] == "gloo"
+    assert report["versions"]["torch"].startswith("2.")
+    md = (tmp_path / "conformance-cpu.md").read_text()
+    assert "| `kernels.rmsnorm` | float32 |" in md and "| fail |" in md
