@@ -36,5 +36,9 @@ fmt: $(STAMP)
 doctor: $(STAMP)
 	$(VENV)/bin/portable-rl doctor
 
+# The real SGLang server in its own CPU venv, for `pytest -m sglang tests/integration` (SGLANG_VENV overrides the path).
+sglang-venv:
+	bash scripts/install_sglang_cpu.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info
