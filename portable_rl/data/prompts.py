@@ -1,0 +1,272 @@
+"""JSONL prompt source: validated file reading, chat templating, per-epoch shuffling, resumable position.
+
+File format: one JSON object per line (blank lines are ignored). ``prompt_key`` (default ``"prompt"``)
+holds either a string (sent as one user message) or a list of ``{"role", "content"}`` chat messages;
+``label_key`` (default ``"label"``) holds an optional ground truth of any JSON type; every other field is
+passed on as ``PromptItem.metadata`` (e.g. for the reward function).
+
+Any problem in the file is a ``PromptFileError`` raised at construction whose one-line message names the
+file and the 1-based line: missing file, empty file, bytes that are not UTF-8, a line that is not JSON or
+not an object, a missing or wrongly typed prompt field.
+
+Order: epoch ``e`` visits every prompt once, in a permutation drawn from ``(seed, e)`` (or in file order
+with ``shuffle: false``). ``next_batch(n)`` continues across epoch boundaries. ``state_dict()`` holds
+``(epoch, offset)`` and a fingerprint of the file, so ``load_state_dict`` resumes exactly at the next
+unseen prompt (no prompt skipped or repeated) and refuses a different file or seed.
+
+Templating: with ``apply_chat_template: true`` (default) the tokenizer's chat template renders the
+messages with the generation prompt, then the text is tokenized without adding special tokens (the
+template carries them). With ``false`` the prompt must be a string and is tokenized as-is with the
+tokenizer's special tokens (base models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class PromptFileError(ValueError):
+    """The prompt file or its use is invalid; the message is one line naming the file, line and fix."""
+
+
+@dataclass
+class PromptConfig:
+    path: str = ""
+    prompt_key: str = "prompt"
+    label_key: str = "label"
+    shuffle: bool = True
+    seed: int = 0
+    apply_chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_key", "label_key"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"data.{name}={value!r} must be a non-empty field name")
+        if self.prompt_key == self.label_key:
+            raise ValueError(
+                f"data.prompt_key and data.label_key are both {self.prompt_key!r}; use two fields"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed={self.seed!r} must be an integer >= 0")
+        for name in ("shuffle", "apply_chat_template"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"data.{name}={getattr(self, name)!r} must be true or false")
+
+
+@dataclass
+class PromptItem:
+    index: int  # 0-based position of the prompt among the file's prompts (blank lines not counted)
+    epoch: int
+    prompt_tokens: list[int]
+    prompt_text: str
+    label: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptItem:
+        return cls(**data)
+
+
+@dataclass
+class _Record:
+    line: int
+    prompt: str | list[dict[str, str]]
+    label: Any
+    metadata: dict[str, Any]
+
+
+def _describe(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, int | float) else type(value).__name__
+    )
+
+
+def _check_prompt(value: Any, where: str, key: str, chat: bool) -> str | list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PromptFileError(f"{where}: field {key!r} is an empty string; remove the line or fill it")
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise PromptFileError(f"{where}: field {key!r} is an empty message list; add a user message")
+        for j, msg in enumerate(value):
+            if not (
+                isinstance(msg, dict)
+                and isinstance(msg.get("role"), str)
+                and isinstance(msg.get("content"), str)
+            ):
+                raise PromptFileError(
+                    f"{where}: message {j} of {key!r} must be an object with string 'role' and 'content', "
+                    f"got {json.dumps(msg)[:60]}"
+                )
+        if not chat:
+            raise PromptFileError(
+                f"{where}: field {key!r} is a list of chat messages but apply_chat_template is false; "
+                "set apply_chat_template: true or write the prompt as a string"
+            )
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise PromptFileError(
+        f"{where}: field {key!r} must be a string or a list of {{role, content}} messages, got {_describe(value)}"
+    )
+
+
+def read_prompt_file(
+    path: str | Path, prompt_key: str = "prompt", label_key: str = "label", chat: bool = True
+) -> tuple[list[_Record], str]:
+    """Parse and validate the whole file; returns the records and a content fingerprint."""
+    p = Path(path)
+    if not p.is_file():
+        raise PromptFileError(f"prompt file '{p}' does not exist; pass a JSONL file with one object per line")
+    data = p.read_bytes()
+    records: list[_Record] = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{p} line {n}"
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark some editors write
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PromptFileError(
+                f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                "re-save the file as UTF-8"
+            ) from None
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(
+                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
+            ) from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(
+                f'{where}: expected a JSON object like {{"{prompt_key}": "..."}}, got {_describe(obj)}'
+            )
+        if prompt_key not in obj:
+            fields = ", ".join(repr(k) for k in obj) or "none"
+            raise PromptFileError(
+                f"{where}: missing field {prompt_key!r} (fields: {fields}); "
+                "set prompt_key to the field that holds the prompt"
+            )
+        prompt = _check_prompt(obj[prompt_key], where, prompt_key, chat)
+        metadata = {k: v for k, v in obj.items() if k not in (prompt_key, label_key)}
+        records.append(_Record(n, prompt, obj.get(label_key), metadata))
+    if not records:
+        raise PromptFileError(
+            f"prompt file '{p}' is empty (no JSON lines); write one object per line with a {prompt_key!r} field"
+        )
+    return records, hashlib.sha256(data).hexdigest()[:16]
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+class PromptSource:
+    """Endless, resumable stream of ``PromptItem`` over the epochs of one JSONL file."""
+
+    def __init__(self, cfg: PromptConfig, tokenizer: Any) -> None:
+        if cfg.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise PromptFileError(
+                f"tokenizer {tokenizer_name(tokenizer)!r} has no chat template; use an instruct/chat "
+                "tokenizer, set tokenizer.chat_template, or set apply_chat_template: false for raw prompts"
+            )
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.records, self.fingerprint = read_prompt_file(
+            cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template
+        )
+        self.epoch = 0
+        self.offset = 0  # prompts of the current epoch already handed out
+        self._order_epoch = -1
+        self._order: np.ndarray = np.arange(0)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Prompt indices in the order epoch ``epoch`` visits them."""
+        if epoch != self._order_epoch:
+            n = len(self.records)
+            if self.cfg.shuffle:
+                self._order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+            else:
+                self._order = np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self, n: int) -> list[PromptItem]:
+        """The next ``n`` prompts (continuing into the next epoch when this one runs out)."""
+        if n < 0:
+            raise ValueError(f"batch size {n} must be >= 0")
+        items = []
+        while len(items) < n:
+            if self.offset >= len(self.records):
+                self.epoch, self.offset = self.epoch + 1, 0
+            index = int(self.order(self.epoch)[self.offset])
+            items.append(self.make_item(index, self.epoch))
+            self.offset += 1
+        return items
+
+    def make_item(self, index: int, epoch: int) -> PromptItem:
+        rec = self.records[index]
+        if self.cfg.apply_chat_template:
+            messages = (
+                [{"role": "user", "content": rec.prompt}] if isinstance(rec.prompt, str) else rec.prompt
+            )
+            from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except (
+                TemplateError,
+                ValueError,
+                TypeError,
+                KeyError,
+            ) as exc:  # e.g. a template's raise_exception
+                raise PromptFileError(
+                    f"{self.cfg.path} line {rec.line}: the chat template of tokenizer "
+                    f"{tokenizer_name(self.tokenizer)!r} failed: {exc}"
+                ) from exc
+            tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            text = rec.prompt
+            tokens = self.tokenizer.encode(text, add_special_tokens=True)
+        return PromptItem(index, epoch, list(tokens), text, rec.label, dict(rec.metadata))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "num_prompts": len(self.records),
+            "fingerprint": self.fingerprint,
+            "seed": self.cfg.seed,
+            "shuffle": self.cfg.shuffle,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("num_prompts", "fingerprint", "seed", "shuffle"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise PromptFileError(
+                    f"cannot resume prompt source: saved {key}={state.get(key)!r} but {self.cfg.path} "
+                    f"gives {key}={mine!r}; resume with the original file and settings or start a new run"
+                )
+        epoch, offset = int(state["epoch"]), int(state["offset"])
+        if epoch < 0 or not 0 <= offset <= len(self.records):
+            raise PromptFileError(
+                f"cannot resume prompt source: invalid position epoch={epoch}, offset={offset}"
+            )
+        self.epoch, self.offset = epoch, offset
