@@ -231,3 +231,39 @@ def check_token_logprobs(ctx: Context, dtype: str | None) -> Measurement:
     out = IMPLEMENTATIONS["token_logprobs"](logits_dev, targets_dev)
     ref = ref_token_logprobs(logits64, targets)
     return Measurement(_max_err(out, ref), f"mean ref log-prob {float(ref.mean()):.3g}")
+
+
+def trainer_token_logprobs(logits, targets):
+    from portable_rl.training.logprobs import token_logprobs_and_entropy
+
+    return token_logprobs_and_entropy(logits, targets, vocab_size=logits.shape[-1])
+
+
+IMPLEMENTATIONS["trainer_token_logprobs"] = trainer_token_logprobs
+
+
+def ref_entropy(logits):
+    import torch
+
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@register(
+    "kernels.trainer_token_logprobs",
+    "max |trainer's token_logprobs_and_entropy (log-probs and entropy, vocab 8192) - float64 reference|",
+    dtypes=KERNEL_DTYPES,
+    requires=("portable_rl.training.logprobs",),
+    depends_on="the trainer's log-prob function",
+)
+def check_trainer_token_logprobs(ctx: Context, dtype: str | None) -> Measurement:
+    import torch
+
+    (logits64,), (logits,) = _inputs(dtype, 18, (4, 64, 8192), scale=4.0)
+    gen = torch.Generator().manual_seed(19)
+    targets = torch.randint(0, 8192, (4, 64), generator=gen)
+    logits_dev, targets_dev = _to(ctx, logits, targets)
+    logprobs, entropy = IMPLEMENTATIONS["trainer_token_logprobs"](logits_dev, targets_dev)
+    err_lp = _max_err(logprobs, ref_token_logprobs(logits64, targets))
+    err_ent = _max_err(entropy, ref_entropy(logits64))
+    return Measurement(max(err_lp, err_ent), f"log-prob error {err_lp:.3g}, entropy error {err_ent:.3g}")

@@ -48,6 +48,9 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
         "cpu": {"float32": 2e-5, "bfloat16": 1.5e-1},
         "*": _GPU_KERNELS["kernels.token_logprobs"],
     },
+    # Upcasts to fp32 before the softmax, so bf16 inputs are held to fp32 accuracy (CPU worst of 10 seeds:
+    # 2.0e-6 fp32, 1.1e-6 bf16). Forgetting the upcast costs ~7e-2 in bf16.
+    "kernels.trainer_token_logprobs": {"cpu": {"*": 1e-5}, "*": {"*": 5e-5}},
     "determinism.hf_train_steps": EXACT,
     "ray.worker_env": EXACT,
     "ray.device_placement": EXACT,

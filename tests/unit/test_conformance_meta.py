@@ -26,6 +26,8 @@ from portable_rl.conformance.registry import CHECKS, Check, unmet_requirement
 from portable_rl.conformance.tolerances import PLATFORMS, tolerance
 from portable_rl.platform import load
 
+conformance.load_all()
+
 
 @pytest.fixture
 def ctx(tmp_path):
@@ -70,6 +72,8 @@ def broken(monkeypatch):
     """``broken(kind)`` applies one named breakage for the rest of the test."""
 
     def apply(kind: str) -> None:
+        import torch
+
         if kind == "kernel_scaled":
             orig = kernels.IMPLEMENTATIONS["rmsnorm"]
             monkeypatch.setitem(kernels.IMPLEMENTATIONS, "rmsnorm", lambda x, w, eps: orig(x, w, eps) * 1.05)
@@ -87,9 +91,14 @@ def broken(monkeypatch):
             monkeypatch.setitem(
                 kernels.IMPLEMENTATIONS, "token_logprobs", lambda lg, t: orig(lg, (t + 1) % lg.shape[-1])
             )
-        elif kind.startswith("collective_"):
-            import torch
+        elif kind == "trainer_logprobs_without_upcast":
 
+            def in_input_dtype(logits, targets):
+                logp = torch.log_softmax(logits, dim=-1)
+                return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+            monkeypatch.setitem(kernels.IMPLEMENTATIONS, "trainer_token_logprobs", in_input_dtype)
+        elif kind.startswith("collective_"):
             what = kind.removeprefix("collective_")
 
             def corrupted(platform_name, out_dir):
@@ -129,12 +138,22 @@ def broken(monkeypatch):
         ("kernel_scaled", "kernels.rmsnorm", ("float32", "bfloat16")),
         ("attention_not_causal", "kernels.attention", ("float32", "bfloat16")),
         ("logprobs_off_by_one_token", "kernels.token_logprobs", ("float32", "bfloat16")),
+        pytest.param(
+            "trainer_logprobs_without_upcast",
+            "kernels.trainer_token_logprobs",
+            ("bfloat16",),
+            marks=pytest.mark.skipif(
+                unmet_requirement(CHECKS["kernels.trainer_token_logprobs"], load("cpu")) is not None,
+                reason="portable_rl.training.logprobs is not available",
+            ),
+        ),
     ],
 )
 def test_broken_kernel_fails(kind, check, dtypes, ctx, broken):
     assert set(verdicts(check, ctx).values()) == {"pass"}
     broken(kind)
-    assert verdicts(check, ctx) == {d: "fail" for d in dtypes}
+    after = verdicts(check, ctx)
+    assert {d: v for d, v in after.items() if v == "fail"} == {d: "fail" for d in dtypes}
 
 
 @pytest.mark.parametrize(
