@@ -87,10 +87,10 @@ def outcome_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Te
     m = mask.to(torch.bool)
     T = m.shape[-1]
     last = T - 1 - torch.flip(m, dims=[-1]).to(torch.int64).argmax(dim=-1)
+    # scatter, not boolean indexing: no host sync on accelerators
+    placed = rewards * m.any(dim=-1).to(rewards.dtype)  # rows without a masked token get nothing
     out = torch.zeros(m.shape, dtype=rewards.dtype, device=rewards.device)
-    has_token = m.any(dim=-1)
-    rows = torch.arange(m.shape[0], device=m.device)[has_token]
-    out[rows, last[has_token]] = rewards[has_token]
+    out.scatter_(1, last.unsqueeze(-1), placed.unsqueeze(-1))
     return out
 
 

@@ -148,3 +148,19 @@ def test_pad_sequences_and_group_index():
     with pytest.raises(ValueError, match="sequence 0 has 2 tokens but its mask has 1 entries"):
         pad_sequences([[1.0, 2.0]], masks=[[1]])
     assert group_index([42, 42, 7, 42, 9]).tolist() == [0, 0, 1, 0, 2]
+
+
+def test_functions_follow_the_input_device():
+    # On the meta device any tensor created without the input's device fails with a device mismatch,
+    # which is what would happen on an accelerator (grpo's group stats need data, so not covered here).
+    from portable_rl.algo import AlgoConfig, compute_policy_loss
+    from portable_rl.algo.aggregation import aggregate_loss
+    from portable_rl.algo.policy_loss import clipped_value_loss
+
+    r, m, v = torch.zeros(4, device="meta"), torch.ones(4, 5, device="meta"), torch.zeros(4, 5, device="meta")
+    assert reinforce_pp_advantages(r, m, 0.9)[0].device.type == "meta"
+    assert gae_advantages(r, v, m, 0.9, 0.9)[1].device.type == "meta"
+    cfg = AlgoConfig(kl_coef=0.1, tis_cap=2.0, entropy_coef=0.1, dual_clip_c=3.0)
+    assert compute_policy_loss(v, v, v, m, cfg, v, v, v)[0].device.type == "meta"
+    assert clipped_value_loss(v, v, v, m)[0].device.type == "meta"
+    assert aggregate_loss(v, m, "token-mean", global_tokens=3).device.type == "meta"
