@@ -47,8 +47,9 @@ pip=("$VENV/bin/python" -m pip install -q)
 constraints="$VENV/.torch-constraint.txt"
 echo "$TORCH_PIN" >"$constraints"
 "${pip[@]}" "$TORCH_PIN"
-"${pip[@]}" --no-deps "$SGLANG_PIN" "$TRITON_PIN"
 "${pip[@]}" -c "$constraints" "${SGLANG_DEPS[@]}"
+# Last and without dependencies: pip then skips its (here expected) report of SGLang's CUDA-only requirements.
+"${pip[@]}" --no-deps "$SGLANG_PIN" "$TRITON_PIN"
 
 # Anything that still dragged in GPU wheels or the real vision stack goes; the stand-ins replace what is imported.
 extra="$("$VENV/bin/python" -m pip list --format=freeze | cut -d= -f1 |
