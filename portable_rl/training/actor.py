@@ -1,0 +1,458 @@
+"""The Megatron training actor: one per rank, driven by the orchestration (as a Ray actor or in-process).
+
+Public interface
+----------------
+``ActorConfig`` (with ``ParallelConfig`` and ``OptimConfig``) — typed, validated in ``__post_init__``.
+
+``MegatronActor(config, rank, world_size, master_addr, master_port, local_device=0)``
+    Prepares the platform's training runtime, joins ``torch.distributed`` with
+    ``current_platform().dist_backend``, initialises Megatron ``parallel_state`` (TP x PP x DP with
+    DP = world_size / (TP * PP)), builds this rank's GPTModel stage from ``config.hf_checkpoint``, loads the HF
+    weights, and wraps it in Megatron DDP + the Megatron optimizer. With ``config.ref_checkpoint`` set, a frozen
+    reference model with the same layout is built too. Every method below is collective: call it on every rank
+    with the same arguments (Ray: ``ray.get([a.method.remote(...) for a in actors])``).
+
+``train_step(batch: TrainBatch, loss_fn) -> dict[str, float]``
+    One optimizer step over the whole ``batch``. Each DP rank takes its contiguous shard; the shard is cut into
+    micro-batches of ``micro_batch_size`` samples, all padded to one sequence length. For every micro-batch
+    ``loss_fn(logprobs, entropy, mb) -> (loss, metrics)`` is called, where ``logprobs``/``entropy`` are
+    ``[b, L]`` over response tokens (differentiable) and ``mb`` is ``MicroBatch.as_loss_batch()`` plus
+    ``global_num_samples`` and ``global_num_tokens`` (whole batch, all DP ranks). With
+    ``loss_scaling="sample_share"`` (default) ``loss`` is a mean over its micro-batch and the actor weights
+    micro-batches by sample count, so the step minimises the sample-weighted mean over the batch whatever the
+    micro-batch size. With ``loss_scaling="global_sum"`` ``loss`` is the micro-batch's contribution to a global
+    sum (e.g. ``(l * mask).sum() / mb["global_num_tokens"]``) and is used as is. Returned metrics (identical on
+    all ranks): ``loss``, ``grad_norm``, ``lr``, ``entropy`` (token mean), ``logp_abs_diff`` (mean
+    |logp_train - rollout_logprobs| when the batch has ``rollout_logprobs``), ``num_samples``, ``num_tokens``,
+    ``step`` and every key of ``loss_fn``'s metrics (sample-weighted mean, e.g. ``kl``, ``clip_fraction``).
+
+``compute_logprobs(batch, model="policy" | "ref") -> list[list[float]]``
+    Forward only; per-sample log-probs of the response tokens (at ``config.temperature``), on every rank.
+
+``save_checkpoint(path) / load_checkpoint(path) -> int``
+    Model + optimizer + RNG + step (see ``checkpoint.py``); load returns the restored step.
+
+``export_hf(path) -> str``
+    Writes a HF checkpoint (safetensors + the source config/tokenizer) from rank 0; returns the path.
+
+``named_hf_weights(all_stages=True) -> Iterator[(hf_name, full_tensor)]``
+    For weight sync inside the actor process; collective over TP (and PP when ``all_stages``). Use it on the
+    rank(s) where ``is_weight_source`` is true; the other ranks must still iterate it to take part.
+
+``remote_class(**ray_options)`` returns ``ray.remote(**ray_options)(MegatronActor)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from portable_rl.platform import current_platform
+from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch
+from portable_rl.training.checkpoint import Layout, iter_hf_weights, load_checkpoint, save_checkpoint
+from portable_rl.training.convert import HFWeights, load_hf_into_model, save_hf_checkpoint
+from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
+from portable_rl.training.model_builder import (
+    ModelSpec,
+    build_gpt_model,
+    check_parallel_layout,
+    local_layer_range,
+    transformer_config,
+)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr
+
+
+@dataclass
+class ActorConfig:
+    hf_checkpoint: str
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    micro_batch_size: int = 1
+    temperature: float = 1.0
+    seed: int = 1234
+    dtype: str = "float32"  # "bfloat16" where the platform supports it (platform overrides may force it)
+    ref_checkpoint: str | None = None
+    loss_scaling: str = "sample_share"  # or "global_sum"
+    seq_length_multiple: int = 8  # pad sequences to a multiple (one shape per step; PP needs one anyway)
+    megatron_overrides: dict[str, Any] = field(default_factory=dict)  # user --megatron-* flags
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.loss_scaling not in ("sample_share", "global_sum"):
+            raise ValueError(f"loss_scaling={self.loss_scaling!r} must be 'sample_share' or 'global_sum'")
+        if self.seq_length_multiple < 1:
+            raise ValueError(f"seq_length_multiple={self.seq_length_multiple} must be >= 1")
+        if not (Path(self.hf_checkpoint) / "config.json").is_file():
+            raise FileNotFoundError(f"hf_checkpoint={self.hf_checkpoint!r} has no config.json")
+
+
+class MegatronActor:
+    def __init__(
+        self,
+        config: ActorConfig,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        local_device: int = 0,
+    ) -> None:
+        self.config = config
+        self.platform = current_platform()
+        self.platform.prepare_training_runtime()
+        tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+        if world_size % (tp * pp):
+            raise ValueError(f"world_size={world_size} is not a multiple of TP*PP={tp * pp}")
+        self.device = self.platform.torch_device(local_device)
+        if self.device.type != "cpu":
+            torch.accelerator.set_device_index(self.device.index or 0)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=self.platform.dist_backend,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+            )
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        self.ps = ps
+        torch.manual_seed(config.seed)
+        model_parallel_cuda_manual_seed(config.seed)
+
+        self.spec = ModelSpec.from_hf(config.hf_checkpoint)
+        check_parallel_layout(self.spec, tp, pp)
+        self.layout = Layout(
+            tensor_parallel=tp,
+            pipeline_parallel=pp,
+            data_parallel=ps.get_data_parallel_world_size(),
+            distributed_optimizer=config.parallel.distributed_optimizer,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_rank=ps.get_data_parallel_rank(),
+        )
+        self.layers = local_layer_range(self.spec, pp, self.layout.pp_rank)
+        self.step = 0
+        self.model, self.tconfig = self._build(config.hf_checkpoint)
+        self.ddp, self.optimizer = self._wrap(self.model, self.tconfig)
+        self.ref_model = None
+        if config.ref_checkpoint:
+            self.ref_model, _ = self._build(config.ref_checkpoint)
+            self.ref_model.eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+
+    # ---- construction --------------------------------------------------------------------------------------
+    def _overrides(self) -> dict[str, Any]:
+        return {**self.platform.megatron_overrides(), **self.config.megatron_overrides}
+
+    def _build(self, checkpoint: str):
+        ModelSpec.from_hf(checkpoint)  # fail early with a clear message on an unsupported config
+        tp, pp = self.layout.tensor_parallel, self.layout.pipeline_parallel
+        tconfig = transformer_config(self.spec, tp, pp, _DTYPES[self.config.dtype], self._overrides())
+        model = build_gpt_model(self.spec, tconfig)
+        if self.device.type != "cpu":
+            model = model.to(self.device)
+        load_hf_into_model(
+            model,
+            self.spec,
+            HFWeights(checkpoint),
+            tp_rank=self.layout.tp_rank,
+            tp=tp,
+            layers=self.layers,
+            pre_process=self.ps.is_pipeline_first_stage(),
+            post_process=self.ps.is_pipeline_last_stage(),
+        )
+        return model, tconfig
+
+    def _wrap(self, model, tconfig):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        distopt = self.config.parallel.distributed_optimizer
+        ddp = DistributedDataParallel(
+            tconfig,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
+            model,
+        )
+        o = self.config.optim
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=tconfig.bf16,
+            params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=distopt,
+        )
+        optimizer = get_megatron_optimizer(opt_config, [ddp])
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        return ddp, optimizer
+
+    # ---- facts ---------------------------------------------------------------------------------------------
+    @property
+    def is_weight_source(self) -> bool:
+        """The rank that holds the whole model after ``named_hf_weights(all_stages=True)`` and sends it."""
+        return self.layout.tp_rank == 0 and self.layout.dp_rank == 0 and self.layout.pp_rank == 0
+
+    def info(self) -> dict[str, Any]:
+        return {"layout": self.layout, "step": self.step, "spec": self.spec, "device": str(self.device)}
+
+    # ---- forward/backward ----------------------------------------------------------------------------------
+    def _seq_len(self, batch: TrainBatch) -> int:
+        m = self.config.seq_length_multiple
+        return max(m, math.ceil(batch.max_length() / m) * m)
+
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[MicroBatch], int]:
+        local = batch.shard(self.layout.dp_rank, self.layout.data_parallel)
+        chunks = local.micro_batches(self.config.micro_batch_size)
+        if self.layout.pipeline_parallel > 1 and len(local) % self.config.micro_batch_size:
+            raise ValueError(
+                f"{len(local)} samples per data-parallel rank do not split into micro-batches of "
+                f"{self.config.micro_batch_size}; pipeline parallelism needs equal micro-batches"
+            )
+        seq_len = self._seq_len(batch)
+        return [to_micro_batch(c, seq_len, self.device) for c in chunks], seq_len
+
+    def _logprobs(self, output: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        logp, ent = token_logprobs_and_entropy(
+            output[:, :-1],
+            mb.tokens[:, 1:],
+            self.spec.vocab_size,
+            tp_group=self.ps.get_tensor_model_parallel_group(),
+            temperature=self.config.temperature,
+        )
+        return (
+            response_view(logp, mb.prompt_lengths, mb.response_lengths),
+            response_view(ent, mb.prompt_lengths, mb.response_lengths),
+        )
+
+    def _run(self, model, micro_batches: list[MicroBatch], seq_len: int, loss_func_for, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, chunk):
+            mb = next(data_iterator)
+            output = chunk(mb.tokens, mb.position_ids, None)
+            return output, loss_func_for(mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_len,
+            micro_batch_size=micro_batches[0].tokens.shape[0],
+            forward_only=forward_only,
+        )
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        self.platform.prepare_training_runtime()
+        micro_batches, seq_len = self._micro_batches(batch)
+        n_local = sum(len(mb.prompt_lengths) for mb in micro_batches)
+        n_mb = len(micro_batches)
+        global_tokens = float(sum(sum(m) for m in batch.loss_masks))
+        dp = self.layout.data_parallel
+        scaling = self.config.loss_scaling
+
+        def loss_func_for(mb: MicroBatch):
+            share = len(mb.prompt_lengths) / n_local
+
+            def loss_func(output):
+                logp, ent = self._logprobs(output, mb)
+                loss_batch = mb.as_loss_batch()
+                loss_batch["global_num_samples"] = len(batch)
+                loss_batch["global_num_tokens"] = global_tokens
+                loss, metrics = loss_fn(logp, ent, loss_batch)
+                mask = mb.loss_mask
+                report = {
+                    f"user/{k}": torch.as_tensor(v, dtype=torch.float32).detach() * share
+                    for k, v in metrics.items()
+                }
+                report["loss"] = loss.detach().float() * (share if scaling == "sample_share" else 1.0)
+                report["entropy_sum"] = (ent.detach() * mask).sum()
+                report["mask_sum"] = mask.sum()
+                if "rollout_logprobs" in mb.token_fields:
+                    diff = (logp.detach() - mb.token_fields["rollout_logprobs"]).abs()
+                    report["logp_abs_diff_sum"] = (diff * mask).sum()
+                # Megatron divides by the micro-batch count and DDP averages over DP; undo what the
+                # chosen convention does not want.
+                scale = n_mb * share if scaling == "sample_share" else n_mb * dp
+                return loss * scale, report
+
+            return loss_func
+
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.config.optim.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        reports = self._run(self.ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+        self.step += 1
+        metrics = self._reduce_reports(reports, scaling)
+        metrics.update(grad_norm=float(grad_norm), lr=lr, step=self.step, num_samples=len(batch))
+        return metrics
+
+    def _reduce_reports(self, reports: list[dict[str, torch.Tensor]], scaling: str) -> dict[str, float]:
+        """Sum micro-batch reports, combine DP ranks, and hand the result from the last stage to all ranks."""
+        ps = self.ps
+        out: list[dict[str, float] | None] = [None]
+        if ps.is_pipeline_last_stage():
+            keys = sorted(reports[0])
+            vec = torch.stack([sum(r[k] for r in reports).float().reshape(()) for k in keys]).cpu()
+            if self.layout.data_parallel > 1:
+                vec = vec.to(self.device)
+                dist.all_reduce(vec, group=ps.get_data_parallel_group())
+                vec = vec.cpu()
+            total = dict(zip(keys, vec.tolist(), strict=True))
+            dp = self.layout.data_parallel
+            tokens = total.pop("mask_sum")
+            result = {"num_tokens": tokens, "entropy": total.pop("entropy_sum") / max(tokens, 1.0)}
+            if "logp_abs_diff_sum" in total:
+                result["logp_abs_diff"] = total.pop("logp_abs_diff_sum") / max(tokens, 1.0)
+            loss = total.pop("loss")
+            result["loss"] = loss / dp if scaling == "sample_share" else loss
+            result.update({k.removeprefix("user/"): v / dp for k, v in total.items()})
+            out[0] = result
+        pp = self.layout.pipeline_parallel
+        if pp > 1:
+            src = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[pp - 1]
+            dist.broadcast_object_list(out, src=src, group=ps.get_pipeline_model_parallel_group())
+        return dict(out[0])
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, model: str = "policy") -> list[list[float]]:
+        self.platform.prepare_training_runtime()
+        if model == "ref" and self.ref_model is None:
+            raise ValueError("compute_logprobs(model='ref') needs ActorConfig.ref_checkpoint")
+        if model not in ("policy", "ref"):
+            raise ValueError(f"model={model!r} must be 'policy' or 'ref'")
+        net = self.ref_model if model == "ref" else self.ddp
+        net.eval()
+        micro_batches, seq_len = self._micro_batches(batch)
+
+        def loss_func_for(mb: MicroBatch):
+            def loss_func(output):
+                logp, _ = self._logprobs(output, mb)
+                rows = [logp[i, :n].float().cpu() for i, n in enumerate(mb.response_lengths)]
+                return torch.zeros((), device=output.device), {"rows": rows}
+
+            return loss_func
+
+        reports = self._run(net, micro_batches, seq_len, loss_func_for, forward_only=True)
+        mine: dict[int, list[float]] = {}
+        if self.ps.is_pipeline_last_stage() and self.layout.tp_rank == 0:
+            start = self.layout.dp_rank * (len(batch) // self.layout.data_parallel)
+            rows = [row for r in reports for row in r["rows"]]
+            mine = {start + i: row.tolist() for i, row in enumerate(rows)}
+        gathered: list[dict[int, list[float]]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, mine)
+        merged = {k: v for part in gathered for k, v in part.items()}
+        return [merged[i] for i in range(len(batch))]
+
+    # ---- checkpoints and weights ---------------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> str:
+        self.platform.prepare_training_runtime()
+        extra = {"hf_checkpoint": self.config.hf_checkpoint, "model_type": self.spec.model_type}
+        save_checkpoint(path, self.model, self.optimizer, self.step, self.layout, extra)
+        return str(path)
+
+    def load_checkpoint(self, path: str) -> int:
+        self.platform.prepare_training_runtime()
+        meta = load_checkpoint(path, self.model, self.optimizer, self.layout)
+        self.step = int(meta["step"])
+        return self.step
+
+    def named_hf_weights(self, all_stages: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        self.platform.prepare_training_runtime()
+        return iter_hf_weights(
+            self.model,
+            self.spec,
+            self.layers.start,
+            tp_group=self.ps.get_tensor_model_parallel_group(),
+            pp_group=self.ps.get_pipeline_model_parallel_group(),
+            all_stages=all_stages,
+        )
+
+    def export_hf(self, path: str, dtype: str | None = None) -> str:
+        weights = self.named_hf_weights(all_stages=True)
+        if dist.get_rank() == 0:
+            save_hf_checkpoint(weights, path, self.config.hf_checkpoint, _DTYPES[dtype] if dtype else None)
+        else:
+            for _ in weights:  # take part in the gathers; rank 0 writes
+                pass
+        dist.barrier()
+        return str(path)
+
+    def shutdown(self) -> None:
+        if self.ps.model_parallel_is_initialized():
+            self.ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def remote_class(**ray_options):
+    """``MegatronActor`` as a Ray actor class (``ray.remote(**ray_options)``)."""
+    import ray
+
+    return ray.remote(**ray_options)(MegatronActor) if ray_options else ray.remote(MegatronActor)

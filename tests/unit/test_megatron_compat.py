@@ -1,0 +1,188 @@
+"""The CPU compat layer for megatron-core: version pin, activation rules, and real Megatron training on CPU.
+
+The training checks run in a spawned process so the pytest worker's torch stays untouched. They use Megatron
+directly (no portable_rl training code), so a megatron-core upgrade that breaks the layer fails here first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from importlib import metadata
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from portable_rl.backends.cpu import megatron_compat
+from portable_rl.backends.versions import COMMON
+
+
+def test_installed_megatron_is_the_pinned_one():
+    assert metadata.version("megatron-core") == COMMON["megatron-core"]
+
+
+def test_other_megatron_version_is_refused(monkeypatch):
+    monkeypatch.setattr(megatron_compat, "needed", lambda: True)
+    monkeypatch.setattr(megatron_compat.metadata, "version", lambda name: "0.99.0")
+    with pytest.raises(megatron_compat.MegatronVersionError, match=r"0\.99\.0.*megatron-core==0\.16\.1"):
+        megatron_compat.install()
+    assert not megatron_compat.installed()
+
+
+def test_inactive_on_a_torch_build_with_an_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    assert megatron_compat.needed() is False
+    assert megatron_compat.install() is False
+    assert not megatron_compat.installed()
+
+
+def _train_on_cpu(port: int, queue) -> None:
+    """Megatron GPTModel + DDP + (distributed) optimizer + clip on a CPU-only torch, world size 1."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    out: dict = {"active": megatron_compat.install(), "active_again": megatron_compat.install()}
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(7)
+    out["cuda_tensor_device"] = str(torch.zeros(2, device="cuda").device)
+    out["type_name"] = torch.zeros(2).type()
+    default_state = torch.get_rng_state()
+    with get_cuda_rng_tracker().fork():
+        first = torch.rand(3)
+    out["fork_restores_default"] = torch.equal(default_state, torch.get_rng_state())
+    model_parallel_cuda_manual_seed(7)
+    with get_cuda_rng_tracker().fork():
+        again = torch.rand(3)
+    out["fork_reproducible"] = torch.equal(first, again)
+
+    for dtype, distopt in ((torch.float32, True), (torch.bfloat16, False)):
+        bf16 = dtype == torch.bfloat16
+        cfg = TransformerConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=64,
+            normalization="RMSNorm",
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=True,
+            qk_layernorm=True,
+            attention_dropout=0.1,  # exercises the RNG tracker's fork on the CPU generator
+            hidden_dropout=0.0,
+            use_cpu_initialization=True,
+            gradient_accumulation_fusion=False,
+            bf16=bf16,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+        )
+        model = GPTModel(
+            cfg,
+            get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+            vocab_size=64,
+            max_sequence_length=32,
+            position_embedding_type="rope",
+        )
+        ddp = DistributedDataParallel(
+            cfg,
+            DistributedDataParallelConfig(use_distributed_optimizer=distopt, grad_reduce_in_fp32=True),
+            model,
+        )
+        opt = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=1e-2,
+                clip_grad=0.5,
+                bf16=bf16,
+                params_dtype=dtype,
+                use_distributed_optimizer=distopt,
+            ),
+            [ddp],
+        )
+        cfg.finalize_model_grads_func = finalize_model_grads
+        tokens = torch.randint(0, 64, (2, 16))
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+        def step(data, chunk):
+            batch = next(data)
+            logits = chunk(batch, torch.arange(16).expand(2, 16), None)
+
+            def loss_func(output):
+                loss = torch.nn.functional.cross_entropy(
+                    output[:, :-1].float().reshape(-1, 64), batch[:, 1:].reshape(-1)
+                )
+                return loss, {"loss": loss.detach()}
+
+            return logits, loss_func
+
+        losses, norms = [], []
+        for _ in range(2):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            reports = get_forward_backward_func()(
+                forward_step_func=step,
+                data_iterator=iter([tokens, tokens]),
+                model=[ddp],
+                num_microbatches=2,
+                seq_length=16,
+                micro_batch_size=2,
+            )
+            ok, grad_norm, _ = opt.step()
+            assert ok
+            losses.append(float(reports[0]["loss"]))
+            norms.append(float(grad_norm))
+        changed = sum(not torch.equal(before[k], v) for k, v in model.named_parameters())
+        out[str(dtype)] = {"losses": losses, "norms": norms, "changed": changed, "total": len(before)}
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    queue.put(out)
+
+
+@pytest.fixture(scope="module")
+def cpu_run():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    proc = ctx.Process(target=_train_on_cpu, args=(port, queue))
+    proc.start()
+    proc.join(timeout=600)
+    assert proc.exitcode == 0, f"Megatron CPU run exited with {proc.exitcode}"
+    return queue.get()
+
+
+def test_layer_activates_once_per_thread(cpu_run):
+    assert cpu_run["active"] is True and cpu_run["active_again"] is True
+
+
+def test_device_redirect_type_names_and_rng_tracker(cpu_run):
+    assert cpu_run["cuda_tensor_device"] == "cpu"
+    assert cpu_run["type_name"] == "torch.cuda.FloatTensor"
+    assert cpu_run["fork_restores_default"] and cpu_run["fork_reproducible"]
+
+
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_megatron_trains_on_cpu(cpu_run, dtype):
+    result = cpu_run[dtype]
+    assert result["changed"] == result["total"], "every parameter must move after two Adam steps"
+    assert all(n > 0 and n == n for n in result["norms"])
+    assert result["losses"][1] < result["losses"][0], result["losses"]
