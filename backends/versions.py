@@ -49,6 +49,66 @@ IMAGE_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Table entries each image's Dockerfile declares as an ARG (the default must equal the table's value).
+# CPU images install all of these; GPU images take torch, sglang and the vendor kernels from their base image
+# and fail the build when the base ships another version (docker/verify_base.py).
+IMAGE_PINS: dict[str, tuple[str, ...]] = {
+    "cpu": ("python", "base_image", "torch", "megatron-core", "ray", "transformers", "sglang-router"),
+    "cuda": (
+        "base_image",
+        "cuda",
+        "torch",
+        "sglang",
+        "flash-attn",
+        "megatron-core",
+        "ray",
+        "transformers",
+        "sglang-router",
+    ),
+    "rocm": (
+        "base_image_gfx942",
+        "base_image_gfx950",
+        "rocm",
+        "torch",
+        "sglang",
+        "amd-aiter",
+        "megatron-core",
+        "ray",
+        "transformers",
+        "sglang-router",
+    ),
+}
+
+
+def arg_name(key: str) -> str:
+    """Dockerfile ARG holding table entry ``key``: "megatron-core" -> MEGATRON_CORE_VERSION, base images keep
+    their name (``base_image_gfx942`` -> BASE_IMAGE_GFX942)."""
+    name = key.upper().replace("-", "_")
+    return name if key.startswith("base_image") else f"{name}_VERSION"
+
+
+def docker_args(platform: str) -> dict[str, str]:
+    """ARG name -> default value that ``docker/Dockerfile.<platform>`` must declare.
+
+    Multi-variant images also get ``GPU_ARCH`` (default: the first variant), which selects the base image.
+    """
+    table = versions(platform)
+    args = {arg_name(key): table[key] for key in IMAGE_PINS[platform]}
+    variants = IMAGE_VARIANTS[platform]
+    if len(variants) > 1:
+        args["GPU_ARCH"] = variants[0]
+    return args
+
+
+def image_targets() -> dict[str, tuple[str, str]]:
+    """Build target name -> (platform, variant) for every published image: cpu, cuda, rocm-gfx942, ..."""
+    return {
+        "-".join(p for p in (platform, variant) if p): (platform, variant)
+        for platform, variants in IMAGE_VARIANTS.items()
+        for variant in variants
+    }
+
+
 def versions(platform: str) -> dict[str, str]:
     """Merged version table for ``platform``."""
     if platform not in PLATFORMS:
