@@ -20,13 +20,14 @@ leg_require_env() {
     mkdir -p "$LEG_REPORT_DIR"
 }
 
-# Install this checkout over the image's copy of portable_rl, keeping the image's vendor builds.
+# Install this checkout over the image's copy of portable_rl, keeping the image's vendor builds. The platform's
+# extra brings its management library (cuda: nvidia-ml-py, whose NVML probe reports device architectures).
 leg_install() {
     if [ ! -f "$IMAGE_CONSTRAINTS" ]; then
         echo "$0: $IMAGE_CONSTRAINTS not found; GPU legs run inside the portable-rl image" >&2
         exit 2
     fi
-    python3 -m pip install --no-cache-dir -c "$IMAGE_CONSTRAINTS" -e '.[dev]'
+    python3 -m pip install --no-cache-dir -c "$IMAGE_CONSTRAINTS" -e ".[dev,$LEG_PLATFORM]"
 }
 
 # The host must be what the leg claims: platform, at least LEG_GPUS devices, architecture LEG_GPU_ARCH.
