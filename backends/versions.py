@@ -25,6 +25,8 @@ PLATFORMS: dict[str, dict[str, str]] = {
     "cpu": {
         "torch": "2.13.0",
         "base_image": "python:3.11-slim-bookworm",
+        # PyPI's Linux torch wheels are CUDA builds; the CPU build comes from PyTorch's own index.
+        "torch_index_url": "https://download.pytorch.org/whl/cpu",
     },
     "cuda": {
         "torch": "2.14.1",
@@ -53,7 +55,16 @@ IMAGE_VARIANTS: dict[str, tuple[str, ...]] = {
 # CPU images install all of these; GPU images take torch, sglang and the vendor kernels from their base image
 # and fail the build when the base ships another version (docker/verify_base.py).
 IMAGE_PINS: dict[str, tuple[str, ...]] = {
-    "cpu": ("python", "base_image", "torch", "megatron-core", "ray", "transformers", "sglang-router"),
+    "cpu": (
+        "python",
+        "base_image",
+        "torch",
+        "torch_index_url",
+        "megatron-core",
+        "ray",
+        "transformers",
+        "sglang-router",
+    ),
     "cuda": (
         "base_image",
         "cuda",
@@ -80,11 +91,17 @@ IMAGE_PINS: dict[str, tuple[str, ...]] = {
 }
 
 
+def is_version_key(key: str) -> bool:
+    """Package/toolkit versions are named like the package ("megatron-core"); other facts use
+    snake_case (``base_image_gfx942``, ``torch_index_url``)."""
+    return "_" not in key
+
+
 def arg_name(key: str) -> str:
-    """Dockerfile ARG holding table entry ``key``: "megatron-core" -> MEGATRON_CORE_VERSION, base images keep
-    their name (``base_image_gfx942`` -> BASE_IMAGE_GFX942)."""
+    """Dockerfile ARG holding table entry ``key``: "megatron-core" -> MEGATRON_CORE_VERSION; other facts keep
+    their name (``base_image_gfx942`` -> BASE_IMAGE_GFX942, ``torch_index_url`` -> TORCH_INDEX_URL)."""
     name = key.upper().replace("-", "_")
-    return name if key.startswith("base_image") else f"{name}_VERSION"
+    return f"{name}_VERSION" if is_version_key(key) else name
 
 
 def docker_args(platform: str) -> dict[str, str]:

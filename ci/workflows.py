@@ -58,6 +58,11 @@ def _job(matrix: Matrix, leg: Leg) -> dict[str, Any]:
     if leg.is_gpu:
         job["container"] = {"image": leg.image, "options": leg.docker_options}
     job["env"] = leg.env()
+    if not leg.is_gpu:
+        # The Makefile installs $(TORCH_CPU) before anything else; on a hosted runner that must be the CPU
+        # build from PyTorch's index, or pip pulls PyPI's multi-GB CUDA build.
+        cpu = versions.versions("cpu")
+        job["env"]["TORCH_CPU"] = f"torch=={cpu['torch']} --index-url {cpu['torch_index_url']}"
     steps: list[dict[str, Any]] = [{"uses": matrix.actions["checkout"]}]
     if not leg.is_gpu:
         steps.append(

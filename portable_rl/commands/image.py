@@ -71,7 +71,7 @@ def resolve(platform: str, variant: str | None, version: str | None) -> dict[str
         "pull": f"docker pull {ref}",
         "base_image": table.get(f"base_image_{variant}") if variant else table.get("base_image"),
         # What the image pins (GPU images take Python from their base, so it is not listed for them).
-        "versions": {k: table[k] for k in versions.IMAGE_PINS[name] if not k.startswith("base_image")},
+        "versions": {k: table[k] for k in versions.IMAGE_PINS[name] if versions.is_version_key(k)},
     }
 
 
