@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from portable_rl.weight_sync.buckets import NamedTensor, dtype_name
+from portable_rl.weight_sync.engine_ops import EngineCallError, EngineOps
 
 CHECKSUM_ALGORITHM = "sha256(dtype|shape|bytes)"
 
@@ -94,11 +95,7 @@ class WeightCheckReport:
             raise WeightMismatch("engine weights differ from the trainer's:\n" + self.summary())
 
 
-def _engine_label(engine: Any) -> str:
-    return str(getattr(engine, "url", None) or getattr(engine, "base_url", None) or engine)
-
-
-def _check_by_checksum(engine: Any, expected: Mapping[str, str], report: EngineCheck) -> None:
+def _check_by_checksum(engine: EngineOps, expected: Mapping[str, str], report: EngineCheck) -> None:
     served: Mapping[str, str] = engine.get_weights_checksum(list(expected))
     for name, digest in expected.items():
         if name not in served or served[name] is None:
@@ -108,7 +105,7 @@ def _check_by_checksum(engine: Any, expected: Mapping[str, str], report: EngineC
         report.compared += 1
 
 
-def _check_by_values(engine: Any, tensors: Sequence[NamedTensor], report: EngineCheck) -> None:
+def _check_by_values(engine: EngineOps, tensors: Sequence[NamedTensor], report: EngineCheck) -> None:
     for name, tensor in tensors:
         rows = tensor.shape[0] if tensor.dim() else 1
         values = engine.get_weights_by_name(name, truncate_size=max(1, rows))
@@ -122,19 +119,22 @@ def _check_by_values(engine: Any, tensors: Sequence[NamedTensor], report: Engine
             report.mismatched.append(name)
 
 
-def check_weights(engines: Sequence[Any], named_tensors: Iterable[NamedTensor]) -> WeightCheckReport:
+def check_weights(
+    engines: Sequence[Any], named_tensors: Iterable[NamedTensor], timeout_s: float = 300.0
+) -> WeightCheckReport:
     """Compare every engine's weights with ``named_tensors`` (bit-exact); see the module docstring."""
     tensors = list(named_tensors)
     expected = checksums(tensors)
     results = []
-    for engine in engines:
-        report = EngineCheck(engine=_engine_label(engine))
+    for item in engines:
+        engine = item if isinstance(item, EngineOps) else EngineOps(item, timeout_s)
+        report = EngineCheck(engine=engine.label)
         try:
-            if getattr(engine, "supports_weights_checksum", lambda: False)():
+            if engine.supports_weights_checksum():
                 _check_by_checksum(engine, expected, report)
             else:
                 _check_by_values(engine, tensors, report)
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        except (EngineCallError, OSError, ValueError, KeyError, TypeError) as exc:
             report.error = f"{type(exc).__name__}: {exc}"
         results.append(report)
     return WeightCheckReport(results)

@@ -1,0 +1,111 @@
+"""The weight-sync interface and what every strategy shares.
+
+Contract
+--------
+* ``WeightSync``: ``connect(engines)`` once, ``update(named_tensors, version)`` after every optimizer step,
+  ``disconnect()`` at the end. ``named_tensors`` are HF-named full (unsharded) weights, consumed once, lazily;
+  ``version`` becomes the engines' weight version (sent as SGLang's ``weight_version`` string).
+* An update runs inside ``update_session``: generation is paused and the KV cache flushed on every engine,
+  a weight-update session is opened (``/begin_weight_update``, required by SGLang 0.5.23 for tensor and
+  distributed updates), the strategy moves the weights, the session is closed and generation resumed
+  (resumed even when the update failed, so engines never stay paused). ``weight_version`` rides on the last
+  request of a sync only, so an engine never claims a version whose weights arrived partially. After the
+  session the engines' version is read back and must equal ``str(version)`` (``WeightSyncError`` otherwise).
+* Engine calls fan out concurrently; any failure raises ``WeightSyncError`` naming the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from portable_rl.weight_sync.engine_ops import EngineCallError, EngineOps
+
+T = TypeVar("T")
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync failed; the message names the engine(s) and the step that failed."""
+
+
+@runtime_checkable
+class WeightSync(Protocol):
+    def connect(self, engines: Sequence[Any]) -> None: ...
+
+    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    def disconnect(self) -> None: ...
+
+
+def fan_out(engines: Sequence[EngineOps], fn: Callable[[EngineOps], T], what: str) -> list[T]:
+    """Run ``fn`` on every engine concurrently; raise one WeightSyncError listing every engine that failed."""
+    if not engines:
+        return []
+    if len(engines) == 1:
+        try:
+            return [fn(engines[0])]
+        except (EngineCallError, OSError, RuntimeError) as exc:
+            raise WeightSyncError(f"{what} failed on {engines[0].label}: {exc}") from exc
+    with ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="weight-sync") as pool:
+        futures = [pool.submit(fn, e) for e in engines]
+        results, errors = [], []
+        for engine, fut in zip(engines, futures, strict=True):
+            try:
+                results.append(fut.result())
+            except (EngineCallError, OSError, RuntimeError) as exc:
+                errors.append(f"{engine.label}: {exc}")
+    if errors:
+        raise WeightSyncError(
+            f"{what} failed on {len(errors)} of {len(engines)} engines: " + "; ".join(errors)
+        )
+    return results
+
+
+@contextmanager
+def update_session(
+    engines: Sequence[EngineOps], version: int, *, verify_version: bool, open_session: bool = True
+) -> Iterator[None]:
+    """Pause + flush, open the weight-update session, yield, close it, resume; then check the version."""
+    fan_out(engines, lambda e: e.pause_generation(), "pause_generation")
+    try:
+        fan_out(engines, lambda e: e.flush_cache(), "flush_cache")
+        if open_session:
+            fan_out(engines, lambda e: e.begin_weight_update(), "begin_weight_update")
+            try:
+                yield
+            finally:
+                fan_out(engines, lambda e: e.end_weight_update(), "end_weight_update")
+        else:
+            yield
+    finally:
+        fan_out(engines, lambda e: e.continue_generation(), "continue_generation")
+    if verify_version:
+        versions = fan_out(engines, lambda e: e.get_weight_version(), "get_weight_version")
+        stale = [
+            f"{e.label} reports {v!r}" for e, v in zip(engines, versions, strict=True) if v != str(version)
+        ]
+        if stale:
+            raise WeightSyncError(f"weight version did not move to {str(version)!r}: " + "; ".join(stale))
+
+
+def as_engine_ops(engines: Sequence[Any], timeout_s: float) -> list[EngineOps]:
+    if not engines:
+        raise ValueError("weight sync needs at least one engine; got an empty list")
+    return [e if isinstance(e, EngineOps) else EngineOps(e, timeout_s) for e in engines]
+
+
+def mark_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """Yield (item, is_last) without materialising the iterable."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True

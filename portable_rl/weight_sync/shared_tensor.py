@@ -1,0 +1,92 @@
+"""Shared-tensor weight sync (co-located mode): engines map the trainer's memory instead of receiving copies.
+
+Contract
+--------
+* Transport is a platform fact, ``current_platform().shared_tensor_transport``:
+    - ``"shared_memory"`` (CPU): each bucket is staged in a named shared-memory segment;
+    - ``"cuda_ipc"`` (NVIDIA and AMD GPUs): each bucket is staged on the tensors' device and passed as an IPC
+      handle; the device id inside the handle is made importer-safe by the platform (see ``tensor_codec``).
+* ``update(named_tensors, version)``: per bucket (``bucket_mb``, one dtype) the tensors are copied into one flat
+  staging buffer and every engine gets ``/update_weights_from_tensor`` with ``serialized_named_tensors`` =
+  one payload per engine TP rank (``tensor_codec.serialize_tensors``): SGLang's ``flattened_bucket`` form when
+  ``flatten_buckets`` is "on" or ("auto" and every engine declares support), otherwise a list of
+  (name, tensor) views into the staging buffer. The buffer is released after every engine answered.
+  Runs inside ``update_session`` (pause, flush, begin/end weight update, resume, version check).
+* No process group; ``connect`` only records the engines, ``disconnect`` forgets them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from portable_rl.platform import Platform, current_platform
+from portable_rl.weight_sync.base import as_engine_ops, fan_out, mark_last, update_session
+from portable_rl.weight_sync.buckets import NamedTensor, flatten, iter_buckets, nbytes, unflatten
+from portable_rl.weight_sync.config import WeightSyncConfig
+from portable_rl.weight_sync.engine_ops import EngineOps
+from portable_rl.weight_sync.tensor_codec import flattened_payload, serialize_tensors, share_memory_buffer
+
+
+class SharedTensorWeightSync:
+    """Co-located hand-off by shared memory / IPC handle (see module docstring)."""
+
+    def __init__(self, cfg: WeightSyncConfig, platform: Platform | None = None) -> None:
+        self.cfg = cfg
+        self.platform = platform or current_platform()
+        self.engines: list[EngineOps] = []
+        self.flattened = False
+
+    def connect(self, engines: Sequence[Any]) -> None:
+        self.engines = as_engine_ops(engines, self.cfg.timeout_s)
+        if self.cfg.flatten_buckets == "auto":
+            self.flattened = all(e.supports_flattened_bucket() for e in self.engines)
+        else:
+            self.flattened = self.cfg.flatten_buckets == "on"
+
+    def disconnect(self) -> None:
+        self.engines = []
+
+    def _staging_device(self, tensor: torch.Tensor) -> torch.device:
+        if self.platform.shared_tensor_transport == "shared_memory":
+            return torch.device("cpu")
+        # IPC handles exist for device memory; a CPU-resident tensor still travels through shared memory.
+        return tensor.device
+
+    def update(self, named_tensors: Iterable[NamedTensor], version: int) -> None:
+        if not self.engines:
+            raise RuntimeError(
+                "SharedTensorWeightSync.update() before connect(); call connect(engines) first"
+            )
+        with update_session(self.engines, version, verify_version=self.cfg.verify_version):
+            sent = 0
+            for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
+                self._send_bucket(bucket, str(version) if last else None, flush_cache=last)
+                sent += 1
+            if not sent:
+                raise ValueError("update() got no tensors; pass the model's named weights")
+
+    def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
+        size = sum(nbytes(t) for _, t in bucket)
+        staging = share_memory_buffer(size, self._staging_device(bucket[0][1]), self.platform)
+        flat, metas = flatten(bucket, staging)
+        if self.flattened:
+            payload, load_format = flattened_payload(flat, metas), "flattened_bucket"
+        else:
+            payload, load_format = unflatten(flat, metas), None
+        self.platform.synchronize()  # the copies into the staging buffer must land before an importer reads it
+        serialized = serialize_tensors(payload, self.platform)
+        fan_out(
+            self.engines,
+            lambda e: e.update_weights_from_tensor(
+                serialized_named_tensors=[serialized] * e.tp_size,
+                load_format=load_format,
+                weight_version=weight_version,
+                flush_cache=flush_cache,
+            ),
+            "update_weights_from_tensor",
+        )
+        # ``staging`` is dropped here, after every engine answered, which releases the segment / IPC memory.
+        del payload, flat, staging
