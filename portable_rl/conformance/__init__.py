@@ -18,6 +18,7 @@ CHECK_MODULES = (
     "portable_rl.conformance.kernels",
     "portable_rl.conformance.determinism",
     "portable_rl.conformance.ray_visibility",
+    "portable_rl.conformance.trainer",
     "portable_rl.conformance.components",
 )
 

@@ -119,7 +119,9 @@ def _held(ctx: Context) -> list[dict[str, Any]]:
     # Looked up through the module so a meta-test's monkeypatch of run_workers takes effect.
     import portable_rl.conformance.collectives as this
 
-    return ctx.memo("collectives", lambda: this.run_workers(ctx.platform.name, ctx.workdir / "collectives"))
+    return ctx.shared_memo(
+        "collectives", lambda: this.run_workers(ctx.platform.name, ctx.workdir / "collectives")
+    )
 
 
 def _max_abs(a, b) -> float:

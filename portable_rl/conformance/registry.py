@@ -114,6 +114,7 @@ class Context:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="portable-rl-conformance-")))
     cache: dict[str, Any] = field(default_factory=dict)
     finalizers: list[Callable[[], Any]] = field(default_factory=list)
+    shared_dir: Path | None = None  # cross-process cache for shared_memo (parallel test workers)
 
     def close(self) -> None:
         """Undo what checks started (a local Ray, ...), last started first."""
@@ -131,6 +132,33 @@ class Context:
         if kind == "error":
             raise value
         return value
+
+    def shared_memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Like ``memo``, but with ``shared_dir`` set the value is computed once across processes.
+
+        Parallel pytest workers each hold their own Context; the first to take the lock computes and saves the
+        value (``torch.save``), the others wait and load it. Without ``shared_dir`` this is ``memo``.
+        """
+        if self.shared_dir is None:
+            return self.memo(key, compute)
+
+        def load_or_compute() -> Any:
+            import fcntl
+
+            import torch
+
+            self.shared_dir.mkdir(parents=True, exist_ok=True)
+            path = self.shared_dir / f"{key}.pt"
+            with open(self.shared_dir / f"{key}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if path.exists():
+                    return torch.load(path)
+                value = compute()
+                torch.save(value, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
+                return value
+
+        return self.memo(key, load_or_compute)
 
     def tiny_checkpoint(self, arch: str = "llama") -> Path:
         from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint

@@ -1,0 +1,283 @@
+"""Trainer checks: Megatron after HF->Megatron conversion computes what transformers computes, at any TP.
+
+One spawn of two ranks (``torch.multiprocessing``, the platform's dist backend) builds portable_rl's
+``MegatronActor`` from tiny Llama / Qwen2 / Qwen3 checkpoints, at TP1 (data-parallel over the two ranks) and
+TP2, and records: the full-vocabulary logits of a fixed batch (gathered over TP), the trainer's response
+log-probs (``compute_logprobs``), the HF weights it exports (``named_hf_weights``) and, for Llama, the losses
+of two seeded training steps (twice at TP1, once at TP2). Megatron is only ever imported in those workers:
+the CPU platform's Megatron runtime patches torch process-wide.
+
+The parent compares with transformers run in float64 on the CPU from the same checkpoint:
+
+* ``training.megatron_vs_hf_logits`` / ``..._logprobs``: max abs difference, worst architecture;
+* ``training.hf_roundtrip``: max abs difference of exported weights from the checkpoint (0: bit-equal);
+* ``training.tp2_vs_tp1``: max abs difference of logits and of the two training losses, TP2 against TP1;
+* ``determinism.megatron_train_steps``: difference of the losses of two seeded TP1 runs (tolerance 0).
+
+On a device platform each rank takes device ``rank``; with one device the spawn has a single rank and the TP2
+check is skipped (``min_devices=2``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from portable_rl.conformance.registry import Context, Measurement, register
+
+ARCHS = ("llama", "qwen2", "qwen3")
+TRAINER_MODULE = "portable_rl.training.actor"
+PROMPT, RESPONSE = 4, 28
+LR = 1e-3
+SEED = 1234
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def fixed_tokens(vocab_size: int) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(3, vocab_size, (2, PROMPT + RESPONSE), generator=gen).tolist()
+
+
+def _worker(
+    rank: int, world: int, platform_name: str, ckpts: dict[str, str], ports: list[int], out: str
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from portable_rl.platform import PLATFORM_ENV, reset_current_platform
+
+    os.environ[PLATFORM_ENV] = platform_name  # the actor asks current_platform()
+    reset_current_platform()
+    from portable_rl.training.actor import ActorConfig, MegatronActor, OptimConfig, ParallelConfig
+    from portable_rl.training.batch import TrainBatch, to_micro_batch
+
+    port = iter(ports)
+    record: dict[str, Any] = {"timings": {}}
+    t0 = time.perf_counter()
+
+    def mark(what: str) -> None:
+        record["timings"][what] = round(time.perf_counter() - t0, 2)
+
+    def build(arch: str, tp: int) -> MegatronActor:
+        cfg = ActorConfig(
+            hf_checkpoint=ckpts[arch],
+            parallel=ParallelConfig(tensor_parallel=tp),
+            optim=OptimConfig(lr=LR, clip_grad=0.0),
+            seed=SEED,
+        )
+        device = rank if world > 1 else 0
+        return MegatronActor(cfg, rank, world, "127.0.0.1", next(port), local_device=device)
+
+    def batch_for(actor) -> TrainBatch:
+        toks = fixed_tokens(actor.spec.vocab_size)
+        return TrainBatch(
+            prompt_tokens=[t[:PROMPT] for t in toks],
+            response_tokens=[t[PROMPT:] for t in toks],
+            loss_masks=[[1] * RESPONSE for _ in toks],
+        )
+
+    def forward(actor, batch: TrainBatch) -> dict[str, Any]:
+        mb = to_micro_batch(batch, PROMPT + RESPONSE, actor.device)
+        with torch.no_grad():
+            actor.model.eval()
+            logits = actor.model(mb.tokens, mb.position_ids, None).float()
+        tp_group = actor.ps.get_tensor_model_parallel_group()
+        tp = actor.layout.tensor_parallel
+        if tp > 1:
+            parts = [torch.empty_like(logits) for _ in range(tp)]
+            dist.all_gather(parts, logits.contiguous(), group=tp_group)
+            logits = torch.cat(parts, dim=-1)
+        # clone: on the CPU .to("cpu") is the parameter itself, which the training steps then change
+        weights = {n: t.detach().to("cpu").clone() for n, t in actor.named_hf_weights(all_stages=True)}
+        return {
+            "logits": logits[..., : actor.spec.vocab_size].cpu(),
+            "logprobs": actor.compute_logprobs(batch),
+            "weights": weights,
+        }
+
+    def train(actor, batch: TrainBatch) -> list[float]:
+        def loss_fn(logp, ent, mb):
+            mask = mb["loss_mask"]
+            return -(logp * mask).sum() / mask.sum(), {}
+
+        return [float(actor.train_step(batch, loss_fn)["loss"]) for _ in range(2)]
+
+    mark("imported")
+    for arch in ckpts:
+        actor = build(arch, 1)
+        mark(f"{arch}/tp1 built")
+        batch = batch_for(actor)
+        record[f"{arch}/tp1"] = forward(actor, batch)
+        if arch == "llama":
+            record["llama/tp1/losses"] = train(actor, batch)
+        actor.shutdown()
+        mark(f"{arch}/tp1 done")
+        if arch == "llama":
+            actor = build(arch, 1)
+            record["llama/tp1/losses_again"] = train(actor, batch)
+            actor.shutdown()
+            mark(f"{arch}/tp1 again done")
+        if world > 1:
+            actor = build(arch, 2)
+            record[f"{arch}/tp2"] = forward(actor, batch)
+            if arch == "llama":
+                record["llama/tp2/losses"] = train(actor, batch)
+            actor.shutdown()
+            mark(f"{arch}/tp2 done")
+    if rank == 0:
+        torch.save(record, Path(out) / "trainer.pt")
+
+
+def trainer_world(ctx: Context) -> int:
+    platform = ctx.platform
+    return 2 if platform.torch_device_type == "cpu" or len(platform.devices) >= 2 else 1
+
+
+def run_trainer_workers(ctx: Context) -> dict[str, Any]:
+    import torch
+    import torch.multiprocessing as mp
+
+    out = ctx.workdir / "trainer"
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = {arch: str(ctx.tiny_checkpoint(arch)) for arch in ARCHS}
+    world = trainer_world(ctx)
+    ports = _free_ports(8)
+    mp.start_processes(
+        _worker,
+        args=(world, ctx.platform.name, ckpts, ports, str(out)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    return torch.load(out / "trainer.pt")
+
+
+def _record(ctx: Context) -> dict[str, Any]:
+    import portable_rl.conformance.trainer as this  # through the module: meta-tests patch run_trainer_workers
+
+    return ctx.shared_memo("trainer", lambda: this.run_trainer_workers(ctx))
+
+
+def hf_reference(ckpt: Path) -> dict[str, Any]:
+    """transformers in float64 on the CPU: logits and response log-probs of the fixed batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64).eval()
+    tokens = torch.tensor(fixed_tokens(model.config.vocab_size))
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return {"logits": logits, "logprobs": logp[:, PROMPT - 1 :]}
+
+
+def _ref(ctx: Context, arch: str) -> dict[str, Any]:
+    return ctx.memo(f"hf-ref:{arch}", lambda: hf_reference(ctx.tiny_checkpoint(arch)))
+
+
+def _max_abs(a, b) -> float:
+    import torch
+
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+
+
+def _per_arch(ctx: Context, key: str, measure) -> Measurement:
+    rec = _record(ctx)
+    errs = {arch: measure(rec[f"{arch}/tp1"], arch) for arch in ARCHS}
+    return Measurement(max(errs.values()), ", ".join(f"{a} {e:.3g}" for a, e in errs.items()))
+
+
+# slow: one spawn of two Megatron ranks building seven models (~1 min on 2 cores)
+_NEEDS = dict(
+    requires=(TRAINER_MODULE,), depends_on="portable_rl.training.actor.MegatronActor", markers=("slow",)
+)
+
+
+@register(
+    "training.megatron_vs_hf_logits",
+    "max |Megatron TP1 logits after HF->Megatron conversion - transformers float64 logits|, worst of "
+    "llama/qwen2/qwen3",
+    **_NEEDS,
+)
+def check_megatron_vs_hf_logits(ctx: Context, dtype: str | None) -> Measurement:
+    return _per_arch(ctx, "logits", lambda got, arch: _max_abs(got["logits"], _ref(ctx, arch)["logits"]))
+
+
+@register(
+    "training.megatron_vs_hf_logprobs",
+    "max |trainer compute_logprobs (TP1) - transformers float64 response log-probs|, worst architecture",
+    **_NEEDS,
+)
+def check_megatron_vs_hf_logprobs(ctx: Context, dtype: str | None) -> Measurement:
+    return _per_arch(
+        ctx, "logprobs", lambda got, arch: _max_abs(got["logprobs"], _ref(ctx, arch)["logprobs"])
+    )
+
+
+def _roundtrip_error(got: dict[str, Any], ckpt: Path) -> float:
+    from safetensors.torch import load_file
+
+    source = load_file(str(ckpt / "model.safetensors"))
+    exported = got["weights"]
+    if set(exported) != set(source):
+        return float("inf")
+    return max(_max_abs(exported[n], source[n]) for n in source)
+
+
+@register(
+    "training.hf_roundtrip",
+    "max |HF weights exported by the trainer (TP1 and TP2, before any step) - the checkpoint loaded|",
+    **_NEEDS,
+)
+def check_hf_roundtrip(ctx: Context, dtype: str | None) -> Measurement:
+    rec = _record(ctx)
+    errs = {}
+    for key in sorted(k for k in rec if k.count("/") == 1):
+        errs[key] = _roundtrip_error(rec[key], ctx.tiny_checkpoint(key.split("/")[0]))
+    worst = max(errs, key=errs.get)
+    return Measurement(errs[worst], f"{len(errs)} exports, worst {worst}")
+
+
+@register(
+    "training.tp2_vs_tp1",
+    "max |TP2 - TP1| over full-vocabulary logits (3 architectures) and two training-step losses (llama)",
+    min_devices=2,
+    **_NEEDS,
+)
+def check_tp2_vs_tp1(ctx: Context, dtype: str | None) -> Measurement:
+    rec = _record(ctx)
+    logit_err = max(_max_abs(rec[f"{a}/tp2"]["logits"], rec[f"{a}/tp1"]["logits"]) for a in ARCHS)
+    loss_err = _max_abs(rec["llama/tp2/losses"], rec["llama/tp1/losses"])
+    return Measurement(max(logit_err, loss_err), f"logits {logit_err:.3g}, losses {loss_err:.3g}")
+
+
+@register(
+    "determinism.megatron_train_steps",
+    "max difference of the losses of two seeded 2-step runs of the Megatron trainer (TP1)",
+    **_NEEDS,
+)
+def check_megatron_train_steps(ctx: Context, dtype: str | None) -> Measurement:
+    rec = _record(ctx)
+    first, again = rec["llama/tp1/losses"], rec["llama/tp1/losses_again"]
+    if first[0] == first[-1]:
+        return Measurement(float("inf"), "the optimizer step did not change the loss; nothing was compared")
+    return Measurement(_max_abs(first, again), "losses " + ", ".join(f"{x:.6f}" for x in first))
