@@ -14,7 +14,12 @@ import sys
 from portable_rl import __version__
 
 # Sub-command modules, in the order `--help` lists them.
-COMMANDS = ("portable_rl.commands.doctor", "portable_rl.commands.conformance", "portable_rl.commands.image")
+COMMANDS = (
+    "portable_rl.commands.doctor",
+    "portable_rl.commands.conformance",
+    "portable_rl.commands.launch",
+    "portable_rl.commands.image",
+)
 
 
 class UserError(Exception):

@@ -94,6 +94,10 @@ class Platform:
     shared_tensor_transport: ClassVar[str]  # co-located weight hand-off: "shared_memory" | "cuda_ipc"
     image_repo: ClassVar[str]
     default_fp8_dtype: ClassVar[str | None]
+    # Cluster facts (templates and `portable-rl launch`); CPU-only hosts keep these base defaults.
+    k8s_gpu_resource: ClassVar[str | None] = None  # Kubernetes extended resource of one device
+    container_device_mounts: ClassVar[tuple[str, ...]] = ()  # host device paths a container needs mounted
+    container_supplemental_groups: ClassVar[tuple[int, ...]] = ()  # GIDs that own those device files
 
     devices: tuple[DeviceInfo, ...] = ()
     reason: str = ""
@@ -147,6 +151,10 @@ class Platform:
                 target[key] = value
                 changes[key] = value
         return changes
+
+    def network_env(self, ifname: str) -> dict[str, str]:
+        """Env that pins this platform's collective libraries to network interface ``ifname`` (multi-node)."""
+        return {"GLOO_SOCKET_IFNAME": ifname}
 
     def prepare_training_runtime(self) -> None:
         """Make the training stack (Megatron-core) runnable in this process. Idempotent."""
@@ -216,6 +224,9 @@ class Platform:
             "fp8_dtype": self.fp8_dtype(),
             "peak_flops_bf16": self.peak_flops("bf16"),
             "image": self.image_ref(),
+            "k8s_gpu_resource": self.k8s_gpu_resource,
+            "container_device_mounts": list(self.container_device_mounts),
+            "container_supplemental_groups": list(self.container_supplemental_groups),
             "devices": [d.__dict__ for d in self.devices],
         }
 

@@ -90,6 +90,7 @@ class CudaPlatform(Platform):
     shared_tensor_transport: ClassVar[str] = "cuda_ipc"
     image_repo: ClassVar[str] = "cuda"
     default_fp8_dtype: ClassVar[str | None] = "float8_e4m3fn"
+    k8s_gpu_resource: ClassVar[str | None] = "nvidia.com/gpu"  # the vendor device plugin's resource name
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -157,6 +158,11 @@ class CudaPlatform(Platform):
     def worker_env(self, physical_devices: list[int]) -> dict[str, str]:
         env = super().worker_env(physical_devices)
         env[CUDA_VISIBLE_DEVICES] = format_mask(physical_devices)
+        return env
+
+    def network_env(self, ifname: str) -> dict[str, str]:
+        env = super().network_env(ifname)
+        env["NCCL_SOCKET_IFNAME"] = ifname  # NCCL reads the NCCL_ name for its bootstrap and socket transport
         return env
 
     def prepare_process_env(self, env: MutableMapping[str, str] | None = None) -> dict[str, str]:

@@ -130,6 +130,10 @@ class RocmPlatform(Platform):
     shared_tensor_transport: ClassVar[str] = "cuda_ipc"
     image_repo: ClassVar[str] = "rocm"
     default_fp8_dtype: ClassVar[str | None] = "float8_e4m3fnuz"
+    k8s_gpu_resource: ClassVar[str | None] = "amd.com/gpu"  # the vendor device plugin's resource name
+    # The KFD compute node and the DRM render nodes; both are owned by the "video" group (GID 44).
+    container_device_mounts: ClassVar[tuple[str, ...]] = ("/dev/kfd", "/dev/dri")
+    container_supplemental_groups: ClassVar[tuple[int, ...]] = (44,)
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -221,6 +225,11 @@ class RocmPlatform(Platform):
         mask = format_mask(physical_devices)
         env[HIP] = mask
         env[CUDA_ALIAS] = mask
+        return env
+
+    def network_env(self, ifname: str) -> dict[str, str]:
+        env = super().network_env(ifname)
+        env["NCCL_SOCKET_IFNAME"] = ifname  # RCCL reads the NCCL_ name for its bootstrap and socket transport
         return env
 
     def prepare_process_env(self, env: MutableMapping[str, str] | None = None) -> dict[str, str]:
