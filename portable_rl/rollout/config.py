@@ -1,0 +1,133 @@
+"""RolloutConfig: the ``rollout:`` section of a recipe (sampling, engines, router, rewards, dynamic sampling).
+
+Validated when built; every bad value raises ``ValueError`` with one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINE_KINDS = ("auto", "cpu", "sglang")
+ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
+
+
+@dataclass
+class RolloutConfig:
+    """prompts_per_step x samples_per_prompt samples per step, generated through the router.
+
+    prompts_per_step:     groups a rollout returns (after filtering)
+    samples_per_prompt:   samples per prompt (the GRPO group size)
+    max_new_tokens, temperature, top_p, top_k (-1: off), stop, stop_token_ids: SGLang sampling params
+    seeded:               per-sample sampling_seed derived from (run seed, step, prompt, sample), so a resumed
+                          run repeats the samples an uninterrupted run draws
+    reward:               "math" or "package.module:function"; reward_options are its keyword arguments
+    filter:               dynamic-sampling filter: null (keep every group), "nonzero_std" (drop groups whose
+                          rewards are all equal) or "package.module:function" (group -> bool)
+    over_sample_factor:   with a filter, prompts launched per missing group
+    max_prompts_factor:   with a filter, a rollout launches at most this x prompts_per_step prompts
+    max_concurrency:      in-flight /generate requests per rollout
+    num_engines, engine_tp_size, engine ("auto" | "cpu" | "sglang"), engine_args (--sglang-<name> pass-through)
+    router_policy:        sglang-router load-balancing policy
+    eval_samples_per_prompt, eval_temperature: sampling for evaluation rollouts
+    """
+
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seeded: bool = True
+    reward: str = "math"
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    filter: str | None = None
+    over_sample_factor: float = 1.5
+    max_prompts_factor: float = 4.0
+    max_concurrency: int = 256
+    request_timeout_s: float = 3600.0
+    num_engines: int = 1
+    engine_tp_size: int = 1
+    engine: str = "auto"
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    engine_startup_timeout_s: float = 600.0
+    router_policy: str = "round_robin"
+    eval_samples_per_prompt: int = 1
+    eval_temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"rollout.{name}={value!r} must be an integer >= 1")
+
+        for name in (
+            "prompts_per_step",
+            "samples_per_prompt",
+            "max_new_tokens",
+            "max_concurrency",
+            "num_engines",
+            "engine_tp_size",
+            "eval_samples_per_prompt",
+        ):
+            positive_int(name)
+        for name in ("temperature", "eval_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"rollout.{name}={value!r} must be a number >= 0 (0: greedy)")
+        if (
+            isinstance(self.top_p, bool)
+            or not isinstance(self.top_p, (int, float))
+            or not 0 < self.top_p <= 1
+        ):
+            raise ValueError(f"rollout.top_p={self.top_p!r} must be in (0, 1]")
+        if (
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, int)
+            or (self.top_k < 1 and self.top_k != -1)
+        ):
+            raise ValueError(f"rollout.top_k={self.top_k!r} must be an integer >= 1, or -1 for no top-k")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"rollout.stop={self.stop!r} must be a list of non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"rollout.stop_token_ids={self.stop_token_ids!r} must be a list of token ids")
+        if not isinstance(self.reward, str) or not (self.reward == "math" or ":" in self.reward):
+            raise ValueError(f"rollout.reward={self.reward!r} must be 'math' or 'package.module:function'")
+        if self.filter is not None and not (self.filter == "nonzero_std" or ":" in str(self.filter)):
+            raise ValueError(
+                f"rollout.filter={self.filter!r} must be null, 'nonzero_std' or 'package.module:function'"
+            )
+        if not self.over_sample_factor >= 1.0:
+            raise ValueError(f"rollout.over_sample_factor={self.over_sample_factor!r} must be >= 1")
+        if not self.max_prompts_factor >= 1.0:
+            raise ValueError(f"rollout.max_prompts_factor={self.max_prompts_factor!r} must be >= 1")
+        if not self.request_timeout_s > 0 or not self.engine_startup_timeout_s > 0:
+            raise ValueError(
+                "rollout.request_timeout_s and rollout.engine_startup_timeout_s must be positive"
+            )
+        if self.engine not in ENGINE_KINDS:
+            raise ValueError(f"rollout.engine={self.engine!r} is not one of {', '.join(ENGINE_KINDS)}")
+        if self.router_policy not in ROUTER_POLICIES:
+            raise ValueError(
+                f"rollout.router_policy={self.router_policy!r} is not one of {', '.join(ROUTER_POLICIES)}"
+            )
+        if not isinstance(self.engine_args, dict) or not isinstance(self.reward_options, dict):
+            raise ValueError("rollout.engine_args and rollout.reward_options must be mappings")
+
+    def sampling_params(self, *, eval_mode: bool = False) -> dict[str, Any]:
+        """SGLang ``sampling_params`` for one request (without the per-sample seed)."""
+        params: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.eval_temperature if eval_mode else self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
+        if self.stop:
+            params["stop"] = list(self.stop)
+        if self.stop_token_ids:
+            params["stop_token_ids"] = list(self.stop_token_ids)
+        return params

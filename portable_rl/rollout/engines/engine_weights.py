@@ -1,0 +1,111 @@
+"""Weight reads and writes of the CPU engine's HF model, by HF parameter name.
+
+Every function runs on the engine thread (no forward pass is in flight while weights change):
+  * ``load_named_tensors(model, pairs)``: copy (name, tensor) pairs into the model's parameters/buffers,
+    casting to the model's dtype; an unknown name or a shape mismatch raises ``ValueError`` naming it, and
+    nothing is copied unless every pair is valid (an engine never serves half an update from one request);
+  * ``read_checkpoint_dir(path)``: every tensor of a HF safetensors directory (what /update_weights_from_disk
+    loads); ``receive_distributed(...)``: the tensors one /update_weights_from_distributed request announces,
+    received from rank 0 of the weight-update group (one broadcast per tensor, or one flat uint8 broadcast
+    for ``load_format="flattened_bucket"``, the layout of ``portable_rl.weight_sync.buckets``);
+  * ``checksums`` / ``weight_by_name``: read-back for bit-exact verification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from portable_rl.weight_sync.buckets import (
+    NamedTensor,
+    dtype_from_name,
+    empty_flat,
+    metas_from_lists,
+    unflatten,
+)
+from portable_rl.weight_sync.checksum import tensor_checksum
+from portable_rl.weight_sync.process_group import WeightUpdateGroup
+
+
+def named_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name, tied weights under every name they are reachable by."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = p
+    for name, b in model.named_buffers(remove_duplicate=False):
+        out.setdefault(name, b)
+    return out
+
+
+def load_named_tensors(model: torch.nn.Module, pairs: Iterable[NamedTensor]) -> int:
+    targets = named_state(model)
+    checked: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, tensor in pairs:
+        target = targets.get(name)
+        if target is None:
+            raise ValueError(
+                f"weight {name!r} is not a parameter of the served model; send HF parameter names"
+            )
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, the served model expects {tuple(target.shape)}"
+            )
+        checked.append((target, tensor))
+    with torch.no_grad():
+        for target, tensor in checked:
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    return len(checked)
+
+
+def read_checkpoint_dir(path: str | Path) -> list[NamedTensor]:
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
+    if not files:
+        raise ValueError(
+            f"model_path {str(path)!r} has no *.safetensors files; pass a HF checkpoint directory"
+        )
+    pairs: list[NamedTensor] = []
+    for f in files:
+        pairs.extend(load_file(str(f)).items())
+    return pairs
+
+
+def receive_distributed(
+    group: WeightUpdateGroup,
+    names: Sequence[str],
+    dtypes: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    load_format: str | None,
+) -> list[NamedTensor]:
+    if load_format == "flattened_bucket":
+        metas = metas_from_lists(names, dtypes, shapes)
+        flat = empty_flat(metas)
+        group.broadcast(flat, what=f"bucket receive ({flat.numel()} bytes, {len(metas)} tensors)")
+        return unflatten(flat, metas)
+    if load_format not in (None, "direct"):
+        raise ValueError(f"unsupported load_format={load_format!r}; use null or 'flattened_bucket'")
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ValueError(f"names/dtypes/shapes lengths differ: {len(names)}/{len(dtypes)}/{len(shapes)}")
+    out: list[NamedTensor] = []
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        tensor = torch.empty([int(d) for d in shape], dtype=dtype_from_name(dtype))
+        group.broadcast(tensor, what=f"receive of {name!r}")
+        out.append((name, tensor))
+    return out
+
+
+def checksums(model: torch.nn.Module, names: Sequence[str] | None) -> dict[str, str | None]:
+    state = named_state(model)
+    wanted = list(state) if names is None else list(names)
+    return {n: (tensor_checksum(state[n]) if n in state else None) for n in wanted}
+
+
+def weight_by_name(model: torch.nn.Module, name: str, truncate_size: int) -> list | None:
+    tensor = named_state(model).get(name)
+    if tensor is None:
+        return None
+    return tensor.detach().float()[: max(1, truncate_size)].tolist()

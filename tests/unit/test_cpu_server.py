@@ -1,0 +1,328 @@
+"""The CPU engine server speaks SGLang's protocol and generates what the HF model computes.
+
+One engine process (tiny random Llama, bearer token set) serves the whole module. Tests that change its weights
+put the original checkpoint back before they end, so the tests do not depend on their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import requests
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from portable_rl.rollout.engines.client import EngineClient
+from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
+from portable_rl.weight_sync.checksum import tensor_checksum
+from portable_rl.weight_sync.process_group import free_port, init_weight_update_group
+from portable_rl.weight_sync.tensor_codec import serialize_tensors
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = [[1, 17, 42, 99, 7], [3, 250, 11], [5, 6, 7, 8, 9, 10, 11, 12, 13], [400]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    proc = launch_engine(
+        EngineSpec(
+            model_path=str(tiny_llama),
+            kind="cpu",
+            api_key=TOKEN,
+            engine_args={"num_threads": 1, "max_running_requests": 8},
+            startup_timeout_s=300,
+        )
+    )
+    yield proc
+    assert proc.stop() is not None
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+def post(engine, path, body=None, auth=True, timeout=120):
+    return requests.post(engine.url + path, json=body or {}, headers=AUTH if auth else {}, timeout=timeout)
+
+
+def generate(engine, prompt, **params):
+    params.setdefault("max_new_tokens", 8)
+    r = post(engine, "/generate", {"input_ids": prompt, "sampling_params": params, "return_logprob": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def reference_logprobs(model, prompt, output, temperature):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0].float()
+    scale = temperature if temperature > 0 else 1.0
+    lps = torch.log_softmax(logits[len(prompt) - 1 : -1] / scale, dim=-1)
+    return lps.gather(1, torch.tensor(output)[:, None]).squeeze(1)
+
+
+def served_logprobs(out):
+    triples = out["meta_info"]["output_token_logprobs"]
+    assert [t[1] for t in triples] == out["output_ids"]
+    return torch.tensor([t[0] for t in triples])
+
+
+def restore(engine, path):
+    r = post(engine, "/update_weights_from_disk", {"model_path": str(path), "weight_version": "default"})
+    assert r.status_code == 200, r.text
+
+
+def test_auth_refuses_requests_without_the_token(engine):
+    assert requests.get(engine.url + "/health", timeout=10).status_code == 200
+    no_token = post(
+        engine, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}, auth=False
+    )
+    assert no_token.status_code == 401
+    assert (
+        post(engine, "/update_weights_from_disk", {"model_path": "/nowhere"}, auth=False).status_code == 401
+    )
+    wrong = requests.post(engine.url + "/flush_cache", headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401
+    assert post(engine, "/flush_cache").status_code == 200
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_match_a_hf_forward_pass_under_concurrent_batching(engine, hf, temperature):
+    outs: dict[int, dict] = {}
+
+    def run(i, prompt):
+        outs[i] = generate(engine, prompt, max_new_tokens=12, temperature=temperature, sampling_seed=i)
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(outs) == list(range(len(PROMPTS)))
+    for i, prompt in enumerate(PROMPTS):
+        out = outs[i]
+        assert out["output_ids"], out
+        assert out["meta_info"]["prompt_tokens"] == len(prompt)
+        assert out["meta_info"]["completion_tokens"] == len(out["output_ids"])
+        ref = reference_logprobs(hf, prompt, out["output_ids"], temperature)
+        torch.testing.assert_close(served_logprobs(out), ref, atol=1e-4, rtol=0)
+        if temperature == 0.0:  # greedy picks the argmax of the reference logits
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + out["output_ids"]])).logits[0]
+            assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == out["output_ids"]
+
+
+def test_max_new_tokens_stop_tokens_and_seeds(engine):
+    prompt = PROMPTS[0]
+    full = generate(engine, prompt, max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    assert len(full["output_ids"]) == 10
+    assert full["meta_info"]["finish_reason"] == {"type": "length", "length": 10}
+
+    stop_tok = full["output_ids"][3]
+    first = full["output_ids"].index(stop_tok)
+    stopped = generate(
+        engine, prompt, max_new_tokens=10, temperature=0.0, stop_token_ids=[stop_tok], ignore_eos=True
+    )
+    assert stopped["output_ids"] == full["output_ids"][: first + 1]  # the stop token is part of the output
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
+
+    a = generate(engine, prompt, max_new_tokens=16, temperature=1.0, sampling_seed=123, ignore_eos=True)
+    b = generate(engine, prompt, max_new_tokens=16, temperature=1.0, sampling_seed=123, ignore_eos=True)
+    c = generate(engine, prompt, max_new_tokens=16, temperature=1.0, sampling_seed=124, ignore_eos=True)
+    assert a["output_ids"] == b["output_ids"]
+    assert a["output_ids"] != c["output_ids"]
+
+    bad = post(engine, "/generate", {"input_ids": prompt, "sampling_params": {"temperature": -1}})
+    assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
+
+
+def test_abort_and_pause_continue(engine):
+    results: dict[str, dict] = {}
+
+    def long(rid):
+        r = post(
+            engine,
+            "/generate",
+            {
+                "input_ids": [1, 2, 3],
+                "rid": rid,
+                "sampling_params": {"max_new_tokens": 450, "ignore_eos": True},
+            },
+        )
+        results[rid] = r.json()
+
+    t = threading.Thread(target=long, args=("job-7-a",))
+    t.start()
+    time.sleep(1.0)
+    assert post(engine, "/abort_request", {"rid": "job-7-"}).status_code == 200  # prefix match, as SGLang
+    t.join(60)
+    out = results["job-7-a"]
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(out["output_ids"]) < 450
+
+    assert post(engine, "/pause_generation", {"mode": "in_place"}).json()["status"] == "ok"
+    t = threading.Thread(target=lambda: results.update(p=generate(engine, [4, 5], max_new_tokens=3)))
+    t.start()
+    time.sleep(1.5)
+    assert "p" not in results  # queued while paused
+    assert post(engine, "/continue_generation").status_code == 200
+    t.join(60)
+    assert len(results["p"]["output_ids"]) >= 1
+
+
+def _perturbed(path, tmp_path, scale):
+    state = load_file(str(next(path.glob("*.safetensors"))))
+    g = torch.Generator().manual_seed(int(scale * 1000))
+    new = {k: (v + scale * torch.randn(v.shape, generator=g)).contiguous() for k, v in state.items()}
+    out = tmp_path / f"ckpt_{scale}"
+    out.mkdir()
+    save_file(new, str(out / "model.safetensors"))
+    for f in path.iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    return out, new
+
+
+def _engine_checksums(engine, names):
+    return post(engine, "/get_weights_checksum", {"names": names}).json()["checksums"]
+
+
+def test_update_weights_from_disk_takes_effect(engine, tiny_llama, tmp_path):
+    new_dir, new = _perturbed(tiny_llama, tmp_path, 0.05)
+    try:
+        before = generate(engine, PROMPTS[1], temperature=0.0)
+        r = post(engine, "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": "7"})
+        assert r.status_code == 200 and r.json()["success"], r.text
+        assert (
+            requests.get(engine.url + "/model_info", headers=AUTH, timeout=10).json()["weight_version"] == "7"
+        )
+        assert _engine_checksums(engine, list(new)) == {k: tensor_checksum(v) for k, v in new.items()}
+        after = generate(engine, PROMPTS[1], temperature=0.0)
+        assert after["meta_info"]["weight_version"] == "7"
+        ref_model = AutoModelForCausalLM.from_pretrained(new_dir, dtype=torch.float32).eval()
+        ref = reference_logprobs(ref_model, PROMPTS[1], after["output_ids"], 0.0)
+        torch.testing.assert_close(served_logprobs(after), ref, atol=1e-4, rtol=0)
+        assert not torch.allclose(served_logprobs(before)[:1], served_logprobs(after)[:1])
+        bad = post(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "missing")})
+        assert bad.status_code == 400 and "safetensors" in bad.json()["message"]
+    finally:
+        restore(engine, tiny_llama)
+
+
+@pytest.mark.parametrize("load_format", [None, "flattened_bucket"])
+def test_update_weights_from_distributed_over_gloo(engine, tiny_llama, tmp_path, load_format):
+    _, new = _perturbed(tiny_llama, tmp_path, 0.03)
+    names = sorted(new)
+    port, group_name = free_port(), f"test_group_{load_format}"
+    joined: dict = {}
+    t = threading.Thread(
+        target=lambda: joined.update(
+            r=post(
+                engine,
+                "/init_weights_update_group",
+                {
+                    "master_address": "127.0.0.1",
+                    "master_port": port,
+                    "rank_offset": 1,
+                    "world_size": 2,
+                    "group_name": group_name,
+                    "backend": "gloo",
+                },
+            )
+        )
+    )
+    t.start()
+    group = init_weight_update_group(
+        master_address="127.0.0.1",
+        master_port=port,
+        rank=0,
+        world_size=2,
+        group_name=group_name,
+        backend="gloo",
+        timeout_s=120,
+    )
+    t.join(60)
+    assert joined["r"].status_code == 200, joined["r"].text
+    request = {
+        "names": names,
+        "dtypes": [str(new[n].dtype).removeprefix("torch.") for n in names],
+        "shapes": [list(new[n].shape) for n in names],
+        "group_name": group_name,
+        "weight_version": "11",
+    }
+    if load_format:
+        request["load_format"] = load_format
+    try:
+        refused = post(engine, "/update_weights_from_distributed", request)
+        assert refused.status_code == 400 and "begin_weight_update" in refused.json()["message"]
+        assert post(engine, "/begin_weight_update").status_code == 200
+        answer: dict = {}
+        t = threading.Thread(
+            target=lambda: answer.update(r=post(engine, "/update_weights_from_distributed", request))
+        )
+        t.start()
+        if load_format:
+            flat = torch.cat([new[n].reshape(-1).view(torch.uint8) for n in names])
+            group.broadcast(flat)
+        else:
+            for n in names:
+                group.broadcast(new[n].contiguous())
+        t.join(60)
+        assert answer["r"].status_code == 200, answer["r"].text
+        assert post(engine, "/end_weight_update").status_code == 200
+        assert requests.get(engine.url + "/get_weight_version", headers=AUTH, timeout=10).json() == {
+            "weight_version": "11"
+        }
+        assert _engine_checksums(engine, names) == {n: tensor_checksum(new[n]) for n in names}
+    finally:
+        post(engine, "/destroy_weights_update_group", {"group_name": group_name})
+        group.destroy()
+        restore(engine, tiny_llama)
+
+
+def test_update_weights_from_tensor_shared_memory(engine, tiny_llama, tmp_path):
+    _, new = _perturbed(tiny_llama, tmp_path, 0.02)
+    pairs = sorted(new.items())
+    payload = serialize_tensors(pairs)
+    try:
+        assert post(engine, "/begin_weight_update").status_code == 200
+        r = post(
+            engine,
+            "/update_weights_from_tensor",
+            {"serialized_named_tensors": [payload], "weight_version": "12"},
+        )
+        assert r.status_code == 200, r.text
+        assert post(engine, "/end_weight_update").status_code == 200
+        assert _engine_checksums(engine, list(new)) == {k: tensor_checksum(v) for k, v in new.items()}
+        unknown = serialize_tensors([("not.a.weight", torch.zeros(2))])
+        post(engine, "/begin_weight_update")
+        bad = post(engine, "/update_weights_from_tensor", {"serialized_named_tensors": [unknown]})
+        post(engine, "/end_weight_update")
+        assert bad.status_code == 400 and "not.a.weight" in bad.json()["message"]
+    finally:
+        restore(engine, tiny_llama)
+
+
+def test_async_client_reads_the_protocol(engine):
+    async def run():
+        async with EngineClient(engine.url, api_key=TOKEN) as client:
+            assert await client.health()
+            out = await client.generate(
+                PROMPTS[2], {"max_new_tokens": 5, "temperature": 0.0, "ignore_eos": True}
+            )
+            version = await client.get_weight_version()
+            info = await client.get_server_info()
+            await client.pause_generation()
+            await client.flush_cache()
+            await client.continue_generation()
+            return out, version, info
+
+    out, version, info = asyncio.run(run())
+    assert len(out.output_ids) == len(out.output_logprobs) == 5
+    assert out.finish_reason == "length" and out.weight_version == version == "default"
+    assert info["tp_size"] == 1 and "flattened_bucket" in info["weight_update_load_formats"]
