@@ -1,0 +1,312 @@
+"""A Ray cluster of three nodes on one machine, started the way a real cluster is: `portable-rl launch`.
+
+The head and two workers are separate `portable-rl launch head|worker --block` processes (each execs
+`ray start`) with their own custom resources, ports and worker-port ranges, all under one temp dir of this
+test. An actor on the "trainer" node and one on the "engine" node broadcast a tensor over gloo (TCP
+rendezvous on 127.0.0.1) and the receiver's copy must equal the sender's. The cluster is torn down by
+killing exactly the processes this test started and their descendants: `ray stop` would kill every Ray
+process on the host, so it is never used here.
+
+``run_recipe_across_nodes(recipe, cluster)`` is the hook for the end-to-end recipe run on this cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+OBJECT_STORE_BYTES = 80 * 1024**2
+START_TIMEOUT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    address: str  # GCS address, HOST:PORT
+    temp_dir: str
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def log(self, name: str) -> str:
+        path = Path(self.temp_dir, f"{name}.log")
+        return path.read_text(encoding="utf-8", errors="replace")[-4000:] if path.exists() else ""
+
+
+def _cluster_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        PORTABLE_RL_PLATFORM="cpu",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    return env
+
+
+def _start_node(cluster: LocalCluster, name: str, action_args: list[str], resources: dict, cpus: int) -> None:
+    worker_port = 20000 + 100 * len(cluster.procs) + (os.getpid() % 80) * 300
+    argv = [
+        sys.executable,
+        "-m",
+        "portable_rl.cli",
+        "launch",
+        *action_args,
+        "--node-ip",
+        "127.0.0.1",
+        "--ifname",
+        "lo",
+        "--num-cpus",
+        str(cpus),
+        "--resources",
+        json.dumps(resources),
+        "--block",
+        "--",
+        "--temp-dir",
+        cluster.temp_dir,
+        "--object-store-memory",
+        str(OBJECT_STORE_BYTES),
+        "--disable-usage-stats",
+        "--include-log-monitor",
+        "false",
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--min-worker-port",
+        str(worker_port),
+        "--max-worker-port",
+        str(worker_port + 60),
+    ]
+    if action_args[0] == "head":
+        argv += ["--include-dashboard", "false", "--ray-client-server-port", str(_free_port())]
+    log = open(Path(cluster.temp_dir, f"{name}.log"), "w", encoding="utf-8")  # noqa: SIM115 - kept by Popen
+    cluster.procs.append(
+        subprocess.Popen(argv, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    )
+    log.close()
+
+
+def _wait_port(cluster: LocalCluster, port: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if cluster.procs[0].poll() is not None:
+            pytest.fail(f"ray head exited with {cluster.procs[0].returncode}:\n{cluster.log('head')}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"ray head did not open port {port} within {START_TIMEOUT_S} s:\n{cluster.log('head')}")
+
+
+def _teardown(cluster: LocalCluster) -> None:
+    """Kill the launched processes and every descendant (raylets, agents, workers), nothing else."""
+    victims: dict[int, psutil.Process] = {}
+    for proc in cluster.procs:
+        try:
+            root = psutil.Process(proc.pid)
+            victims[root.pid] = root
+            victims.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    # Anything left that still names this test's temp dir (a reparented child) belongs to it too.
+    for p in psutil.process_iter(["cmdline"]):
+        if any(cluster.temp_dir in arg for arg in (p.info["cmdline"] or [])):
+            victims.setdefault(p.pid, p)
+    for p in victims.values():
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=10)
+    for proc in cluster.procs:
+        proc.wait(timeout=10)
+
+
+def _join(c: LocalCluster, name: str, resources: dict, alive_after: int) -> None:
+    """Start one worker node and wait until the GCS lists it; one restart if it died while starting.
+
+    Nodes start one at a time: on a loaded 2-core host two raylets starting together can overrun the
+    30 s registration window of `ray start`.
+    """
+    import ray
+
+    for attempt in range(2):
+        _start_node(c, name, ["worker", "--address", c.address], resources, cpus=1)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if sum(1 for n in ray.nodes() if n["Alive"]) >= alive_after:
+                return
+            if c.procs[-1].poll() is not None:
+                break
+            time.sleep(0.5)
+        if attempt == 1 or c.procs[-1].poll() is None:
+            pytest.fail(f"node {name} did not join within {START_TIMEOUT_S} s:\n{c.log(name)}")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """Head (no CPUs: schedules nothing), a 'trainer' node and an 'engine' node; this process is the driver."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="prl", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    c = LocalCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir, env=_cluster_env())
+    try:
+        _start_node(c, "head", ["head", "--port", str(port)], {}, cpus=0)
+        _wait_port(c, port)
+        ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
+        _join(c, "trainer", {"node_trainer": 1}, alive_after=2)
+        _join(c, "engine", {"node_engine": 1}, alive_after=3)
+        yield c
+    finally:
+        ray.shutdown()
+        _teardown(c)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _broadcast_actor_class():
+    """Defined in a function, using no module globals, so Ray ships it by value (nodes cannot import tests/)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Peer:
+        def info(self) -> dict:
+            return {
+                "node": ray.get_runtime_context().get_node_id(),
+                "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+                "platform": os.environ.get("PORTABLE_RL_PLATFORM"),
+            }
+
+        def free_port(self) -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        def broadcast(self, rank: int, port: int, numel: int, seed: int) -> list[float]:
+            import datetime
+
+            import torch
+            import torch.distributed as dist
+
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=2,
+                timeout=datetime.timedelta(seconds=60),
+            )
+            try:
+                if rank == 0:
+                    data = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+                else:
+                    data = torch.zeros(numel)
+                dist.broadcast(data, src=0)
+                return [float(data.sum()), float(data[0]), float(data[-1]), float(data.abs().max())]
+            finally:
+                dist.destroy_process_group()
+
+    return Peer
+
+
+def test_nodes_carry_platform_and_own_resources(cluster: LocalCluster):
+    import ray
+
+    from portable_rl.orchestration.cluster import check_cluster_platforms
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 3
+    assert all(n["Resources"].get("portable_rl_platform:cpu") == 1 for n in nodes)
+    trainer = [n for n in nodes if "node_trainer" in n["Resources"]]
+    engine = [n for n in nodes if "node_engine" in n["Resources"]]
+    assert len(trainer) == 1 and len(engine) == 1 and trainer[0]["NodeID"] != engine[0]["NodeID"]
+    # Ray replaces a loopback --node-ip with the host's own address (the one a local ray.init uses too).
+    assert len({n["NodeManagerAddress"] for n in nodes}) == 1
+    found = check_cluster_platforms(nodes, "broadcast")
+    assert found.trainer_platform == "cpu" and len(found.nodes) == 3
+
+
+def test_gloo_broadcast_between_actors_on_two_nodes(cluster: LocalCluster):
+    import ray
+    import torch
+
+    peer = _broadcast_actor_class()
+    sender = peer.options(resources={"node_trainer": 0.5}).remote()
+    receiver = peer.options(resources={"node_engine": 0.5}).remote()
+    info_s, info_r = ray.get([sender.info.remote(), receiver.info.remote()], timeout=120)
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes()}
+    assert "node_trainer" in nodes[info_s["node"]] and "node_engine" in nodes[info_r["node"]]
+    # The env `portable-rl launch --ifname lo` gave the node reached the workers Ray started there.
+    assert info_s["gloo_ifname"] == info_r["gloo_ifname"] == "lo"
+    assert info_s["platform"] == info_r["platform"] == "cpu"
+
+    numel, seed = 1 << 18, 1234
+    port = ray.get(sender.free_port.remote())
+    sent, got = ray.get(
+        [sender.broadcast.remote(0, port, numel, seed), receiver.broadcast.remote(1, port, numel, seed)],
+        timeout=120,
+    )
+    expected = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    assert got == sent
+    assert got == pytest.approx(
+        [float(expected.sum()), float(expected[0]), float(expected[-1]), float(expected.abs().max())]
+    )
+    ray.kill(sender)
+    ray.kill(receiver)
+
+
+def test_launch_check_cli_accepts_the_cluster(cluster: LocalCluster):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "portable_rl.cli",
+            "launch",
+            "check",
+            "--address",
+            cluster.address,
+            "--nodes",
+            "3",
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cluster ok: 3 node(s); trainer platform cpu" in out.stdout
+
+
+def run_recipe_across_nodes(
+    recipe: str | Path, cluster: LocalCluster, *overrides: str
+) -> subprocess.CompletedProcess:
+    """Hook for the end-to-end run: `portable-rl train RECIPE` as a driver of this three-node cluster.
+
+    The driver connects through RAY_ADDRESS, exactly as the job `portable-rl launch submit` starts on a head
+    does; this cluster runs without the dashboard, so the job API itself is not in the loop here.
+    """
+    env = dict(cluster.env, RAY_ADDRESS=cluster.address)
+    return subprocess.run(
+        [sys.executable, "-m", "portable_rl.cli", "train", str(recipe), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
