@@ -304,3 +304,78 @@ def test_cli_pass_then_broken_fails_exit_1_with_report(tmp_path, capsys, broken)
     assert report["versions"]["torch"].startswith("2.")
     md = (tmp_path / "conformance-cpu.md").read_text()
     assert "| `kernels.rmsnorm` | float32 |" in md and "| fail |" in md
+
+
+# ---- trainer checks: a simulated correct trainer, then one corruption at a time ---------------------------
+@pytest.fixture(scope="module")
+def trainer_base(tmp_path_factory):
+    """A correct Megatron spawn's record (the float64 HF answers in fp32, the checkpoint's weights), and the
+    context cache holding the tiny checkpoints and HF references it was made from."""
+    from safetensors.torch import load_file
+
+    from portable_rl.conformance import trainer
+
+    ctx = Context(load("cpu"), workdir=tmp_path_factory.mktemp("trainer-meta"))
+    record = {"timings": {}}
+    for arch in trainer.ARCHS:
+        ref = trainer._ref(ctx, arch)
+        weights = load_file(str(ctx.tiny_checkpoint(arch) / "model.safetensors"))
+        for tp in ("tp1", "tp2"):
+            record[f"{arch}/{tp}"] = {
+                "logits": ref["logits"].float(),
+                "logprobs": ref["logprobs"].float().tolist(),
+                "weights": dict(weights),
+            }
+    record["llama/tp1/losses"] = record["llama/tp1/losses_again"] = [6.25, 5.75]
+    record["llama/tp2/losses"] = [6.25, 5.75]
+    return record, dict(ctx.cache)
+
+
+@pytest.mark.parametrize(
+    "corruption,check",
+    [
+        ("qwen3_logits_scaled", "training.megatron_vs_hf_logits"),
+        ("llama_logprob_shifted", "training.megatron_vs_hf_logprobs"),
+        ("qwen2_bias_perturbed", "training.hf_roundtrip"),
+        ("tp2_loss_differs", "training.tp2_vs_tp1"),
+        ("second_run_differs", "determinism.megatron_train_steps"),
+    ],
+)
+def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, tmp_path):
+    import copy
+
+    import torch
+
+    from portable_rl.conformance import trainer
+
+    base, cache = trainer_base
+
+    def context() -> Context:
+        return Context(
+            load("cpu"), workdir=tmp_path, cache={k: v for k, v in cache.items() if k != "trainer"}
+        )
+
+    trainer_checks = [
+        n for n in CHECKS if n.startswith("training.") or n == "determinism.megatron_train_steps"
+    ]
+    monkeypatch.setattr(trainer, "run_trainer_workers", lambda c: base)
+    ok = context()
+    assert {n: verdicts(n, ok)[None] for n in trainer_checks} == {n: "pass" for n in trainer_checks}
+
+    bad = copy.deepcopy(base)
+    if corruption == "qwen3_logits_scaled":  # a conversion bug shows at every TP size
+        for tp in ("tp1", "tp2"):
+            bad[f"qwen3/{tp}"]["logits"] *= 1.001
+    elif corruption == "llama_logprob_shifted":
+        bad["llama/tp1"]["logprobs"][1][5] += 1e-3
+    elif corruption == "qwen2_bias_perturbed":
+        name = "model.layers.1.self_attn.k_proj.bias"
+        bad["qwen2/tp2"]["weights"][name] = bad["qwen2/tp2"]["weights"][name] + torch.finfo(torch.float32).eps
+    elif corruption == "tp2_loss_differs":
+        bad["llama/tp2/losses"] = [6.25, 5.76]
+    elif corruption == "second_run_differs":
+        bad["llama/tp1/losses_again"] = [6.25, 5.750001]
+    monkeypatch.setattr(trainer, "run_trainer_workers", lambda c: bad)
+    broken_ctx = context()
+    after = {n: verdicts(n, broken_ctx)[None] for n in trainer_checks}
+    assert {n for n, v in after.items() if v == "fail"} == {check}
