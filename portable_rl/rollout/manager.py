@@ -1,0 +1,357 @@
+"""Rollout manager: prompts in, rewarded groups of samples out, generated through the router.
+
+Contract
+--------
+* ``RolloutManager(cfg, router_url, tokenizer, engine_urls=None, api_key=None)``. Prompts are any iterable of
+  ``(prompt_index, prompt_tokens, label)`` tuples or objects with ``index``, ``prompt_tokens``, ``label`` (and
+  optional ``metadata``), e.g. ``portable_rl.data.prompts.PromptItem``. The iterable is consumed lazily: a
+  rollout takes only the prompts it launches.
+* ``await generate(prompts, step=, seed=, num_groups=)`` / ``rollout(...)`` (sync): for each prompt,
+  ``samples_per_prompt`` ``/generate`` requests (``return_logprob``; at most ``max_concurrency`` in flight),
+  each with ``rid = "<rollout tag>-<group id>-<sample>"`` and, when ``cfg.seeded``, a ``sampling_seed``
+  derived from (seed, step, prompt_index, sample) only. Finished samples are scored by the reward function.
+* With ``num_groups`` the rollout returns once that many groups passed the filter; with a filter it launches
+  ``over_sample_factor`` prompts per missing group (at most ``max_prompts_factor x num_groups`` in all).
+  Requests still running then are aborted on every engine (``/abort_request`` by exact rid, which SGLang and
+  the CPU engine both honour) and come back as ABORTED groups. Without ``num_groups`` every prompt is used once.
+* ``RolloutResult``: ``groups`` (kept, at most ``num_groups``), ``surplus`` (finished and kept by the filter
+  after the target was reached), ``filtered`` (finished, dropped by the filter), ``aborted`` (some sample did
+  not finish: their prompts must be generated again; ``DataBuffer.add_groups`` re-queues them), ``metrics``.
+* A failed request becomes an ABORTED sample (counted in ``metrics["rollout/errors"]``); if requests failed
+  and no group finished at all, ``RolloutError`` is raised with the first failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from portable_rl.data.types import Group, Sample, SampleStatus
+from portable_rl.rollout.config import RolloutConfig
+from portable_rl.rollout.engines.client import EngineClient, EngineError, GenerateOutput
+from portable_rl.rollout.filters import GroupFilter, keep_all, load_filter
+from portable_rl.rollout.rewards import RewardFn, call_reward, load_reward_fn
+
+log = logging.getLogger(__name__)
+_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED}
+ABORT_WAIT_S = 60.0
+
+
+class RolloutError(RuntimeError):
+    """Every request of a rollout failed; the message carries the first failure."""
+
+
+@dataclass
+class PromptRef:
+    index: int
+    prompt_tokens: list[int]
+    label: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, item: Any) -> PromptRef:
+        if isinstance(item, tuple):
+            if len(item) != 3:
+                raise ValueError(f"prompt tuple {item!r:.80} must be (prompt_index, prompt_tokens, label)")
+            return cls(int(item[0]), list(item[1]), item[2])
+        try:
+            return cls(
+                int(item.index),
+                list(item.prompt_tokens),
+                item.label,
+                dict(getattr(item, "metadata", {}) or {}),
+            )
+        except AttributeError:
+            raise TypeError(
+                f"prompt {item!r:.80} is neither (prompt_index, prompt_tokens, label) nor an object with "
+                "index/prompt_tokens/label"
+            ) from None
+
+
+@dataclass
+class RolloutResult:
+    groups: list[Group]
+    surplus: list[Group] = field(default_factory=list)
+    filtered: list[Group] = field(default_factory=list)
+    aborted: list[Group] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit sampling seed that depends only on its arguments (stable across processes and runs)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _version_int(version: str | None) -> int:
+    return int(version) if version is not None and version.isdigit() else 0
+
+
+class RolloutManager:
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        router_url: str,
+        tokenizer: Any,
+        *,
+        engine_urls: list[str] | None = None,
+        api_key: str | None = None,
+        reward_fn: RewardFn | None = None,
+        group_filter: GroupFilter | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.api_key = api_key
+        self.client = EngineClient(
+            router_url, api_key, timeout_s=cfg.request_timeout_s, max_connections=cfg.max_concurrency
+        )
+        self.engine_urls = list(engine_urls) if engine_urls is not None else None
+        self.reward_fn = (
+            reward_fn if reward_fn is not None else load_reward_fn(cfg.reward, **cfg.reward_options)
+        )
+        self.group_filter = group_filter if group_filter is not None else load_filter(cfg.filter)
+        self._next_group_id = 0
+
+    # ---- public -----------------------------------------------------------------------------------------
+    def rollout(self, prompts: Iterable[Any], **kwargs: Any) -> RolloutResult:
+        """Synchronous ``generate`` (runs its own event loop)."""
+
+        async def run() -> RolloutResult:
+            try:
+                return await self.generate(prompts, **kwargs)
+            finally:
+                await self.client.close()
+
+        return asyncio.run(run())
+
+    async def generate(
+        self,
+        prompts: Iterable[Any],
+        *,
+        step: int = 0,
+        seed: int = 0,
+        num_groups: int | None = None,
+        eval_mode: bool = False,
+    ) -> RolloutResult:
+        run = _Rollout(self, iter(prompts), step, seed, num_groups, eval_mode)
+        return await run.execute()
+
+    def _new_group_id(self) -> int:
+        gid = self._next_group_id
+        self._next_group_id += 1
+        return gid
+
+    async def _engine_urls(self) -> list[str]:
+        if self.engine_urls is not None:
+            return self.engine_urls
+        try:
+            body = await self.client.get("/workers", timeout_s=10)
+            return [w["url"] for w in body.get("workers", [])]
+        except (EngineError, KeyError, AttributeError) as exc:
+            log.warning("cannot list the router's workers (%s); aborts go through the router", exc)
+            return [self.client.base_url]
+
+
+class _Rollout:
+    """The state of one ``generate`` call."""
+
+    def __init__(
+        self,
+        mgr: RolloutManager,
+        prompts: Iterator[Any],
+        step: int,
+        seed: int,
+        num_groups: int | None,
+        eval_mode: bool,
+    ) -> None:
+        cfg = mgr.cfg
+        self.mgr, self.prompts, self.step, self.seed = mgr, prompts, step, seed
+        self.num_groups = num_groups
+        self.n = cfg.eval_samples_per_prompt if eval_mode else cfg.samples_per_prompt
+        self.params = cfg.sampling_params(eval_mode=eval_mode)
+        self.group_filter = keep_all if eval_mode else mgr.group_filter
+        self.tag = uuid.uuid4().hex[:12]
+        self.sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.stopping = False
+        self.in_flight: set[str] = set()
+        self.errors: list[str] = []
+        self.launched = 0
+        self.exhausted = False
+        filtering = self.group_filter is not keep_all
+        self.limit = (
+            None
+            if num_groups is None
+            else (math.ceil(num_groups * cfg.max_prompts_factor) if filtering else num_groups)
+        )
+        self.tasks: dict[asyncio.Task, tuple[PromptRef, int]] = {}
+        self.result = RolloutResult(groups=[])
+        self.generated_tokens = 0
+
+    # ---- launching ----------------------------------------------------------------------------------------
+    def _launch(self, k: int) -> None:
+        for _ in range(k):
+            if self.limit is not None and self.launched >= self.limit:
+                return
+            item = next(self.prompts, None)
+            if item is None:
+                self.exhausted = True
+                return
+            ref = PromptRef.of(item)
+            gid = self.mgr._new_group_id()
+            task = asyncio.create_task(self._group(ref, gid))
+            self.tasks[task] = (ref, gid)
+            self.launched += 1
+
+    def _top_up(self) -> None:
+        if self.num_groups is None or self.group_filter is keep_all or self.exhausted:
+            return
+        need = self.num_groups - len(self.result.groups) - len(self.tasks)
+        if need > 0:
+            self._launch(math.ceil(need * self.mgr.cfg.over_sample_factor))
+
+    async def execute(self) -> RolloutResult:
+        t0 = time.perf_counter()
+        cfg = self.mgr.cfg
+        if self.num_groups is None:
+            self._launch(1 << 62)
+        else:
+            factor = 1.0 if self.group_filter is keep_all else cfg.over_sample_factor
+            self._launch(math.ceil(self.num_groups * factor))
+        while self.tasks and not self._target_reached():
+            done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                self.tasks.pop(task)
+                self._classify(task.result())
+            self._top_up()
+        if self.tasks:
+            await self._abort_leftovers()
+        self._finish_metrics(time.perf_counter() - t0)
+        finished = self.result.groups or self.result.filtered or self.result.surplus
+        if self.errors and not finished:
+            raise RolloutError(
+                f"all {len(self.errors)} failed requests, none finished; first: {self.errors[0]}"
+            )
+        return self.result
+
+    def _target_reached(self) -> bool:
+        return self.num_groups is not None and len(self.result.groups) >= self.num_groups
+
+    def _classify(self, group: Group) -> None:
+        if any(s.status == SampleStatus.ABORTED for s in group.samples):
+            self.result.aborted.append(group)
+        elif not self.group_filter(group):
+            self.result.filtered.append(group)
+        elif self._target_reached():
+            self.result.surplus.append(group)
+        else:
+            self.result.groups.append(group)
+
+    async def _abort_leftovers(self) -> None:
+        self.stopping = True  # queued samples return ABORTED without a request
+        rids = sorted(self.in_flight)
+        if rids:
+            urls = await self.mgr._engine_urls()
+            calls = [EngineClient(u, self.mgr.api_key, timeout_s=30) for u in urls]
+            try:
+                await asyncio.gather(
+                    *(c.abort_request(rid=r) for c in calls for r in rids), return_exceptions=True
+                )
+            finally:
+                await asyncio.gather(*(c.close() for c in calls))
+        done, pending = await asyncio.wait(self.tasks, timeout=ABORT_WAIT_S)
+        for task in done:
+            self._classify(task.result())
+        for task in pending:
+            task.cancel()
+            ref, gid = self.tasks[task]
+            log.warning(
+                "group %d (prompt %d) did not return after its abort; counted as aborted", gid, ref.index
+            )
+            self.result.aborted.append(
+                Group(gid, ref.index, [self._aborted_sample(ref, gid, j) for j in range(self.n)])
+            )
+        self.tasks.clear()
+
+    # ---- one group / one sample ---------------------------------------------------------------------------
+    async def _group(self, ref: PromptRef, gid: int) -> Group:
+        samples = await asyncio.gather(*(self._sample(ref, gid, j) for j in range(self.n)))
+        return Group(group_id=gid, prompt_index=ref.index, samples=list(samples))
+
+    def _aborted_sample(self, ref: PromptRef, gid: int, j: int, error: str | None = None) -> Sample:
+        meta = {**ref.metadata, "finish_reason": "abort"}
+        if error:
+            meta["error"] = error
+        return Sample(
+            ref.index,
+            gid,
+            list(ref.prompt_tokens),
+            status=SampleStatus.ABORTED,
+            label=ref.label,
+            metadata=meta,
+        )
+
+    async def _sample(self, ref: PromptRef, gid: int, j: int) -> Sample:
+        params = dict(self.params)
+        if self.mgr.cfg.seeded:
+            params["sampling_seed"] = sample_seed(self.seed, self.step, ref.index, j)
+        rid = f"{self.tag}-{gid}-{j}"
+        async with self.sem:
+            if self.stopping:
+                return self._aborted_sample(ref, gid, j)
+            self.in_flight.add(rid)
+            try:
+                out = await self.mgr.client.generate(ref.prompt_tokens, params, return_logprob=True, rid=rid)
+            except EngineError as exc:
+                self.errors.append(str(exc))
+                log.warning("request %s failed: %s", rid, exc)
+                return self._aborted_sample(ref, gid, j, error=str(exc))
+            finally:
+                self.in_flight.discard(rid)
+        return await self._to_sample(out, ref, gid, rid)
+
+    async def _to_sample(self, out: GenerateOutput, ref: PromptRef, gid: int, rid: str) -> Sample:
+        status = _STATUS.get(out.finish_reason, SampleStatus.ABORTED)
+        self.generated_tokens += len(out.output_ids)
+        sample = Sample(
+            prompt_index=ref.index,
+            group_id=gid,
+            prompt_tokens=list(ref.prompt_tokens),
+            response_tokens=list(out.output_ids),
+            rollout_logprobs=list(out.output_logprobs),
+            status=status,
+            weight_version=_version_int(out.weight_version),
+            response_text=self.mgr.tokenizer.decode(out.output_ids, skip_special_tokens=True),
+            label=ref.label,
+            metadata={
+                **ref.metadata,
+                "rid": rid,
+                "finish_reason": out.finish_reason,
+                "weight_version": out.weight_version,
+            },
+        )
+        if status != SampleStatus.ABORTED:
+            sample.reward = await call_reward(self.mgr.reward_fn, sample.response_text, ref.label, sample)
+        return sample
+
+    def _finish_metrics(self, seconds: float) -> None:
+        r = self.result
+        rewards = [s.reward for g in r.groups for s in g.samples]
+        mean = sum(rewards) / len(rewards) if rewards else 0.0
+        r.metrics = {
+            "rollout/groups": float(len(r.groups)),
+            "rollout/prompts_launched": float(self.launched),
+            "rollout/groups_filtered": float(len(r.filtered)),
+            "rollout/groups_surplus": float(len(r.surplus)),
+            "rollout/groups_aborted": float(len(r.aborted)),
+            "rollout/errors": float(len(self.errors)),
+            "rollout/reward_mean": mean,
+            "rollout/time_s": seconds,
+            "rollout/generated_tokens_per_s": self.generated_tokens / seconds if seconds > 0 else 0.0,
+        }
