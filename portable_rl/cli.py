@@ -16,6 +16,7 @@ from portable_rl import __version__
 # Sub-command modules, in the order `--help` lists them.
 COMMANDS = (
     "portable_rl.commands.doctor",
+    "portable_rl.commands.train",
     "portable_rl.commands.conformance",
     "portable_rl.commands.launch",
     "portable_rl.commands.image",
@@ -38,11 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASS_THROUGH_PREFIXES = ("--sglang-", "--megatron-")
+
+
+def split_pass_through(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--sglang-<name> [VALUE]`` / ``--megatron-<name>[=VALUE]`` flags from the rest of argv."""
+    rest: list[str] = []
+    passed: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith(PASS_THROUGH_PREFIXES):
+            passed.append(token)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if "=" not in token and nxt is not None and not nxt.startswith("-") and "=" not in nxt:
+                passed.append(nxt)
+                i += 1
+        else:
+            rest.append(token)
+        i += 1
+    return rest, passed
+
+
 def main(argv: list[str] | None = None) -> int:
     from portable_rl.platform import PlatformUnavailable, VisibilityError
 
     parser = build_parser()
+    argv, pass_through = split_pass_through(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
+    if pass_through:
+        # Only `train` takes the engines' own flags (--sglang-<name>, --megatron-<name>) verbatim.
+        if not getattr(args, "accepts_pass_through", False):
+            parser.error(f"unrecognized arguments: {' '.join(pass_through)}")
+        args.pass_through = pass_through
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -54,4 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run as `python -m portable_rl.cli`: use the package's module so commands raise the same UserError class.
+    from portable_rl.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,186 @@
+"""One training job: Ray, placement, trainer ranks, rollout engines behind the router, data, checkpoints.
+
+``Job(recipe, run_dir)`` is a context manager; entering it starts everything, leaving it stops everything
+(also on errors). The training loop (portable_rl/train.py) only calls the methods below, which read the same
+on every platform: the platform object decides devices, env and collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from portable_rl.data.buffer import DataBuffer
+from portable_rl.data.prompts import PromptSource
+from portable_rl.orchestration.engine_group import EngineGroup
+from portable_rl.orchestration.placement import PlacementConfig, plan, reserve
+from portable_rl.orchestration.trainer_group import TrainerGroup
+from portable_rl.platform import current_platform
+from portable_rl.recipe import Recipe
+from portable_rl.rl_batch import flatten
+from portable_rl.run_dir import RunDir
+from portable_rl.training.actor import ActorConfig
+
+
+def resolve_model(recipe: Recipe, run_dir: RunDir) -> Path:
+    """The HF checkpoint directory the recipe names (building the tiny model or the demo model if asked)."""
+    m = recipe.model
+    if m.path == "tiny":
+        from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
+
+        out = run_dir.path / "model"
+        if not (out / "config.json").is_file():
+            build_tiny_checkpoint(out, TinySpec(arch=m.tiny_arch, seed=m.tiny_seed))
+        return out
+    if m.path == "smollm2":
+        from portable_rl.models.smollm2 import materialize_smollm2
+
+        return materialize_smollm2()
+    return Path(m.path)
+
+
+class Job:
+    def __init__(self, recipe: Recipe, run_dir: RunDir):
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.platform = current_platform()
+        self._started_ray = False
+        self.trainer: TrainerGroup | None = None
+        self.engines: EngineGroup | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    def __enter__(self) -> Job:
+        import ray
+        from transformers import AutoTokenizer
+
+        r = self.recipe
+        self.platform.prepare_process_env()
+        self.model_dir = resolve_model(r, self.run_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.prompts = PromptSource(r.data.train, self.tokenizer)
+        self.buffer = DataBuffer(self.prompts)
+        self.eval_prompts = PromptSource(r.data.eval, self.tokenizer) if r.data.eval else None
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                # Joining a cluster started by `portable-rl launch`: resources are the nodes' own.
+                from portable_rl.orchestration.cluster import check_live_cluster
+
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+                check_live_cluster(r.weight_sync.strategy, default_platform=self.platform.name)
+            else:
+                # A private single-node cluster on loopback: token auth only adds a warning here.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(
+                    num_cpus=r.run.num_cpus,
+                    object_store_memory=256 * 1024**2,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    runtime_env={
+                        "env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+                    },
+                )
+            self._started_ray = True
+        pcfg = PlacementConfig(
+            mode=r.run.mode,
+            trainer_ranks=r.train.world_size,
+            num_engines=r.rollout.num_engines,
+            devices_per_engine=r.rollout.engine_tp_size,
+            cpus_per_device=float(os.environ.get("PORTABLE_RL_CPUS_PER_DEVICE", "0.5")),
+        )
+        self.plan = plan(pcfg, self.platform)
+        self.pg = reserve(self.plan)
+        try:
+            self.engines = EngineGroup(r.rollout, self.model_dir, self.plan, self.pg, self.platform)
+            self.trainer = TrainerGroup(
+                self._actor_config(), r.train.world_size, self.plan, self.pg, self.platform
+            )
+            self.trainer.call("connect_weight_sync", self.engines.urls, r.weight_sync, r.run.mode)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _actor_config(self) -> ActorConfig:
+        t, r = self.recipe.train, self.recipe
+        return ActorConfig(
+            hf_checkpoint=str(self.model_dir),
+            parallel=t.parallel,
+            optim=t.optim,
+            micro_batch_size=t.micro_batch_size,
+            temperature=r.rollout.temperature,
+            seed=t.seed,
+            dtype=t.dtype,
+            ref_checkpoint=str(self.model_dir) if r.algo.uses_reference else None,
+            megatron_overrides=dict(t.megatron_args),
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        if self.trainer is not None:
+            self.trainer.shutdown()
+            self.trainer = None
+        if self.engines is not None:
+            self.engines.shutdown()
+            self.engines = None
+        if getattr(self, "pg", None) is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
+        if self._started_ray:
+            ray.shutdown()
+
+    # ---- the loop's verbs ------------------------------------------------------------------------------------
+    def rollout(self, step: int):
+        """Groups for ``step``: prompts from the buffer, sampled on the engines, rewarded, filtered."""
+        r = self.recipe
+        return self.engines.rollout(self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer)
+
+    def reference_logprobs(self, groups) -> list[list[float]]:
+        from portable_rl.training.batch import TrainBatch
+
+        return self.trainer.first("compute_logprobs", TrainBatch.from_samples(flatten(groups)), "ref")
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        return self.trainer.first("sync_weights", version, self.recipe.run.check_weight_update)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_prompts is None:
+            return {}
+        items = [
+            self.eval_prompts.make_item(i, 0)
+            for i in range(min(self.recipe.data.eval_size, len(self.eval_prompts)))
+        ]
+        groups = self.engines.evaluate(items, tokenizer=self.tokenizer)
+        rewards = [s.reward for s in flatten(groups)]
+        return {"eval_reward_mean": sum(rewards) / max(len(rewards), 1)}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        final = self.run_dir.checkpoint_dir(step)
+        tmp = final.with_name(final.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.trainer.call("save_checkpoint", str(tmp / "trainer"))
+        state = {"step": step, "buffer": self.buffer.state_dict()}  # includes the prompt source position
+        (tmp / "data_state.json").write_text(json.dumps(state), encoding="utf-8")
+        (tmp / "COMPLETE").write_text(str(step), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a crash mid-save leaves only a .partial directory, never a half checkpoint
+        return final
+
+    def restore_last_checkpoint(self) -> int:
+        found = self.run_dir.last_checkpoint()
+        if found is None:
+            return 0
+        step, path = found
+        restored = self.trainer.first("load_checkpoint", str(path / "trainer"))
+        state = json.loads((path / "data_state.json").read_text(encoding="utf-8"))
+        self.buffer.load_state_dict(state["buffer"])
+        self.sync_weights(version=restored)  # engines start from the checkpoint's weights
+        return step
+
+    def export_final_model(self) -> str:
+        return self.trainer.first("export_hf", str(self.run_dir.path / "hf"))

@@ -1,0 +1,160 @@
+"""The training recipe: one YAML file, one typed config tree, identical on every platform.
+
+Sections and their owners::
+
+    model:        ModelConfig (here)                      which checkpoint: tiny | smollm2 | a HF dir
+    data:         DataConfig (here) of PromptConfig        train / eval prompt files (portable_rl.data.prompts)
+    rollout:      RolloutConfig (portable_rl.rollout)      samples per prompt, sampling, engines, rewards
+    train:        TrainConfig (here) of Parallel/OptimConfig  Megatron parallelism, optimizer, micro-batches
+    algo:         AlgoConfig (portable_rl.algo)            advantages, losses, KL, TIS
+    weight_sync:  WeightSyncConfig (portable_rl.weight_sync)
+    run:          RunConfig (here)                          steps, mode, async, eval/save cadence, output dir
+
+``load_recipe(path, overrides)`` reads the YAML, applies ``section.key=value`` and ``--sglang-*`` /
+``--megatron-*`` overrides, builds the tree with type checks and "did you mean" errors, and runs the
+cross-section checks (e.g. co-located mode cannot be async). Every error is a one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portable_rl.algo.config import AlgoConfig
+from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
+from portable_rl.data.prompts import PromptConfig
+from portable_rl.rollout.config import RolloutConfig
+from portable_rl.training.actor import OptimConfig, ParallelConfig
+from portable_rl.weight_sync.config import WeightSyncConfig
+
+MODES = ("colocated", "disaggregated")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # "tiny" (random init, built in-process), "smollm2" (shipped demo model) or a HF dir
+    tiny_arch: str = "llama"  # llama | qwen2 | qwen3, for path="tiny"
+    tiny_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tiny_arch not in ("llama", "qwen2", "qwen3"):
+            raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of llama, qwen2, qwen3")
+        if self.path not in ("tiny", "smollm2") and not (Path(self.path) / "config.json").is_file():
+            raise ValueError(
+                f"model.path={self.path!r} is not a HF checkpoint directory (no config.json); "
+                "use 'tiny', 'smollm2' or a directory with config.json and safetensors"
+            )
+
+
+@dataclass
+class DataConfig:
+    train: PromptConfig = field(default_factory=PromptConfig)
+    eval: PromptConfig | None = None
+    eval_size: int = 32  # prompts of the eval file used per evaluation
+
+    def __post_init__(self) -> None:
+        if not self.train.path:
+            raise ValueError("data.train.path is empty; point it at a JSONL prompt file")
+        if self.eval_size < 1:
+            raise ValueError(f"data.eval_size={self.eval_size} must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data_parallel: int = 1
+    micro_batch_size: int = 4
+    dtype: str = "float32"
+    seed: int = 1234
+    megatron_args: dict[str, Any] = field(default_factory=dict)  # --megatron-<name> pass-through
+
+    def __post_init__(self) -> None:
+        if self.data_parallel < 1:
+            raise ValueError(f"train.data_parallel={self.data_parallel} must be >= 1")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.dtype={self.dtype!r} is not one of float32, bfloat16")
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tensor_parallel * self.parallel.pipeline_parallel * self.data_parallel
+
+
+@dataclass
+class RunConfig:
+    steps: int = 10
+    mode: str = "colocated"  # colocated | disaggregated
+    async_rollout: bool = False  # generate step n+1 while training step n (disaggregated only)
+    eval_every: int = 0  # 0 = never
+    save_every: int = 0  # 0 = only at the end
+    output_dir: str = "runs/latest"
+    seed: int = 0
+    check_weight_update: bool = False  # compare trainer and engine weight checksums after each sync
+    wandb_project: str | None = None
+    num_cpus: int | None = None  # Ray CPUs on the CPU platform (None: all cores)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"run.steps={self.steps} must be >= 1")
+        if self.mode not in MODES:
+            raise ValueError(f"run.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name}={getattr(self, name)} must be >= 0 (0 disables)")
+
+
+@dataclass
+class Recipe:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.async_rollout and self.run.mode == "colocated":
+            raise ValueError(
+                "run.async_rollout=true needs run.mode=disaggregated (co-located engines share the trainer's "
+                "devices, so they cannot generate while it trains)"
+            )
+        batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        if batch % self.train.data_parallel:
+            raise ValueError(
+                f"rollout batch {batch} (prompts_per_step x samples_per_prompt) does not split over "
+                f"train.data_parallel={self.train.data_parallel}; use a multiple"
+            )
+        if self.algo.uses_critic:
+            raise ValueError("algo.advantage_estimator='gae' needs a critic, which recipes do not train yet")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(load_yaml(path), overrides or [])
+    base = Path(path).resolve().parent
+    _resolve_paths(data, base)
+    if "data" not in data:
+        raise ConfigError(f"recipe {str(path)!r} has no data section; add data.train.path")
+    return build(Recipe, data)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative prompt/model paths in a recipe are relative to the recipe file, not the shell's cwd."""
+    for section, key in (("model", "path"),):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value not in ("tiny", "smollm2") and not Path(value).is_absolute():
+            data[section][key] = str(base / value)
+    d = data.get("data")
+    if isinstance(d, dict):
+        for split in ("train", "eval"):
+            s = d.get(split)
+            if (
+                isinstance(s, dict)
+                and isinstance(s.get("path"), str)
+                and s["path"]
+                and not Path(s["path"]).is_absolute()
+            ):
+                s["path"] = str(base / s["path"])
