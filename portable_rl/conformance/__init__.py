@@ -19,7 +19,8 @@ CHECK_MODULES = (
     "portable_rl.conformance.determinism",
     "portable_rl.conformance.ray_visibility",
     "portable_rl.conformance.trainer",
-    "portable_rl.conformance.components",
+    "portable_rl.conformance.engine",
+    "portable_rl.conformance.golden",
 )
 
 from portable_rl.conformance.registry import (  # noqa: E402

@@ -48,6 +48,8 @@ class Check:
     min_devices: int = 0
     requires: tuple[str, ...] = ()  # portable_rl modules (other components) this check exercises
     depends_on: str = ""  # human note on what must exist before the check can run
+    # Extra precondition (e.g. a golden file for the platform): None when met, else the one-line reason.
+    available: Callable[[Platform], str | None] | None = None
 
     def __post_init__(self) -> None:
         if "." not in self.name or self.name != self.name.strip():
@@ -180,6 +182,7 @@ def register(
     min_devices: int = 0,
     requires: tuple[str, ...] = (),
     depends_on: str = "",
+    available: Callable[[Platform], str | None] | None = None,
 ) -> Callable[[Callable[[Context, str | None], Measurement]], Callable[[Context, str | None], Measurement]]:
     """Decorator: add a check function to ``CHECKS`` under ``name``."""
 
@@ -188,7 +191,9 @@ def register(
     ) -> Callable[[Context, str | None], Measurement]:
         if name in CHECKS:
             raise ValueError(f"conformance check {name!r} is registered twice")
-        CHECKS[name] = Check(name, measures, fn, dtypes, markers, min_devices, requires, depends_on)
+        CHECKS[name] = Check(
+            name, measures, fn, dtypes, markers, min_devices, requires, depends_on, available
+        )
         return fn
 
     return deco
@@ -218,6 +223,8 @@ def unmet_requirement(check: Check, platform: Platform) -> str | None:
     if missing:
         note = f" ({check.depends_on})" if check.depends_on else ""
         return f"component not yet available: {', '.join(missing)} missing{note}"
+    if check.available is not None:
+        return check.available(platform)
     return None
 
 

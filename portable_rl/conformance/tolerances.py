@@ -59,6 +59,16 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     "training.hf_roundtrip": EXACT,
     "training.tp2_vs_tp1": {"cpu": {"*": 2e-5}, "*": {"*": 1e-1}},
     "determinism.megatron_train_steps": EXACT,
+    # Engine log-probs: the CPU engine decodes with a KV cache in fp32 (measured 5.6e-7 vs HF); SGLang on GPUs
+    # samples in bf16 against a bf16 trainer — provisional until a GPU leg reports.
+    "rollout.engine_vs_hf_logprobs": {"cpu": {"*": 2e-5}, "*": {"*": 2e-1}},
+    "rollout.engine_vs_trainer_logprobs": {"cpu": {"*": 2e-5}, "*": {"*": 2e-1}},
+    "weight_sync.shared_tensor": EXACT,
+    "weight_sync.broadcast": EXACT,
+    "weight_sync.disk": EXACT,
+    # The recipe is seeded end to end; on the platform and versions it was recorded with it repeats exactly.
+    # The slack absorbs last-digit differences of reduced metrics, not a different trajectory.
+    "golden.tiny_recipe": {"*": {"*": 1e-4}},
     "ray.worker_env": EXACT,
     "ray.device_placement": EXACT,
 }

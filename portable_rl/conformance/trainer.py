@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portable_rl.conformance.registry import Context, Measurement, register
+from portable_rl.conformance.engine import ENGINE_MODULES
+from portable_rl.conformance.registry import Context, Measurement, _module_exists, register
 
 ARCHS = ("llama", "qwen2", "qwen3")
 TRAINER_MODULE = "portable_rl.training.actor"
@@ -55,7 +56,13 @@ def fixed_tokens(vocab_size: int) -> list[list[int]]:
 
 
 def _worker(
-    rank: int, world: int, platform_name: str, ckpts: dict[str, str], ports: list[int], out: str
+    rank: int,
+    world: int,
+    platform_name: str,
+    ckpts: dict[str, str],
+    ports: list[int],
+    out: str,
+    engine_samples: list[dict[str, Any]] | None,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -124,6 +131,14 @@ def _worker(
         mark(f"{arch}/tp1 built")
         batch = batch_for(actor)
         record[f"{arch}/tp1"] = forward(actor, batch)
+        if arch == "llama" and engine_samples:
+            rollout = TrainBatch(
+                prompt_tokens=[s["prompt"] for s in engine_samples],
+                response_tokens=[s["response"] for s in engine_samples],
+                loss_masks=[[1] * len(s["response"]) for s in engine_samples],
+            )
+            record["llama/tp1/engine_samples"] = engine_samples
+            record["llama/tp1/engine_logprobs"] = actor.compute_logprobs(rollout)
         if arch == "llama":
             record["llama/tp1/losses"] = train(actor, batch)
         actor.shutdown()
@@ -157,10 +172,18 @@ def run_trainer_workers(ctx: Context) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpts = {arch: str(ctx.tiny_checkpoint(arch)) for arch in ARCHS}
     world = trainer_world(ctx)
+    samples = None
+    if all(_module_exists(m) for m in ENGINE_MODULES):
+        from portable_rl.conformance.engine import engine_samples
+
+        try:
+            samples = engine_samples(ctx)  # scored by the trainer for rollout.engine_vs_trainer_logprobs
+        except Exception:  # noqa: BLE001 - the rollout checks report the engine's failure themselves
+            samples = None
     ports = _free_ports(8)
     mp.start_processes(
         _worker,
-        args=(world, ctx.platform.name, ckpts, ports, str(out)),
+        args=(world, ctx.platform.name, ckpts, ports, str(out), samples),
         nprocs=world,
         join=True,
         start_method="spawn",
@@ -168,7 +191,8 @@ def run_trainer_workers(ctx: Context) -> dict[str, Any]:
     return torch.load(out / "trainer.pt")
 
 
-def _record(ctx: Context) -> dict[str, Any]:
+def trainer_record(ctx: Context) -> dict[str, Any]:
+    """What the trainer spawn recorded (runs it on first use; shared between parallel test workers)."""
     import portable_rl.conformance.trainer as this  # through the module: meta-tests patch run_trainer_workers
 
     return ctx.shared_memo("trainer", lambda: this.run_trainer_workers(ctx))
@@ -201,7 +225,7 @@ def _max_abs(a, b) -> float:
 
 
 def _per_arch(ctx: Context, key: str, measure) -> Measurement:
-    rec = _record(ctx)
+    rec = trainer_record(ctx)
     errs = {arch: measure(rec[f"{arch}/tp1"], arch) for arch in ARCHS}
     return Measurement(max(errs.values()), ", ".join(f"{a} {e:.3g}" for a, e in errs.items()))
 
@@ -249,7 +273,7 @@ def _roundtrip_error(got: dict[str, Any], ckpt: Path) -> float:
     **_NEEDS,
 )
 def check_hf_roundtrip(ctx: Context, dtype: str | None) -> Measurement:
-    rec = _record(ctx)
+    rec = trainer_record(ctx)
     errs = {}
     for key in sorted(k for k in rec if k.count("/") == 1):
         errs[key] = _roundtrip_error(rec[key], ctx.tiny_checkpoint(key.split("/")[0]))
@@ -264,7 +288,7 @@ def check_hf_roundtrip(ctx: Context, dtype: str | None) -> Measurement:
     **_NEEDS,
 )
 def check_tp2_vs_tp1(ctx: Context, dtype: str | None) -> Measurement:
-    rec = _record(ctx)
+    rec = trainer_record(ctx)
     logit_err = max(_max_abs(rec[f"{a}/tp2"]["logits"], rec[f"{a}/tp1"]["logits"]) for a in ARCHS)
     loss_err = _max_abs(rec["llama/tp2/losses"], rec["llama/tp1/losses"])
     return Measurement(max(logit_err, loss_err), f"logits {logit_err:.3g}, losses {loss_err:.3g}")
@@ -276,7 +300,7 @@ def check_tp2_vs_tp1(ctx: Context, dtype: str | None) -> Measurement:
     **_NEEDS,
 )
 def check_megatron_train_steps(ctx: Context, dtype: str | None) -> Measurement:
-    rec = _record(ctx)
+    rec = trainer_record(ctx)
     first, again = rec["llama/tp1/losses"], rec["llama/tp1/losses_again"]
     if first[0] == first[-1]:
         return Measurement(float("inf"), "the optimizer step did not change the loss; nothing was compared")

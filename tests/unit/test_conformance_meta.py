@@ -328,7 +328,20 @@ def trainer_base(tmp_path_factory):
             }
     record["llama/tp1/losses"] = record["llama/tp1/losses_again"] = [6.25, 5.75]
     record["llama/tp2/losses"] = [6.25, 5.75]
+    samples = [{"prompt": [5, 6, 7], "response": [8, 9, 10, 11], "logprobs": [-1.0, -2.0, -3.0, -4.0]}]
+    record["llama/tp1/engine_samples"] = samples
+    record["llama/tp1/engine_logprobs"] = [list(s["logprobs"]) for s in samples]
     return record, dict(ctx.cache)
+
+
+TRAINER_CHECKS = [n for n in CHECKS if n.startswith("training.")] + [
+    "determinism.megatron_train_steps",
+    "rollout.engine_vs_trainer_logprobs",
+]
+needs_trainer = pytest.mark.skipif(
+    any(unmet_requirement(CHECKS[n], load("cpu")) for n in TRAINER_CHECKS),
+    reason="the Megatron trainer or the rollout engine is not available",
+)
 
 
 @pytest.mark.parametrize(
@@ -339,8 +352,10 @@ def trainer_base(tmp_path_factory):
         ("qwen2_bias_perturbed", "training.hf_roundtrip"),
         ("tp2_loss_differs", "training.tp2_vs_tp1"),
         ("second_run_differs", "determinism.megatron_train_steps"),
+        ("trainer_scores_engine_samples_differently", "rollout.engine_vs_trainer_logprobs"),
     ],
 )
+@needs_trainer
 def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, tmp_path):
     import copy
 
@@ -355,9 +370,7 @@ def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, t
             load("cpu"), workdir=tmp_path, cache={k: v for k, v in cache.items() if k != "trainer"}
         )
 
-    trainer_checks = [
-        n for n in CHECKS if n.startswith("training.") or n == "determinism.megatron_train_steps"
-    ]
+    trainer_checks = TRAINER_CHECKS
     monkeypatch.setattr(trainer, "run_trainer_workers", lambda c: base)
     ok = context()
     assert {n: verdicts(n, ok)[None] for n in trainer_checks} == {n: "pass" for n in trainer_checks}
@@ -375,7 +388,146 @@ def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, t
         bad["llama/tp2/losses"] = [6.25, 5.76]
     elif corruption == "second_run_differs":
         bad["llama/tp1/losses_again"] = [6.25, 5.750001]
+    elif corruption == "trainer_scores_engine_samples_differently":
+        bad["llama/tp1/engine_logprobs"][0][2] -= 1e-3
     monkeypatch.setattr(trainer, "run_trainer_workers", lambda c: bad)
     broken_ctx = context()
     after = {n: verdicts(n, broken_ctx)[None] for n in trainer_checks}
     assert {n for n, v in after.items() if v == "fail"} == {check}
+
+
+# ---- rollout engine, weight sync, golden run: the checks' own logic with stand-ins -----------------------
+@pytest.mark.skipif(
+    unmet_requirement(CHECKS["rollout.engine_vs_hf_logprobs"], load("cpu")) is not None,
+    reason="the rollout engine is not available",
+)
+def test_engine_logprobs_off_by_a_little_fail(ctx, monkeypatch):
+    from portable_rl.conformance import engine
+
+    def fake_start(c, shift=0.0):
+        samples = [
+            {"prompt": [5, 17, 42], "response": [7, 99, 3, 12]},
+            {"prompt": [9, 9], "response": [1, 2]},
+        ]
+        for s, row in zip(samples, engine.hf_logprobs(c, samples), strict=True):
+            s["logprobs"] = [x + shift for x in row]
+        return {"engine": None, "url": "http://unused", "kind": "stand-in", "samples": samples}
+
+    monkeypatch.setattr(engine, "start_engine", fake_start)
+    assert verdicts("rollout.engine_vs_hf_logprobs", ctx) == {None: "pass"}
+    monkeypatch.setattr(engine, "start_engine", lambda c: fake_start(c, shift=1e-3))
+    fresh = Context(load("cpu"), workdir=ctx.workdir / "fresh")
+    assert verdicts("rollout.engine_vs_hf_logprobs", fresh) == {None: "fail"}
+
+
+class _StandInEngine:
+    """Holds weights in a dict; a 'strategy' writes into it, optionally corrupting one tensor."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def make_sync(self, corrupt: str | None):
+        engine = self
+
+        class Sync:
+            def __init__(self, cfg, mode, platform=None):
+                self.cfg = cfg
+
+            def connect(self, urls):
+                pass
+
+            def update(self, named, version):
+                for name, t in named:
+                    t = t.clone()
+                    if corrupt == "bit" and name.endswith("q_proj.weight"):
+                        t.view(-1).view(__import__("torch").int32)[0] ^= 1
+                    if corrupt == "drop" and name.endswith("norm.weight"):
+                        continue
+                    engine.weights[name] = t
+
+            def disconnect(self):
+                pass
+
+        return Sync
+
+    def check(self, urls, named):
+        import torch
+
+        from portable_rl.weight_sync.checksum import EngineCheck, WeightCheckReport
+
+        rep = EngineCheck(engine="stand-in")
+        for name, t in named:
+            rep.compared += 1
+            if name not in self.weights:
+                rep.missing.append(name)
+            elif not torch.equal(self.weights[name], t):
+                rep.mismatched.append(name)
+        return WeightCheckReport([rep])
+
+
+@pytest.mark.skipif(
+    unmet_requirement(CHECKS["weight_sync.broadcast"], load("cpu")) is not None,
+    reason="portable_rl.weight_sync or the rollout engine is not available",
+)
+@pytest.mark.parametrize(
+    "corrupt,expected", [(None, "pass"), ("bit", "fail"), ("drop", "fail"), ("noop", "fail")]
+)
+def test_weight_sync_check_counts_what_the_engine_lacks(corrupt, expected, ctx, monkeypatch):
+    import portable_rl.weight_sync as ws
+    from portable_rl.conformance import engine
+
+    stand_in = _StandInEngine()
+    monkeypatch.setattr(engine, "_engine", lambda c: {"url": "http://unused"})
+    monkeypatch.setattr(ws, "make_weight_sync", stand_in.make_sync(corrupt))
+    monkeypatch.setattr(ws, "check_weights", stand_in.check)
+    if corrupt == "noop":  # the engine already holds what is synced: the check must not pass vacuously
+        monkeypatch.setattr(engine, "perturbed_weights", lambda c, seed: sorted(stand_in.weights.items()))
+        stand_in.weights = {"w": __import__("torch").ones(3)}
+    res = run_case(CHECKS["weight_sync.broadcast"].cases()[0], ctx)
+    assert res.status == expected, res.reason
+    if corrupt in ("bit", "drop"):
+        assert res.error >= 1
+
+
+def test_golden_run_compares_every_recorded_metric(ctx, monkeypatch, tmp_path):
+    from portable_rl.conformance import golden
+
+    steps = [
+        {"step": 1, "reward_mean": 0.25, "loss": 0.125, "grad_norm": 3.5, "time_step_s": 9.0},
+        {"step": 2, "reward_mean": 0.5, "loss": -0.0625, "grad_norm": 2.75, "time_step_s": 8.0},
+    ]
+    recorded = golden.recorded_steps(steps)
+    assert all("time_step_s" not in s for s in recorded)  # wall-clock numbers are never golden
+    path = tmp_path / "tiny_cpu_cpu.json"
+    path.write_text(json.dumps({"schema": 1, "steps": recorded}))
+    monkeypatch.setattr(golden, "golden_path", lambda name: path)
+    monkeypatch.setattr(golden, "_golden_available", lambda platform: None)
+    monkeypatch.setitem(
+        CHECKS,
+        "golden.tiny_recipe",
+        CHECKS["golden.tiny_recipe"].__class__(
+            **{**CHECKS["golden.tiny_recipe"].__dict__, "requires": (), "available": None}
+        ),
+    )
+
+    def run_with(rows):
+        monkeypatch.setattr(golden, "run_recipe", lambda name, out: rows)
+        return run_case(CHECKS["golden.tiny_recipe"].cases()[0], ctx)
+
+    assert run_with([dict(s, time_step_s=99.0) for s in steps]).status == "pass"  # timing may differ
+    shifted = [dict(s) for s in steps]
+    shifted[1]["loss"] += 1e-3
+    res = run_with(shifted)
+    assert res.status == "fail" and "step 2 loss" in res.detail
+    assert run_with(steps[:1]).status == "fail"  # a missing step
+
+
+def test_golden_without_a_file_is_skipped_naming_it(monkeypatch, tmp_path):
+    from portable_rl.conformance import golden
+
+    monkeypatch.setattr(golden, "golden_path", lambda name: tmp_path / "tests" / "golden" / f"x_{name}.json")
+    monkeypatch.setattr(golden, "REPO", tmp_path)
+    monkeypatch.setattr(golden, "RECIPE_PATH", tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("x: 1\n")
+    why = golden._golden_available(load("cpu"))
+    assert "no golden file tests/golden/x_cpu.json" in why and "--record --platform cpu" in why
