@@ -19,13 +19,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+DEMO_RECIPE ?= examples/smollm2_arithmetic_cpu.yaml
+
 demo: $(STAMP)
 	$(VENV)/bin/portable-rl doctor
+	$(VENV)/bin/portable-rl train $(DEMO_RECIPE) --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/python -m pytest -n 2 -q -m "not gpu and not sglang" tests
+	$(VENV)/bin/python -m pytest -n 2 -q -m "not gpu and not cuda and not rocm and not sglang" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -158,3 +158,40 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 and not Path(s["path"]).is_absolute()
             ):
                 s["path"] = str(base / s["path"])
+
+
+def reference_markdown() -> str:
+    """The recipe reference table (README's "Recipe reference" block is this text; a test keeps them equal)."""
+    import dataclasses
+    import typing
+
+    rows = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            name = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            rows.append(f"| `{key}` | {name.replace('|', '&#124;')} | `{default!r}` |")
+
+    for section in dataclasses.fields(Recipe):
+        tp = typing.get_type_hints(Recipe)[section.name]
+        if section.name == "data":
+            rows.append("| `data.train.*`, `data.eval.*` | PromptConfig | see below |")
+            walk(PromptConfig, "data.train.")
+            rows.append(
+                f"| `data.eval_size` | int | `{DataConfig.__dataclass_fields__['eval_size'].default!r}` |"
+            )
+            continue
+        walk(tp, section.name + ".")
+    return "\n".join(rows) + "\n"
