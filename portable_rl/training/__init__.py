@@ -1,1 +1,15 @@
-"""training"""
+"""The training engine: Megatron-core GPTModel from a HF checkpoint, trained with a pluggable loss.
+
+Modules (each states its own contract):
+
+* ``actor``        ``MegatronActor`` — one per rank (Ray actor or in-process): train_step(batch, loss_fn),
+                   compute_logprobs, save/load_checkpoint, export_hf, named_hf_weights; typed configs.
+* ``batch``        ``TrainBatch`` (what the actor consumes) and the padded ``MicroBatch`` a loss function sees.
+* ``model_builder`` ``ModelSpec`` from a HF config (Llama, Qwen2, Qwen3) and the Megatron model/config.
+* ``convert``      HF safetensors <-> Megatron tensors, TP-sharded, both directions; HF checkpoint writer.
+* ``logprobs``     per-token log-probs and entropy from vocab-parallel logits.
+* ``checkpoint``   resumable checkpoints (model, optimizer, RNG, step) and HF weights out of a sharded model.
+
+Nothing here imports Megatron at package import time; the platform's ``prepare_training_runtime()`` runs first
+(inside ``MegatronActor``), which is what lets the same code train on every platform.
+"""

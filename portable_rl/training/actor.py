@@ -26,6 +26,9 @@ Public interface
     |logp_train - rollout_logprobs| when the batch has ``rollout_logprobs``), ``num_samples``, ``num_tokens``,
     ``step`` and every key of ``loss_fn``'s metrics (sample-weighted mean, e.g. ``kl``, ``clip_fraction``).
 
+``forward_backward(batch, loss_fn)``
+    The gradient half of ``train_step`` (no optimizer step), for benchmarks and gradient checks.
+
 ``compute_logprobs(batch, model="policy" | "ref") -> list[list[float]]``
     Forward only; per-sample log-probs of the response tokens (at ``config.temperature``), on every rank.
 
@@ -302,7 +305,12 @@ class MegatronActor:
             forward_only=forward_only,
         )
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+    def forward_backward(self, batch: TrainBatch, loss_fn: LossFn) -> list[dict[str, torch.Tensor]]:
+        """Gradients of ``loss_fn`` over ``batch`` into the DDP buffers (zeroed first); no optimizer step.
+
+        Returns the raw per-micro-batch reports (last pipeline stage only). ``train_step`` is this plus the
+        optimizer step and metric reduction; benchmarks and gradient checks call it alone.
+        """
         self.platform.prepare_training_runtime()
         micro_batches, seq_len = self._micro_batches(batch)
         n_local = sum(len(mb.prompt_lengths) for mb in micro_batches)
@@ -341,15 +349,18 @@ class MegatronActor:
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        return self._run(self.ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
         lr = self.config.optim.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        reports = self._run(self.ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
+        reports = self.forward_backward(batch, loss_fn)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
         self.step += 1
-        metrics = self._reduce_reports(reports, scaling)
+        metrics = self._reduce_reports(reports, self.config.loss_scaling)
         metrics.update(grad_norm=float(grad_norm), lr=lr, step=self.step, num_samples=len(batch))
         return metrics
 

@@ -27,6 +27,16 @@ def pg_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, Any]):
     return loss, {"mean_logp": ((logp * mask).sum() / tokens).detach()}
 
 
+def pg_loss_global_sum(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, Any]):
+    """``pg_loss`` written as a contribution to a global sum (``loss_scaling="global_sum"``).
+
+    With micro-batches of one sample, summing this over the whole batch gives the same objective as
+    ``pg_loss`` under the default sample-share weighting, so both conventions must train identically.
+    """
+    loss, metrics = pg_loss(logp, entropy, mb)
+    return loss * mb["loss_mask"].shape[0] / mb["global_num_samples"], metrics
+
+
 def _full_logits(actor: MegatronActor, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = actor.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
@@ -46,6 +56,7 @@ def _make(job: dict[str, Any], rank: int, world: int, port: int) -> MegatronActo
         parallel=ParallelConfig(job["tp"], job["pp"], distributed_optimizer=job.get("distopt", False)),
         optim=OptimConfig(lr=LR, clip_grad=1.0),
         micro_batch_size=1,
+        loss_scaling=job.get("loss_scaling", "sample_share"),
     )
     return MegatronActor(config, rank, world, "127.0.0.1", port)
 
@@ -54,12 +65,13 @@ def run_job(job: dict[str, Any], rank: int, world: int, port: int) -> dict[str, 
     out: dict[str, Any] = {}
     actor = _make(job, rank, world, port)
     batch = job["batch"]
+    loss_fn = pg_loss_global_sum if job.get("loss_scaling") == "global_sum" else pg_loss
     if job["pp"] == 1:
         out["logits"] = _full_logits(actor, job["tokens"])
     out["logprobs"] = actor.compute_logprobs(batch)
     if job.get("export_initial"):
         actor.export_hf(job["export_initial"])
-    out["metrics"] = [actor.train_step(batch, pg_loss) for _ in range(job["steps"])]
+    out["metrics"] = [actor.train_step(batch, loss_fn) for _ in range(job["steps"])]
     out["logprobs_after"] = actor.compute_logprobs(batch)
     if job.get("export"):
         actor.export_hf(job["export"])

@@ -10,6 +10,8 @@ the orders of reduction differ); per-step losses between layouts and transformer
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 from pathlib import Path
 
@@ -86,9 +88,26 @@ def _hf_training(path: Path, batch: TrainBatch) -> list[float]:
     return losses
 
 
+def _once_per_session(tmp_path_factory, name: str, compute):
+    """Run ``compute(dir)`` once per pytest session even when xdist spreads this module over workers."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return compute(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # this session's directory, common to all workers
+    result = shared / f"{name}.pt"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            (shared / name).mkdir(exist_ok=True)
+            torch.save(compute(shared / name), result)
+    return torch.load(result, weights_only=False)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("megatron-parallel")
+    return _once_per_session(tmp_path_factory, "megatron-parallel", _run_everything)
+
+
+def _run_everything(root: Path) -> dict:
     ckpts = {a: build_tiny_checkpoint(root / a, TinySpec(arch=a)) for a in ARCHS}
     ckpts["tied"] = build_tiny_checkpoint(root / "tied", TinySpec(arch="llama", tie_word_embeddings=True))
     vocab = HFWeights(ckpts["llama"])["model.embed_tokens.weight"].shape[0]
@@ -122,6 +141,14 @@ def setup(tmp_path_factory):
             resume=str(root / "ckpt-dp2"),
             **common,
         ),
+        dict(
+            name="dp2-global-sum-llama",
+            ckpt=str(ckpts["llama"]),
+            tp=1,
+            pp=1,
+            loss_scaling="global_sum",
+            **common,
+        ),
     ]
     ctx = mp.get_context("spawn")
     out1, out2 = root / "single", root / "pair"
@@ -147,13 +174,16 @@ def setup(tmp_path_factory):
     for name, path in ckpts.items():
         model = _hf_model(path)
         with torch.no_grad():
-            hf[name] = {"logits": model(tokens).logits, "logprobs": [lp for lp, _ in _hf_logprobs(model, batch)]}
+            hf[name] = {
+                "logits": model(tokens).logits,
+                "logprobs": [lp for lp, _ in _hf_logprobs(model, batch)],
+            }
         hf[name]["losses"] = _hf_training(path, batch)
     return {"root": root, "ckpts": ckpts, "batch": batch, "tokens": tokens, "results": results, "hf": hf}
 
 
 def _arch(job: str) -> str:
-    return job.split("-", 1)[1]
+    return job.rsplit("-", 1)[1]
 
 
 @pytest.mark.parametrize("job", [f"tp1-{a}" for a in ARCHS] + [f"tp2-{a}" for a in ARCHS] + ["tp1-tied"])
@@ -176,7 +206,7 @@ def test_logprobs_match_transformers(setup, job):
     "job",
     [f"tp1-{a}" for a in ARCHS]
     + [f"tp2-{a}" for a in ARCHS]
-    + ["tp1-tied", "pp2-tied", "pp2-qwen3", "dp2-llama"],
+    + ["tp1-tied", "pp2-tied", "pp2-qwen3", "dp2-llama", "dp2-global-sum-llama"],
 )
 def test_training_losses_match_tp1_and_transformers(setup, job):
     losses = [m["loss"] for m in setup["results"][job]["metrics"]]
@@ -245,3 +275,42 @@ def test_named_hf_weights_equal_the_export(setup):
     weights = setup["results"]["pp2-tied"]["continued_weights"]
     assert "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights
     assert len(weights) == len(HFWeights(setup["ckpts"]["tied"]).keys())
+
+
+def test_ray_actors_drive_training(tmp_path):
+    """The actor as orchestration uses it: two Ray actors (TP2) with a reference model, driven remotely."""
+    import ray
+
+    from portable_rl.training.actor import ActorConfig, ParallelConfig, remote_class
+
+    ckpt = build_tiny_checkpoint(tmp_path / "qwen3", TinySpec(arch="qwen3"))
+    batch = _batch(HFWeights(ckpt)["model.embed_tokens.weight"].shape[0])
+    config = ActorConfig(
+        hf_checkpoint=str(ckpt), parallel=ParallelConfig(tensor_parallel=2), ref_checkpoint=str(ckpt)
+    )
+
+    def loss(logp, entropy, mb):  # nested, so Ray pickles it by value
+        mask = mb["loss_mask"]
+        kl = ((logp - mb["ref_logprobs"]) * mask).sum() / mask.sum()
+        return -(logp * mb["advantages"] * mask).sum() / mask.sum(), {"kl": kl.detach()}
+
+    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
+    try:
+        port = _port()  # every rank gets the same rendezvous port
+        actors = [remote_class(num_cpus=1).remote(config, r, 2, "127.0.0.1", port) for r in range(2)]
+        policy = ray.get([a.compute_logprobs.remote(batch) for a in actors])
+        ref = ray.get([a.compute_logprobs.remote(batch, "ref") for a in actors])
+        assert policy[0] == policy[1], "every rank returns the whole batch"
+        # Same weights; the policy's live in DDP's flat buffer, so float32 sums may round differently.
+        for row, ref_row in zip(policy[0], ref[0], strict=True):
+            assert torch.allclose(torch.tensor(row), torch.tensor(ref_row), atol=1e-5)
+        batch.token_fields.update(rollout_logprobs=policy[0], ref_logprobs=ref[0])
+        metrics = ray.get([a.train_step.remote(batch, loss) for a in actors])
+        assert metrics[0] == metrics[1]
+        assert metrics[0]["logp_abs_diff"] < 1e-5 and abs(metrics[0]["kl"]) < 1e-5 and metrics[0]["step"] == 1
+        after = ray.get([a.compute_logprobs.remote(batch, "ref") for a in actors])  # collective: all ranks
+        assert after[0] == ref[0], "the reference model must not train"
+        trained = ray.get([a.compute_logprobs.remote(batch) for a in actors])
+        assert trained[0] != policy[0]
+    finally:
+        ray.shutdown()

@@ -6,6 +6,7 @@ directly (no portable_rl training code), so a megatron-core upgrade that breaks 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from importlib import metadata
@@ -157,7 +158,20 @@ def _train_on_cpu(port: int, queue) -> None:
 
 
 @pytest.fixture(scope="module")
-def cpu_run():
+def cpu_run(tmp_path_factory):
+    """One spawned Megatron run per session, shared by xdist workers through a lock file."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _spawn_cpu_run()
+    shared = tmp_path_factory.getbasetemp().parent  # this session's directory, common to all workers
+    result = shared / "megatron-compat-run.pt"
+    with open(shared / "megatron-compat-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            torch.save(_spawn_cpu_run(), result)
+    return torch.load(result, weights_only=False)
+
+
+def _spawn_cpu_run() -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
