@@ -25,6 +25,11 @@ Public interface
     all ranks): ``loss``, ``grad_norm``, ``lr``, ``entropy`` (token mean), ``logp_abs_diff`` (mean
     |logp_train - rollout_logprobs| when the batch has ``rollout_logprobs``), ``num_samples``, ``num_tokens``,
     ``step`` and every key of ``loss_fn``'s metrics (sample-weighted mean, e.g. ``kl``, ``clip_fraction``).
+    ``mb`` keys: ``loss_mask`` [b, L], ``response_lengths`` [b], every token field [b, L] (``advantages``,
+    ``old_logprobs``, ``ref_logprobs``, ``rollout_logprobs``, ...), every sample field [b] (``rewards``, ...),
+    ``global_num_samples``, ``global_num_tokens``. ``portable_rl.algo``'s losses take the global counts
+    (``global_tokens=mb["global_num_tokens"], global_seqs=mb["global_num_samples"]``): use them with
+    ``loss_scaling="global_sum"``.
 
 ``forward_backward(batch, loss_fn)``
     The gradient half of ``train_step`` (no optimizer step), for benchmarks and gradient checks.
