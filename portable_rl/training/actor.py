@@ -24,7 +24,9 @@ Public interface
     sum (e.g. ``(l * mask).sum() / mb["global_num_tokens"]``) and is used as is. Returned metrics (identical on
     all ranks): ``loss``, ``grad_norm``, ``lr``, ``entropy`` (token mean), ``logp_abs_diff`` (mean
     |logp_train - rollout_logprobs| when the batch has ``rollout_logprobs``), ``num_samples``, ``num_tokens``,
-    ``step`` and every key of ``loss_fn``'s metrics (sample-weighted mean, e.g. ``kl``, ``clip_fraction``).
+    ``step`` and every key of ``loss_fn``'s metrics, averaged over micro-batches by sample count (so report
+    per-micro-batch means such as ``kl`` or ``clip_fraction``; a key that clashes with one of the actor's
+    becomes ``loss_fn/<key>``). ``loss`` is always the objective actually minimised.
     ``mb`` keys: ``loss_mask`` [b, L], ``response_lengths`` [b], every token field [b, L] (``advantages``,
     ``old_logprobs``, ``ref_logprobs``, ``rollout_logprobs``, ...), every sample field [b] (``rewards``, ...),
     ``global_num_samples``, ``global_num_tokens``. ``portable_rl.algo``'s losses take the global counts
@@ -74,6 +76,10 @@ from portable_rl.training.model_builder import (
     transformer_config,
 )
 
+# Metrics train_step computes itself; loss_fn metrics with these names are reported as "loss_fn/<name>".
+_ACTOR_METRICS = frozenset(
+    {"loss", "grad_norm", "lr", "entropy", "logp_abs_diff", "num_samples", "num_tokens", "step"}
+)
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -388,7 +394,10 @@ class MegatronActor:
                 result["logp_abs_diff"] = total.pop("logp_abs_diff_sum") / max(tokens, 1.0)
             loss = total.pop("loss")
             result["loss"] = loss / dp if scaling == "sample_share" else loss
-            result.update({k.removeprefix("user/"): v / dp for k, v in total.items()})
+            for key, value in total.items():
+                name = key.removeprefix("user/")
+                # The actor's own numbers win; a loss_fn metric of the same name keeps a prefix.
+                result[f"loss_fn/{name}" if name in _ACTOR_METRICS else name] = value / dp
             out[0] = result
         pp = self.layout.pipeline_parallel
         if pp > 1:
