@@ -66,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     argv, pass_through = split_pass_through(sys.argv[1:] if argv is None else list(argv))
-    args = parser.parse_args(argv)
-    if pass_through:
-        # Only `train` takes the engines' own flags (--sglang-<name>, --megatron-<name>) verbatim.
-        if not getattr(args, "accepts_pass_through", False):
-            parser.error(f"unrecognized arguments: {' '.join(pass_through)}")
-        args.pass_through = pass_through
+    args, unknown = parser.parse_known_args(argv)
+    # `key=value` overrides after an option are left over by argparse (positionals are taken in one go).
+    overrides = [u for u in unknown if "=" in u and not u.startswith("-")]
+    rest = [u for u in unknown if u not in overrides]
+    if rest or ((pass_through or overrides) and not getattr(args, "accepts_pass_through", False)):
+        parser.error(f"unrecognized arguments: {' '.join(rest or pass_through or overrides)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
+    args.pass_through = pass_through
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
