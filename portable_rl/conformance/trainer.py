@@ -4,7 +4,8 @@ One spawn of two ranks (``torch.multiprocessing``, the platform's dist backend) 
 ``MegatronActor`` from tiny Llama / Qwen2 / Qwen3 checkpoints, at TP1 (data-parallel over the two ranks) and
 TP2, and records: the full-vocabulary logits of a fixed batch (gathered over TP), the trainer's response
 log-probs (``compute_logprobs``), the HF weights it exports (``named_hf_weights``) and, for Llama, the losses
-of two seeded training steps (twice at TP1, once at TP2). Megatron is only ever imported in those workers:
+of two seeded training steps (twice at TP1, once at TP2). When the rollout engine exists, its samples
+(``conformance.engine``) are scored at TP1 too, for ``rollout.engine_vs_trainer_logprobs``. Megatron is only ever imported in those workers:
 the CPU platform's Megatron runtime patches torch process-wide.
 
 The parent compares with transformers run in float64 on the CPU from the same checkpoint:
