@@ -16,8 +16,10 @@ Contract
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -41,28 +43,32 @@ class WeightSync(Protocol):
     def disconnect(self) -> None: ...
 
 
-def fan_out(engines: Sequence[EngineOps], fn: Callable[[EngineOps], T], what: str) -> list[T]:
-    """Run ``fn`` on every engine concurrently; raise one WeightSyncError listing every engine that failed."""
-    if not engines:
-        return []
-    if len(engines) == 1:
+def wait_all(
+    engines: Sequence[EngineOps], futures: Sequence[Future[T]], timeout_s: float, what: str
+) -> list[T]:
+    """Collect one answer per engine; raise one WeightSyncError listing every engine that failed or timed out."""
+    results: list[T] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    for engine, fut in zip(engines, futures, strict=True):
         try:
-            return [fn(engines[0])]
+            results.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
+        except FutureTimeout:
+            errors.append(f"{engine.label}: no answer within {timeout_s:g}s")
         except (EngineCallError, OSError, RuntimeError) as exc:
-            raise WeightSyncError(f"{what} failed on {engines[0].label}: {exc}") from exc
-    with ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="weight-sync") as pool:
-        futures = [pool.submit(fn, e) for e in engines]
-        results, errors = [], []
-        for engine, fut in zip(engines, futures, strict=True):
-            try:
-                results.append(fut.result())
-            except (EngineCallError, OSError, RuntimeError) as exc:
-                errors.append(f"{engine.label}: {exc}")
+            errors.append(str(exc) if engine.label in str(exc) else f"{engine.label}: {exc}")
     if errors:
         raise WeightSyncError(
-            f"{what} failed on {len(errors)} of {len(engines)} engines: " + "; ".join(errors)
+            f"{what} failed on {len(errors)} of {len(engines)} engine(s): " + "; ".join(errors)
         )
     return results
+
+
+def fan_out(engines: Sequence[EngineOps], fn: Callable[[EngineOps], Future[T]], what: str) -> list[T]:
+    """Start ``fn`` on every engine at once and wait for all answers (bounded by each engine's timeout)."""
+    if not engines:
+        return []
+    return wait_all(engines, [fn(e) for e in engines], max(e.timeout_s for e in engines), what)
 
 
 @contextmanager
@@ -92,10 +98,16 @@ def update_session(
             raise WeightSyncError(f"weight version did not move to {str(version)!r}: " + "; ".join(stale))
 
 
-def as_engine_ops(engines: Sequence[Any], timeout_s: float) -> list[EngineOps]:
+def as_engine_ops(engines: Sequence[Any], timeout_s: float, pause_mode: str = "abort") -> list[EngineOps]:
+    """EngineOps for engine clients or URLs (EngineOps pass through unchanged)."""
     if not engines:
         raise ValueError("weight sync needs at least one engine; got an empty list")
-    return [e if isinstance(e, EngineOps) else EngineOps(e, timeout_s) for e in engines]
+    return [e if isinstance(e, EngineOps) else EngineOps(e, timeout_s, pause_mode) for e in engines]
+
+
+def close_all(engines: Sequence[EngineOps]) -> None:
+    for engine in engines:
+        engine.close()
 
 
 def mark_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:

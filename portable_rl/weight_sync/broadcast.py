@@ -14,21 +14,34 @@ Contract
       used when ``flatten_buckets="on"``, or ``"auto"`` and every engine declares support;
     - per tensor (no load_format): one broadcast per tensor, in name order: what every SGLang release accepts.
   All of it runs inside ``update_session`` (pause, flush, begin/end weight update, resume, version check).
+* A failed bucket (an engine refuses it, or the collective fails) ends the wait at once and names the cause;
+  the group is then torn down and unusable (``disconnect()`` + ``connect()``). Engines still blocked in that
+  bucket's receive stay busy until their own collective timeout; the update session's teardown waits for them
+  (bounded by ``timeout_s``) so that every engine's session is closed and generation resumed.
 * ``disconnect()`` destroys the group on the engines (``/destroy_weights_update_group``) and here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 from portable_rl.platform import Platform, current_platform
-from portable_rl.weight_sync.base import WeightSyncError, as_engine_ops, fan_out, mark_last, update_session
+from portable_rl.weight_sync.base import (
+    WeightSyncError,
+    as_engine_ops,
+    close_all,
+    fan_out,
+    mark_last,
+    update_session,
+    wait_all,
+)
 from portable_rl.weight_sync.buckets import NamedTensor, dtype_name, flatten, iter_buckets
 from portable_rl.weight_sync.config import WeightSyncConfig
-from portable_rl.weight_sync.engine_ops import EngineCallError, EngineOps
+from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.process_group import (
     CollectiveTimeout,
     WeightUpdateGroup,
@@ -36,6 +49,11 @@ from portable_rl.weight_sync.process_group import (
     free_port,
     init_weight_update_group,
 )
+
+log = logging.getLogger(__name__)
+
+# After a failed broadcast, how long to wait for engines' answers that explain it.
+REFUSAL_GRACE_S = 2.0
 
 
 class BroadcastWeightSync:
@@ -48,7 +66,7 @@ class BroadcastWeightSync:
         self.group: WeightUpdateGroup | None = None
         self.flattened = False
         self.rank_offsets: list[int] = []
-        self._pool: ThreadPoolExecutor | None = None
+        self.broken: str | None = None  # why the group cannot be used again, after a failed sync
 
     # ---- connect / disconnect ----------------------------------------------------------------------------
     def _owner_description(self) -> str:
@@ -62,7 +80,7 @@ class BroadcastWeightSync:
     def connect(self, engines: Sequence[Any]) -> None:
         if self.group is not None:
             raise RuntimeError("BroadcastWeightSync is already connected; call disconnect() first")
-        self.engines = as_engine_ops(engines, self.cfg.timeout_s)
+        self.engines = as_engine_ops(engines, self.cfg.timeout_s, self.cfg.pause_mode)
         self.rank_offsets = []
         offset = 1
         for engine in self.engines:
@@ -74,10 +92,8 @@ class BroadcastWeightSync:
         backend = self.platform.dist_backend
         name = self.cfg.group_name
 
-        pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="weight-sync-join")
         joins = [
-            pool.submit(
-                e.init_weights_update_group,
+            e.init_weights_update_group(
                 master_address=address,
                 master_port=port,
                 rank_offset=off,
@@ -99,18 +115,19 @@ class BroadcastWeightSync:
             )
         except CollectiveTimeout as exc:
             # Engines that answered with an error explain why they never joined; stalled ones are still waiting.
-            answers = _settled_errors(self.engines, joins)
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise CollectiveTimeout(f"{exc} Engine ranks: {self._owner_description()}.{answers}") from exc
+            message = (
+                f"{exc} Engine ranks: {self._owner_description()}.{_settled_errors(self.engines, joins)}"
+            )
+            close_all(self.engines)
+            raise CollectiveTimeout(message) from exc
         try:
-            _wait_all(self.engines, joins, self.cfg.timeout_s, "init_weights_update_group")
+            wait_all(self.engines, joins, self.cfg.timeout_s, "init_weights_update_group")
         except WeightSyncError:
             group.destroy()
-            pool.shutdown(wait=False, cancel_futures=True)
+            close_all(self.engines)
             raise
-        pool.shutdown(wait=True)
         self.group = group
-        self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="weight-sync")
+        self.broken = None
         if self.cfg.flatten_buckets == "on":
             self.flattened = True
         elif self.cfg.flatten_buckets == "off":
@@ -119,25 +136,31 @@ class BroadcastWeightSync:
             self.flattened = all(e.supports_flattened_bucket() for e in self.engines)
 
     def disconnect(self) -> None:
+        """Destroy the group on the engines and here. Best effort: an engine that lost the group is logged."""
         if self.group is None:
             return
         group, self.group = self.group, None
         try:
             fan_out(
                 self.engines,
-                lambda e: e.destroy_weights_update_group(group_name=group.group_name),
+                lambda e: e.destroy_weights_update_group(group.group_name),
                 "destroy_weights_update_group",
             )
+        except WeightSyncError as exc:
+            log.warning("%s", exc)
         finally:
             group.destroy()
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+            close_all(self.engines)
 
     # ---- update -----------------------------------------------------------------------------------------
     def update(self, named_tensors: Iterable[NamedTensor], version: int) -> None:
         if self.group is None:
             raise RuntimeError("BroadcastWeightSync.update() before connect(); call connect(engines) first")
+        if self.broken is not None:
+            raise WeightSyncError(
+                f"the weight-update group is unusable after a failed sync ({self.broken}); "
+                "call disconnect() and connect() again"
+            )
         with update_session(self.engines, version, verify_version=self.cfg.verify_version):
             sent = 0
             for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
@@ -147,33 +170,75 @@ class BroadcastWeightSync:
                 raise ValueError("update() got no tensors; pass the model's named weights")
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
-        assert self.group is not None and self._pool is not None
+        assert self.group is not None
+        group = self.group
         request = dict(
             names=[n for n, _ in bucket],
             dtypes=[dtype_name(t.dtype) for _, t in bucket],
             shapes=[list(t.shape) for _, t in bucket],
-            group_name=self.group.group_name,
+            group_name=group.group_name,
             load_format="flattened_bucket" if self.flattened else None,
             weight_version=weight_version,
             flush_cache=flush_cache,
         )
-        calls = [
-            self._pool.submit(lambda e=e: e.update_weights_from_distributed(**request)) for e in self.engines
-        ]
-        try:
+        calls = [e.update_weights_from_distributed(**request) for e in self.engines]
+
+        def send() -> None:
             if self.flattened:
                 flat, _ = flatten(bucket)
-                self.group.broadcast(
-                    flat, what=f"bucket broadcast ({flat.numel()} bytes, {len(bucket)} tensors)"
-                )
+                group.broadcast(flat, what=f"bucket broadcast ({flat.numel()} bytes, {len(bucket)} tensors)")
             else:
                 for name, tensor in bucket:
-                    self.group.broadcast(tensor.detach().contiguous(), what=f"broadcast of {name!r}")
-        except CollectiveTimeout as exc:
-            raise CollectiveTimeout(
-                f"{exc} Engine ranks: {self._owner_description()}.{_settled_errors(self.engines, calls)}"
-            ) from exc
-        _wait_all(self.engines, calls, self.cfg.timeout_s, "update_weights_from_distributed")
+                    group.broadcast(tensor.detach().contiguous(), what=f"broadcast of {name!r}")
+
+        self._send_watching(send, calls)
+        wait_all(self.engines, calls, self.cfg.timeout_s, "update_weights_from_distributed")
+
+    def _send_watching(self, send: Callable[[], None], calls: list[Future]) -> None:
+        """Run the collective in a helper thread; an engine that answers with an error ends the wait at once.
+
+        On any failure the group is torn down here, which also ends the receives of engines still blocked in it
+        (they would otherwise hold their weight-update session until their own collective timeout). An engine's
+        refusal is the root cause and is raised as WeightSyncError; a collective failure without one as
+        CollectiveTimeout. Either way the group cannot be used again.
+        """
+        sent: Future[None] = Future()
+
+        def run() -> None:
+            try:
+                send()
+            except BaseException as exc:  # handed to the waiting thread, which re-raises it
+                sent.set_exception(exc)
+            else:
+                sent.set_result(None)
+
+        threading.Thread(target=run, name="weight-sync-broadcast", daemon=True).start()
+        pending: set[Future] = {sent, *calls}
+        while not sent.done():
+            _, pending = wait(pending, return_when=FIRST_COMPLETED)
+            if any(f.done() and f.exception() is not None for f in calls):
+                break
+        if sent.done() and sent.exception() is None:
+            return
+        # Failed: give the other side a moment to answer, so the message can name the engine that caused it.
+        wait(calls, timeout=REFUSAL_GRACE_S)
+        refusals = [str(f.exception()) for f in calls if f.done() and f.exception() is not None]
+        collective = sent.exception() if sent.done() else None
+        self.broken = "a bucket failed" + (f": {refusals[0]}" if refusals else "")
+        assert self.group is not None
+        self.group.destroy()
+        owners = f" Engine ranks: {self._owner_description()}."
+        if refusals:
+            also = f" The broadcast then failed too: {collective}" if collective is not None else ""
+            raise WeightSyncError(
+                "update_weights_from_distributed failed; an engine refused the bucket: "
+                + "; ".join(refusals)
+                + "."
+                + owners
+                + also
+            )
+        assert collective is not None
+        raise CollectiveTimeout(f"{collective}{owners}{_settled_errors(self.engines, calls)}") from collective
 
 
 def _settled_errors(engines: Sequence[EngineOps], futures: Sequence[Future]) -> str:
@@ -186,16 +251,3 @@ def _settled_errors(engines: Sequence[EngineOps], futures: Sequence[Future]) -> 
         elif not fut.done():
             notes.append(f"{engine.label}: no answer yet")
     return (" " + "; ".join(notes) + ".") if notes else ""
-
-
-def _wait_all(engines: Sequence[EngineOps], futures: Sequence[Future], timeout_s: float, what: str) -> None:
-    errors = []
-    for engine, fut in zip(engines, futures, strict=True):
-        try:
-            fut.result(timeout=timeout_s)
-        except FutureTimeout:
-            errors.append(f"{engine.label}: no answer within {timeout_s:g}s")
-        except (EngineCallError, OSError, RuntimeError) as exc:
-            errors.append(f"{engine.label}: {exc}")
-    if errors:
-        raise WeightSyncError(f"{what} failed: " + "; ".join(errors))

@@ -96,7 +96,7 @@ class WeightCheckReport:
 
 
 def _check_by_checksum(engine: EngineOps, expected: Mapping[str, str], report: EngineCheck) -> None:
-    served: Mapping[str, str] = engine.get_weights_checksum(list(expected))
+    served: Mapping[str, str | None] = engine.get_weights_checksum(list(expected)).result()
     for name, digest in expected.items():
         if name not in served or served[name] is None:
             report.missing.append(name)
@@ -108,7 +108,7 @@ def _check_by_checksum(engine: EngineOps, expected: Mapping[str, str], report: E
 def _check_by_values(engine: EngineOps, tensors: Sequence[NamedTensor], report: EngineCheck) -> None:
     for name, tensor in tensors:
         rows = tensor.shape[0] if tensor.dim() else 1
-        values = engine.get_weights_by_name(name, truncate_size=max(1, rows))
+        values = engine.get_weights_by_name(name, max(1, rows)).result()
         report.compared += 1
         if values is None:
             report.missing.append(name)
@@ -137,4 +137,6 @@ def check_weights(
         except (EngineCallError, OSError, ValueError, KeyError, TypeError) as exc:
             report.error = f"{type(exc).__name__}: {exc}"
         results.append(report)
+        if not isinstance(item, EngineOps):
+            engine.close()
     return WeightCheckReport(results)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 STRATEGIES = ("auto", "shared_tensor", "broadcast", "disk")
 MODES = ("colocated", "disaggregated")
 FLATTEN_CHOICES = ("auto", "on", "off")
+PAUSE_MODES = ("abort", "retract")
 
 # SGLang's default name for the trainer->engine group (InitWeightsUpdateGroupReqInput.group_name).
 DEFAULT_GROUP_NAME = "weight_update_group"
@@ -34,6 +35,8 @@ class WeightSyncConfig:
     master_address:  address engines use to reach the trainer's rendezvous (None: this host's address)
     master_port:     rendezvous port (0: pick a free one)
     verify_version:  after each sync read the engines' weight version back and fail if it did not move
+    pause_mode:      how /pause_generation treats running requests: "abort" (SGLang's default; the rollout
+                     resubmits them) or "retract" (requests wait in the engine and are recomputed after the sync)
     """
 
     strategy: str = "auto"
@@ -46,6 +49,7 @@ class WeightSyncConfig:
     master_address: str | None = None
     master_port: int = 0
     verify_version: bool = True
+    pause_mode: str = "abort"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -64,6 +68,10 @@ class WeightSyncConfig:
         if self.strategy == "disk" and not self.disk_dir:
             raise ValueError(
                 "weight_sync.strategy='disk' needs weight_sync.disk_dir (a directory engines can read)"
+            )
+        if self.pause_mode not in PAUSE_MODES:
+            raise ValueError(
+                f"weight_sync.pause_mode={self.pause_mode!r} is not one of {', '.join(PAUSE_MODES)}"
             )
         if not self.group_name:
             raise ValueError("weight_sync.group_name must be a non-empty string")

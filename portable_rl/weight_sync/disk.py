@@ -28,7 +28,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from portable_rl.platform import Platform, current_platform
-from portable_rl.weight_sync.base import as_engine_ops, fan_out, update_session
+from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, update_session
 from portable_rl.weight_sync.buckets import NamedTensor, nbytes
 from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
@@ -108,10 +108,11 @@ class DiskWeightSync:
         self.written: list[Path] = []
 
     def connect(self, engines: Sequence[Any]) -> None:
-        self.engines = as_engine_ops(engines, self.cfg.timeout_s)
+        self.engines = as_engine_ops(engines, self.cfg.timeout_s, self.cfg.pause_mode)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def disconnect(self) -> None:
+        close_all(self.engines)
         self.engines = []
 
     def version_dir(self, version: int) -> Path:
@@ -131,7 +132,7 @@ class DiskWeightSync:
         ):
             fan_out(
                 self.engines,
-                lambda e: e.update_weights_from_disk(model_path=str(target), weight_version=str(version)),
+                lambda e: e.update_weights_from_disk(str(target), str(version)),
                 "update_weights_from_disk",
             )
         for old in [p for p in self.written if p != target]:

@@ -1,31 +1,51 @@
-"""The engine calls a weight sync makes, on top of portable_rl's engine HTTP client.
+"""The engine calls a weight sync makes, driven through portable_rl's engine client.
 
-Contract: ``EngineOps(engine, timeout_s)`` wraps one engine (a ``portable_rl.rollout.engines.client`` client, or
-a base URL) and exposes exactly the SGLang endpoints weight sync needs, with SGLang's request fields. A reply
-with ``success: false`` or an HTTP error raises ``EngineCallError`` carrying the engine's message.
-Capabilities, read once from the engine's server info:
+Contract
+--------
+``EngineOps(engine, timeout_s)`` wraps one engine: an ``EngineClient`` (its URL and API key are reused by a
+private client, so the caller's client and its event loop are never touched) or a base URL. Every call is
+scheduled on one background event loop shared by all EngineOps and returns a ``concurrent.futures.Future``,
+so a sync can start HTTP calls on every engine, run a blocking collective, then collect the answers. An HTTP
+error or a ``success: false`` reply surfaces as ``EngineError`` (alias ``EngineCallError``) from the future.
+Request fields are SGLang 0.5.23's. Capabilities, read once from ``/server_info``:
   * ``tp_size``: ranks the engine contributes to a weight-update group (its tensor-parallel size);
-  * ``supports_flattened_bucket()``: the engine accepts ``load_format="flattened_bucket"`` in
-    /update_weights_from_distributed and /update_weights_from_tensor. portable_rl's engine declares it in
-    ``weight_update_load_formats``; SGLang declares nothing, so it is inferred from its ``version``
-    (0.5.23 is the release read and tested; older ones get per-tensor broadcasts);
+  * ``supports_flattened_bucket()``: the engine takes ``load_format="flattened_bucket"`` in the tensor and
+    distributed updates. portable_rl's engine lists it in ``weight_update_load_formats``; SGLang lists nothing,
+    so it is inferred from ``version`` (0.5.23 is the release whose code was read and tested; older releases
+    get per-tensor broadcasts);
   * ``supports_weights_checksum()``: the engine serves portable_rl's ``/get_weights_checksum``.
-The weight version is read from ``/get_weight_version`` where served, else from ``/model_info``'s
-``weight_version`` (SGLang 0.5.23 serves only the latter).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
-import requests
+from portable_rl.rollout.engines.client import EngineClient, EngineError
+from portable_rl.weight_sync.config import PAUSE_MODES
+
+T = TypeVar("T")
+EngineCallError = EngineError
 
 # First SGLang release whose update endpoints were checked to take load_format="flattened_bucket".
 SGLANG_FLATTENED_SINCE = (0, 5, 23)
 
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
 
-class EngineCallError(RuntimeError):
-    """An engine answered a weight-sync call with an error (or not at all)."""
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    """One daemon event loop for every weight-sync HTTP call of this process."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="weight-sync-http", daemon=True).start()
+            _loop = loop
+        return _loop
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -39,65 +59,42 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 class EngineOps:
-    def __init__(self, engine: Any, timeout_s: float) -> None:
-        self.engine = engine
+    def __init__(self, engine: EngineClient | str, timeout_s: float, pause_mode: str = "abort") -> None:
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"pause_mode={pause_mode!r} is not one of {', '.join(PAUSE_MODES)}")
+        if isinstance(engine, EngineClient):
+            self.client = EngineClient(engine.base_url, api_key=engine.api_key, timeout_s=timeout_s)
+        elif isinstance(engine, str):
+            self.client = EngineClient(engine, timeout_s=timeout_s)
+        else:
+            raise TypeError(f"{engine!r} is neither an EngineClient nor an engine URL")
         self.timeout_s = timeout_s
-        url = (
-            engine
-            if isinstance(engine, str)
-            else getattr(engine, "base_url", None) or getattr(engine, "url", None)
-        )
-        if not url:
-            raise TypeError(f"{engine!r} is not an engine client or URL (it has no base_url)")
-        self.base_url = str(url).rstrip("/")
-        self._session = requests.Session()
+        self.pause_mode = pause_mode
         self._info: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
-        return self.base_url
+        return self.client.base_url
 
     def __repr__(self) -> str:
         return f"EngineOps({self.label})"
 
-    # ---- transport --------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
-        url = f"{self.base_url}{path}"
-        try:
-            resp = self._session.request(method, url, json=payload, timeout=self.timeout_s)
-        except requests.Timeout as exc:
-            raise EngineCallError(f"{url}: no answer within {self.timeout_s:g}s") from exc
-        except requests.RequestException as exc:
-            raise EngineCallError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        try:
-            body = resp.json()
-        except ValueError:
-            body = resp.text
-        if resp.status_code >= 400:
-            message = body.get("message") or body.get("detail") or body if isinstance(body, dict) else body
-            raise EngineCallError(f"{url}: HTTP {resp.status_code}: {str(message)[:500]}")
-        if isinstance(body, dict) and body.get("success") is False:
-            raise EngineCallError(f"{url}: {str(body.get('message', body))[:500]}")
-        return body
+    def submit(self, call: Callable[[EngineClient], Awaitable[T]]) -> Future[T]:
+        """Schedule ``call(client)`` on the background loop; the future carries its result or EngineError."""
+        return asyncio.run_coroutine_threadsafe(call(self.client), _background_loop())
 
-    def post(self, path: str, payload: dict[str, Any] | None = None) -> Any:
-        return self._request("POST", path, payload or {})
+    def close(self) -> None:
+        self.submit(lambda c: c.close()).result(timeout=30)
 
-    def get(self, path: str) -> Any:
-        return self._request("GET", path)
-
-    # ---- capabilities -----------------------------------------------------------------------------------
+    # ---- capabilities (blocking) ------------------------------------------------------------------------
     def server_info(self) -> dict[str, Any]:
         if self._info is None:
-            info = self.get("/get_server_info")
+            info = self.submit(lambda c: c.get_server_info()).result()
             self._info = info if isinstance(info, dict) else {}
         return self._info
 
     @property
     def tp_size(self) -> int:
-        explicit = getattr(self.engine, "tp_size", None)
-        if isinstance(explicit, int) and explicit > 0:
-            return explicit
         return int(self.server_info().get("tp_size", 1) or 1)
 
     def supports_flattened_bucket(self) -> bool:
@@ -110,117 +107,54 @@ class EngineOps:
     def supports_weights_checksum(self) -> bool:
         return bool(self.server_info().get("weights_checksum"))
 
-    # ---- generation control -----------------------------------------------------------------------------
-    def pause_generation(self) -> None:
-        self.post("/pause_generation")
+    # ---- calls (each returns a Future) ------------------------------------------------------------------
+    def pause_generation(self) -> Future[None]:
+        return self.submit(lambda c: c.pause_generation(self.pause_mode))
 
-    def continue_generation(self) -> None:
-        self.post("/continue_generation")
+    def continue_generation(self) -> Future[None]:
+        return self.submit(lambda c: c.continue_generation())
 
-    def flush_cache(self) -> None:
-        self.post("/flush_cache")
+    def flush_cache(self) -> Future[None]:
+        return self.submit(lambda c: c.flush_cache())
 
-    def begin_weight_update(self) -> None:
-        self.post("/begin_weight_update")
+    def begin_weight_update(self) -> Future[None]:
+        return self.submit(lambda c: c.begin_weight_update())
 
-    def end_weight_update(self) -> None:
-        self.post("/end_weight_update")
+    def end_weight_update(self) -> Future[None]:
+        return self.submit(lambda c: c.end_weight_update())
 
-    def get_weight_version(self) -> str | None:
-        try:
-            body = self.get("/get_weight_version")
-        except EngineCallError as exc:
-            if "HTTP 404" not in str(exc):
+    def get_weight_version(self) -> Future[str | None]:
+        return self.submit(lambda c: c.get_weight_version())
+
+    def init_weights_update_group(self, **fields: Any) -> Future[None]:
+        return self.submit(lambda c: c.init_weights_update_group(**fields))
+
+    def destroy_weights_update_group(self, group_name: str) -> Future[None]:
+        return self.submit(lambda c: c.destroy_weights_update_group(group_name))
+
+    def update_weights_from_distributed(self, **fields: Any) -> Future[None]:
+        return self.submit(lambda c: c.update_weights_from_distributed(**fields))
+
+    def update_weights_from_tensor(self, **fields: Any) -> Future[None]:
+        return self.submit(lambda c: c.update_weights_from_tensor(**fields))
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None) -> Future[None]:
+        return self.submit(lambda c: c.update_weights_from_disk(model_path, weight_version=weight_version))
+
+    def get_weights_checksum(self, names: list[str] | None) -> Future[dict[str, str | None]]:
+        async def call(c: EngineClient) -> dict[str, str | None]:
+            body = await c.post("/get_weights_checksum", {"names": names})
+            return dict(body.get("checksums", {}))
+
+        return self.submit(call)
+
+    def get_weights_by_name(self, name: str, truncate_size: int) -> Future[Any]:
+        async def call(c: EngineClient) -> Any:
+            try:
+                return await c.post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+            except EngineError as exc:
+                if exc.status is not None and 400 <= exc.status < 500:
+                    return None  # the engine serves no weight of that name
                 raise
-            body = self.get("/model_info")
-        if isinstance(body, dict):
-            version = body.get("weight_version")
-            return None if version is None else str(version)
-        return str(body)
 
-    # ---- weight updates ---------------------------------------------------------------------------------
-    def init_weights_update_group(
-        self,
-        *,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        group_name: str,
-        backend: str,
-    ) -> None:
-        self.post(
-            "/init_weights_update_group",
-            {
-                "master_address": master_address,
-                "master_port": master_port,
-                "rank_offset": rank_offset,
-                "world_size": world_size,
-                "group_name": group_name,
-                "backend": backend,
-            },
-        )
-
-    def destroy_weights_update_group(self, *, group_name: str) -> None:
-        self.post("/destroy_weights_update_group", {"group_name": group_name})
-
-    def update_weights_from_distributed(
-        self,
-        *,
-        names: list[str],
-        dtypes: list[str],
-        shapes: list[list[int]],
-        group_name: str,
-        load_format: str | None,
-        weight_version: str | None,
-        flush_cache: bool,
-    ) -> None:
-        payload: dict[str, Any] = {
-            "names": names,
-            "dtypes": dtypes,
-            "shapes": shapes,
-            "group_name": group_name,
-            "flush_cache": flush_cache,
-        }
-        if load_format is not None:
-            payload["load_format"] = load_format
-        if weight_version is not None:
-            payload["weight_version"] = weight_version
-        self.post("/update_weights_from_distributed", payload)
-
-    def update_weights_from_tensor(
-        self,
-        *,
-        serialized_named_tensors: list[str],
-        load_format: str | None,
-        weight_version: str | None,
-        flush_cache: bool,
-    ) -> None:
-        payload: dict[str, Any] = {
-            "serialized_named_tensors": serialized_named_tensors,
-            "flush_cache": flush_cache,
-        }
-        if load_format is not None:
-            payload["load_format"] = load_format
-        if weight_version is not None:
-            payload["weight_version"] = weight_version
-        self.post("/update_weights_from_tensor", payload)
-
-    def update_weights_from_disk(self, *, model_path: str, weight_version: str | None) -> None:
-        payload: dict[str, Any] = {"model_path": model_path}
-        if weight_version is not None:
-            payload["weight_version"] = weight_version
-        self.post("/update_weights_from_disk", payload)
-
-    # ---- reading weights back ---------------------------------------------------------------------------
-    def get_weights_checksum(self, names: list[str] | None = None) -> dict[str, str | None]:
-        body = self.post("/get_weights_checksum", {"names": names})
-        return dict(body.get("checksums", {}))
-
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
-        try:
-            return self.post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
-        except EngineCallError as exc:
-            if "HTTP 4" in str(exc):
-                return None  # the engine does not know this name
-            raise
+        return self.submit(call)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from portable_rl.platform import Platform, current_platform
-from portable_rl.weight_sync.base import as_engine_ops, fan_out, mark_last, update_session
+from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, mark_last, update_session
 from portable_rl.weight_sync.buckets import NamedTensor, flatten, iter_buckets, nbytes, unflatten
 from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
@@ -40,13 +40,14 @@ class SharedTensorWeightSync:
         self.flattened = False
 
     def connect(self, engines: Sequence[Any]) -> None:
-        self.engines = as_engine_ops(engines, self.cfg.timeout_s)
+        self.engines = as_engine_ops(engines, self.cfg.timeout_s, self.cfg.pause_mode)
         if self.cfg.flatten_buckets == "auto":
             self.flattened = all(e.supports_flattened_bucket() for e in self.engines)
         else:
             self.flattened = self.cfg.flatten_buckets == "on"
 
     def disconnect(self) -> None:
+        close_all(self.engines)
         self.engines = []
 
     def _staging_device(self, tensor: torch.Tensor) -> torch.device:

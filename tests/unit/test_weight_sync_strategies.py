@@ -51,7 +51,7 @@ STAND_IN = textwrap.dedent(
             state.update(weights={}, version="0", session=False, group=None, calls=[], formats=body["formats"])
             return {"success": True}
         state["calls"].append([path, {k: v for k, v in body.items() if k != "serialized_named_tensors"}])
-        if path == "/get_server_info":
+        if path in ("/server_info", "/get_server_info"):
             return {"tp_size": 1, "weight_update_load_formats": state["formats"], "weights_checksum": True}
         if path in ("/pause_generation", "/continue_generation", "/flush_cache"):
             return {"success": True}
@@ -63,7 +63,7 @@ STAND_IN = textwrap.dedent(
         if path == "/end_weight_update":
             state["session"] = False
             return {"success": True}
-        if path == "/get_weight_version":
+        if path == "/model_info":
             return {"weight_version": state["version"]}
         if path == "/init_weights_update_group":
             state["group"] = init_weight_update_group(rank=body["rank_offset"], timeout_s=20, **{
@@ -212,7 +212,7 @@ def test_broadcast_syncs_two_engines_in_buckets(engines):
     assert flattened == ("flattened_bucket" in engines[0].formats)
     for engine in engines:
         calls = engine.calls()
-        order = [c[0] for c in calls if c[0] != "/get_server_info"]
+        order = [c[0] for c in calls if c[0] != "/server_info"]
         updates = _paths(calls, "/update_weights_from_distributed")
         assert len(updates) >= 3  # 8 KiB buckets
         first, last = order.index(updates[0][0]), len(order) - 1 - order[::-1].index(updates[0][0])
@@ -225,7 +225,7 @@ def test_broadcast_syncs_two_engines_in_buckets(engines):
         assert order[last + 1 : last + 4] == [
             "/end_weight_update",
             "/continue_generation",
-            "/get_weight_version",
+            "/model_info",
         ]
         assert [u[1].get("weight_version") for u in updates] == [None] * (len(updates) - 1) + ["7"]
         assert [u[1]["flush_cache"] for u in updates] == [False] * (len(updates) - 1) + [True]
@@ -267,7 +267,7 @@ def test_broadcast_to_an_engine_that_never_joins_names_group_and_ranks(engines):
     msg = str(info.value)
     assert "'ws_unit'" in msg and "rank 0 of 3" in msg and "engine ranks 1, 2" in msg
     assert f"rank 1 = {engines[0].base_url}" in msg and f"rank 2 = {engines[1].base_url}" in msg
-    assert f"{engines[1].base_url}/init_weights_update_group: no answer" in msg
+    assert f"{engines[1].base_url}: no answer" in msg
 
 
 def test_shared_tensor_and_disk_sync_and_version(engines, tmp_path):
