@@ -55,9 +55,13 @@ def test_bad_placement_config(kwargs, match):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False, log_to_driver=False)
+    # Another module in this worker process may have left its Ray running; reuse it rather than fail.
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if owned:
+        ray.shutdown()
 
 
 def test_actors_land_on_their_bundles_in_rank_order(ray_local):
