@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
+import torch
+
 from portable_rl.platform import Platform, current_platform
 from portable_rl.weight_sync.base import (
     WeightSyncError,
@@ -39,7 +41,7 @@ from portable_rl.weight_sync.base import (
     update_session,
     wait_all,
 )
-from portable_rl.weight_sync.buckets import NamedTensor, dtype_name, flatten, iter_buckets
+from portable_rl.weight_sync.buckets import NamedTensor, Staging, dtype_name, flatten, iter_buckets, nbytes
 from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.process_group import (
@@ -66,6 +68,7 @@ class BroadcastWeightSync:
         self.group: WeightUpdateGroup | None = None
         self.flattened = False
         self.rank_offsets: list[int] = []
+        self.staging = Staging()
         self.broken: str | None = None  # why the group cannot be used again, after a failed sync
 
     # ---- connect / disconnect ----------------------------------------------------------------------------
@@ -150,6 +153,7 @@ class BroadcastWeightSync:
             log.warning("%s", exc)
         finally:
             group.destroy()
+            self.staging.release()
             close_all(self.engines)
 
     # ---- update -----------------------------------------------------------------------------------------
@@ -161,13 +165,17 @@ class BroadcastWeightSync:
                 f"the weight-update group is unusable after a failed sync ({self.broken}); "
                 "call disconnect() and connect() again"
             )
-        with update_session(self.engines, version, verify_version=self.cfg.verify_version):
-            sent = 0
-            for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
-                self._send_bucket(bucket, str(version) if last else None, flush_cache=last)
-                sent += 1
-            if not sent:
-                raise ValueError("update() got no tensors; pass the model's named weights")
+        try:
+            with update_session(self.engines, version, verify_version=self.cfg.verify_version):
+                sent = 0
+                for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
+                    self._send_bucket(bucket, str(version) if last else None, flush_cache=last)
+                    sent += 1
+                if not sent:
+                    raise ValueError("update() got no tensors; pass the model's named weights")
+        finally:
+            if not self.cfg.keep_staging:
+                self.staging.release()
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         assert self.group is not None
@@ -185,7 +193,7 @@ class BroadcastWeightSync:
 
         def send() -> None:
             if self.flattened:
-                flat, _ = flatten(bucket)
+                flat = _as_flat_bytes(bucket, self.staging)
                 group.broadcast(flat, what=f"bucket broadcast ({flat.numel()} bytes, {len(bucket)} tensors)")
             else:
                 for name, tensor in bucket:
@@ -239,6 +247,15 @@ class BroadcastWeightSync:
             )
         assert collective is not None
         raise CollectiveTimeout(f"{collective}{owners}{_settled_errors(self.engines, calls)}") from collective
+
+
+def _as_flat_bytes(bucket: list[NamedTensor], staging: Staging) -> torch.Tensor:
+    """The bucket's bytes in SGLang's flattened layout; a lone contiguous tensor is sent as is, without a copy."""
+    if len(bucket) == 1 and bucket[0][1].is_contiguous():
+        return bucket[0][1].detach().reshape(-1).view(torch.uint8)
+    size = sum(nbytes(t) for _, t in bucket)
+    flat, _ = flatten(bucket, staging.get(size, bucket[0][1].device))
+    return flat
 
 
 def _settled_errors(engines: Sequence[EngineOps], futures: Sequence[Future]) -> str:

@@ -5,6 +5,8 @@ Contract
 * ``iter_buckets(named_tensors, max_bytes)`` groups tensors in arrival order into buckets of one dtype each and
   at most ``max_bytes`` (a tensor larger than that travels alone). It consumes the iterable lazily, so a
   trainer that gathers weights layer by layer never holds more than one bucket of extra memory.
+* ``Staging`` keeps one flat buffer for reuse across buckets and syncs: a fresh allocation per bucket pays
+  first-touch page faults on every byte, which on CPU costs as much as the copy itself.
 * ``flatten(bucket)`` lays a bucket out as SGLang's ``FlattenedTensorBucket`` does: each tensor's bytes, in
   order, concatenated into one uint8 tensor, with (name, shape, dtype, start_idx, end_idx, numel) per tensor
   (offsets and numel in bytes). ``unflatten`` is the inverse and returns views into the flat buffer.
@@ -14,7 +16,7 @@ Contract
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,3 +137,20 @@ def unflatten(flat: torch.Tensor, metas: Sequence[TensorMeta]) -> list[NamedTens
             )
         out.append((meta.name, flat[meta.start_idx : meta.end_idx].view(meta.dtype).reshape(meta.shape)))
     return out
+
+
+class Staging:
+    """A reusable flat uint8 buffer; ``allocate(nbytes, device)`` makes a new one when it is too small."""
+
+    def __init__(self, allocate: Callable[[int, torch.device], torch.Tensor] | None = None) -> None:
+        self._allocate = allocate or (lambda n, dev: torch.empty(n, dtype=torch.uint8, device=dev))
+        self._buf: torch.Tensor | None = None
+
+    def get(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < nbytes or self._buf.device != device:
+            self._buf = None  # drop the old one before allocating its replacement
+            self._buf = self._allocate(nbytes, device)
+        return self._buf[:nbytes]
+
+    def release(self) -> None:
+        self._buf = None

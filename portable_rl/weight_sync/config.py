@@ -35,6 +35,9 @@ class WeightSyncConfig:
     master_address:  address engines use to reach the trainer's rendezvous (None: this host's address)
     master_port:     rendezvous port (0: pick a free one)
     verify_version:  after each sync read the engines' weight version back and fail if it did not move
+    keep_staging:    keep the flat staging buffer (one bucket, on the weights' device) between syncs:
+                     faster (no page faults / allocation per sync) at the cost of that memory; False frees it
+                     at the end of every update
     pause_mode:      how /pause_generation treats running requests: "abort" (SGLang's default; the rollout
                      resubmits them) or "retract" (requests wait in the engine and are recomputed after the sync)
     """
@@ -50,6 +53,7 @@ class WeightSyncConfig:
     master_port: int = 0
     verify_version: bool = True
     pause_mode: str = "abort"
+    keep_staging: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

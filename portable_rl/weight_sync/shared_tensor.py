@@ -10,7 +10,9 @@ Contract
   staging buffer and every engine gets ``/update_weights_from_tensor`` with ``serialized_named_tensors`` =
   one payload per engine TP rank (``tensor_codec.serialize_tensors``): SGLang's ``flattened_bucket`` form when
   ``flatten_buckets`` is "on" or ("auto" and every engine declares support), otherwise a list of
-  (name, tensor) views into the staging buffer. The buffer is released after every engine answered.
+  (name, tensor) views into the staging buffer, serialized once per importer (see ``tensor_codec``). The
+  buffer is overwritten only after every engine answered (they copy before answering) and kept between syncs
+  unless ``keep_staging`` is False.
   Runs inside ``update_session`` (pause, flush, begin/end weight update, resume, version check).
 * No process group; ``connect`` only records the engines, ``disconnect`` forgets them.
 """
@@ -24,7 +26,7 @@ import torch
 
 from portable_rl.platform import Platform, current_platform
 from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, mark_last, update_session
-from portable_rl.weight_sync.buckets import NamedTensor, flatten, iter_buckets, nbytes, unflatten
+from portable_rl.weight_sync.buckets import NamedTensor, Staging, flatten, iter_buckets, nbytes, unflatten
 from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.tensor_codec import flattened_payload, serialize_tensors, share_memory_buffer
@@ -38,6 +40,7 @@ class SharedTensorWeightSync:
         self.platform = platform or current_platform()
         self.engines: list[EngineOps] = []
         self.flattened = False
+        self.staging = Staging(lambda n, device: share_memory_buffer(n, device, self.platform))
 
     def connect(self, engines: Sequence[Any]) -> None:
         self.engines = as_engine_ops(engines, self.cfg.timeout_s, self.cfg.pause_mode)
@@ -47,6 +50,7 @@ class SharedTensorWeightSync:
             self.flattened = self.cfg.flatten_buckets == "on"
 
     def disconnect(self) -> None:
+        self.staging.release()
         close_all(self.engines)
         self.engines = []
 
@@ -61,33 +65,39 @@ class SharedTensorWeightSync:
             raise RuntimeError(
                 "SharedTensorWeightSync.update() before connect(); call connect(engines) first"
             )
-        with update_session(self.engines, version, verify_version=self.cfg.verify_version):
-            sent = 0
-            for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
-                self._send_bucket(bucket, str(version) if last else None, flush_cache=last)
-                sent += 1
-            if not sent:
-                raise ValueError("update() got no tensors; pass the model's named weights")
+        try:
+            with update_session(self.engines, version, verify_version=self.cfg.verify_version):
+                sent = 0
+                for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
+                    self._send_bucket(bucket, str(version) if last else None, flush_cache=last)
+                    sent += 1
+                if not sent:
+                    raise ValueError("update() got no tensors; pass the model's named weights")
+        finally:
+            if not self.cfg.keep_staging:
+                self.staging.release()
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         size = sum(nbytes(t) for _, t in bucket)
-        staging = share_memory_buffer(size, self._staging_device(bucket[0][1]), self.platform)
+        staging = self.staging.get(size, self._staging_device(bucket[0][1]))
         flat, metas = flatten(bucket, staging)
         if self.flattened:
             payload, load_format = flattened_payload(flat, metas), "flattened_bucket"
         else:
             payload, load_format = unflatten(flat, metas), None
         self.platform.synchronize()  # the copies into the staging buffer must land before an importer reads it
-        serialized = serialize_tensors(payload, self.platform)
+        # One serialization per importer (engine x TP rank): each pickle takes one reference on the shared memory
+        # and each unpickle gives one back, so a payload opened twice would free the segment under its exporter.
         fan_out(
             self.engines,
             lambda e: e.update_weights_from_tensor(
-                serialized_named_tensors=[serialized] * e.tp_size,
+                serialized_named_tensors=[
+                    serialize_tensors(payload, self.platform) for _ in range(e.tp_size)
+                ],
                 load_format=load_format,
                 weight_version=weight_version,
                 flush_cache=flush_cache,
             ),
             "update_weights_from_tensor",
         )
-        # ``staging`` is dropped here, after every engine answered, which releases the segment / IPC memory.
-        del payload, flat, staging
+        # Every engine answered, so it has copied the bucket: the staging buffer may be overwritten now.

@@ -13,6 +13,9 @@ The pickle carries handles, not data:
     (``ipc_handle_carries_device``), ``platform.ipc_export_device`` replaces it by a stable id and the importer
     maps it back with ``platform.ipc_import_device`` (SGLang's patched reductions accept the same form).
 The exporter must keep the tensors alive until the engine has answered; the engine copies them into its weights.
+Each payload may be opened exactly once: pickling takes one reference on the shared memory (or IPC ref counter)
+and unpickling gives one back, so a payload opened by two importers frees the segment under its exporter (a
+third importer then finds no segment). Serialize once per importer: per engine and per TP rank.
 
 ``deserialize_tensors`` is the importer: an allow-list unpickler (only torch rebuild functions, storages, dtypes
 and plain containers), because the payload arrives over HTTP.

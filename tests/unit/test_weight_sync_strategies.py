@@ -281,17 +281,22 @@ def test_shared_tensor_and_disk_sync_and_version(engines, tmp_path):
     updates = _paths(calls, "/update_weights_from_tensor")
     assert len(updates) >= 2 and {u[1].get("load_format") for u in updates} == {"flattened_bucket"}
     assert [u[1].get("weight_version") for u in updates][-1] == "11"
+    # The staging segment is reused by later syncs and opened by both engines every time.
+    for version in (12, 13):
+        shared.update(iter(_weights(version)), version=version)
+        check_weights(urls, _weights(version)).raise_if_failed()
+    shared.disconnect()
 
     disk = make_weight_sync(
         WeightSyncConfig(strategy="disk", disk_dir=str(tmp_path / "xfer"), disk_shard_mb=0.004), "colocated"
     )
     disk.connect(urls)
-    disk.update(iter(_weights(5)), version=12)
-    disk.update(iter(_weights(6)), version=13)
+    disk.update(iter(_weights(5)), version=14)
+    disk.update(iter(_weights(6)), version=15)
     check_weights(urls, _weights(6)).raise_if_failed()
-    assert [p.name for p in (tmp_path / "xfer").iterdir()] == ["weights_v13"]
+    assert [p.name for p in (tmp_path / "xfer").iterdir()] == ["weights_v15"]
     disk_calls = _paths(engines[1].calls(), "/update_weights_from_disk")
-    assert [c[1]["weight_version"] for c in disk_calls] == ["12", "13"]
+    assert [c[1]["weight_version"] for c in disk_calls] == ["14", "15"]
     assert "/begin_weight_update" not in [c[0] for c in engines[1].calls()[-6:]]
 
 
