@@ -13,7 +13,7 @@ mode and config with ``make_weight_sync(cfg, mode)``:
 from __future__ import annotations
 
 from portable_rl.platform import Platform
-from portable_rl.weight_sync.base import WeightSync, WeightSyncError
+from portable_rl.weight_sync.base import WeightSync, WeightSyncError, update_session
 from portable_rl.weight_sync.checksum import (
     WeightCheckReport,
     WeightMismatch,
@@ -53,4 +53,5 @@ __all__ = [
     "make_weight_sync",
     "resolve_strategy",
     "tensor_checksum",
+    "update_session",
 ]

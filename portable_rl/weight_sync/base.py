@@ -73,29 +73,48 @@ def fan_out(engines: Sequence[EngineOps], fn: Callable[[EngineOps], Future[T]], 
 
 @contextmanager
 def update_session(
-    engines: Sequence[EngineOps], version: int, *, verify_version: bool, open_session: bool = True
+    engines: Sequence[Any],
+    version: int,
+    *,
+    verify_version: bool = True,
+    open_session: bool = True,
+    enabled: bool = True,
+    timeout_s: float = 600.0,
 ) -> Iterator[None]:
-    """Pause + flush, open the weight-update session, yield, close it, resume; then check the version."""
-    fan_out(engines, lambda e: e.pause_generation(), "pause_generation")
+    """Pause + flush, open the weight-update session, yield, close it, resume; then check the version.
+
+    ``engines`` are EngineOps, engine clients or URLs. ``enabled=False`` yields without touching the engines: a
+    strategy configured with ``manage_session=False`` leaves the session to a caller that wraps several syncs
+    (e.g. one per pipeline stage, each with its own group) in one ``update_session``.
+    """
+    if not enabled:
+        yield
+        return
+    ops = as_engine_ops(engines, timeout_s)
+    created = [o for o, e in zip(ops, engines, strict=True) if o is not e]
     try:
-        fan_out(engines, lambda e: e.flush_cache(), "flush_cache")
-        if open_session:
-            fan_out(engines, lambda e: e.begin_weight_update(), "begin_weight_update")
-            try:
+        fan_out(ops, lambda e: e.pause_generation(), "pause_generation")
+        try:
+            fan_out(ops, lambda e: e.flush_cache(), "flush_cache")
+            if open_session:
+                fan_out(ops, lambda e: e.begin_weight_update(), "begin_weight_update")
+                try:
+                    yield
+                finally:
+                    fan_out(ops, lambda e: e.end_weight_update(), "end_weight_update")
+            else:
                 yield
-            finally:
-                fan_out(engines, lambda e: e.end_weight_update(), "end_weight_update")
-        else:
-            yield
+        finally:
+            fan_out(ops, lambda e: e.continue_generation(), "continue_generation")
+        if verify_version:
+            versions = fan_out(ops, lambda e: e.get_weight_version(), "get_weight_version")
+            stale = [
+                f"{e.label} reports {v!r}" for e, v in zip(ops, versions, strict=True) if v != str(version)
+            ]
+            if stale:
+                raise WeightSyncError(f"weight version did not move to {str(version)!r}: " + "; ".join(stale))
     finally:
-        fan_out(engines, lambda e: e.continue_generation(), "continue_generation")
-    if verify_version:
-        versions = fan_out(engines, lambda e: e.get_weight_version(), "get_weight_version")
-        stale = [
-            f"{e.label} reports {v!r}" for e, v in zip(engines, versions, strict=True) if v != str(version)
-        ]
-        if stale:
-            raise WeightSyncError(f"weight version did not move to {str(version)!r}: " + "; ".join(stale))
+        close_all(created)
 
 
 def as_engine_ops(engines: Sequence[Any], timeout_s: float, pause_mode: str = "abort") -> list[EngineOps]:

@@ -166,7 +166,9 @@ class BroadcastWeightSync:
                 "call disconnect() and connect() again"
             )
         try:
-            with update_session(self.engines, version, verify_version=self.cfg.verify_version):
+            with update_session(
+                self.engines, version, verify_version=self.cfg.verify_version, enabled=self.cfg.manage_session
+            ):
                 sent = 0
                 for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
                     self._send_bucket(bucket, str(version) if last else None, flush_cache=last)

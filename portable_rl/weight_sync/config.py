@@ -35,6 +35,9 @@ class WeightSyncConfig:
     master_address:  address engines use to reach the trainer's rendezvous (None: this host's address)
     master_port:     rendezvous port (0: pick a free one)
     verify_version:  after each sync read the engines' weight version back and fail if it did not move
+    manage_session:  wrap every update() in pause/flush/begin/end/resume/version check (False: the caller does,
+                     with ``update_session``; for several syncs that together make one update, e.g. one per
+                     pipeline stage, each from that stage's rank 0 with its own group_name)
     keep_staging:    keep the flat staging buffer (one bucket, on the weights' device) between syncs:
                      faster (no page faults / allocation per sync) at the cost of that memory; False frees it
                      at the end of every update
@@ -54,6 +57,7 @@ class WeightSyncConfig:
     verify_version: bool = True
     pause_mode: str = "abort"
     keep_staging: bool = True
+    manage_session: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -128,7 +128,11 @@ class DiskWeightSync:
             {"weight_version": str(version)},
         )
         with update_session(
-            self.engines, version, verify_version=self.cfg.verify_version, open_session=False
+            self.engines,
+            version,
+            verify_version=self.cfg.verify_version,
+            open_session=False,
+            enabled=self.cfg.manage_session,
         ):
             fan_out(
                 self.engines,

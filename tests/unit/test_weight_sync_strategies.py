@@ -26,6 +26,7 @@ from portable_rl.weight_sync import (
     check_weights,
     make_weight_sync,
 )
+from portable_rl.weight_sync.base import update_session
 from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.process_group import free_port
 
@@ -42,13 +43,13 @@ STAND_IN = textwrap.dedent(
     from portable_rl.weight_sync.tensor_codec import deserialize_tensors, named_tensors_from_payload
 
     port = int(sys.argv[1])
-    state = {"weights": {}, "version": "0", "session": False, "group": None, "calls": [], "formats": []}
+    state = {"weights": {}, "version": "0", "session": False, "groups": {}, "calls": [], "formats": []}
 
     def handle(path, body):
         if path == "/reset":
-            if state["group"] is not None:
-                state["group"].destroy()
-            state.update(weights={}, version="0", session=False, group=None, calls=[], formats=body["formats"])
+            for g in state["groups"].values():
+                g.destroy()
+            state.update(weights={}, version="0", session=False, groups={}, calls=[], formats=body["formats"])
             return {"success": True}
         state["calls"].append([path, {k: v for k, v in body.items() if k != "serialized_named_tensors"}])
         if path in ("/server_info", "/get_server_info"):
@@ -66,12 +67,11 @@ STAND_IN = textwrap.dedent(
         if path == "/model_info":
             return {"weight_version": state["version"]}
         if path == "/init_weights_update_group":
-            state["group"] = init_weight_update_group(rank=body["rank_offset"], timeout_s=20, **{
+            state["groups"][body["group_name"]] = init_weight_update_group(rank=body["rank_offset"], timeout_s=20, **{
                 k: body[k] for k in ("master_address", "master_port", "world_size", "group_name", "backend")})
             return {"success": True}
         if path == "/destroy_weights_update_group":
-            state["group"].destroy()
-            state["group"] = None
+            state["groups"].pop(body["group_name"]).destroy()
             return {"success": True}
         if path.startswith("/update_weights_from") and path != "/update_weights_from_disk" and not state["session"]:
             return {"success": False, "message": path[1:] + " must run between begin and end"}
@@ -79,13 +79,13 @@ STAND_IN = textwrap.dedent(
             if body.get("load_format") == "flattened_bucket":
                 metas = metas_from_lists(body["names"], body["dtypes"], body["shapes"])
                 flat = empty_flat(metas)
-                state["group"].broadcast(flat)
+                state["groups"][body["group_name"]].broadcast(flat)
                 pairs = unflatten(flat, metas)
             else:
                 pairs = []
                 for n, d, s in zip(body["names"], body["dtypes"], body["shapes"]):
                     t = torch.empty(s, dtype=dtype_from_name(d))
-                    state["group"].broadcast(t)
+                    state["groups"][body["group_name"]].broadcast(t)
                     pairs.append((n, t))
         elif path == "/update_weights_from_tensor":
             obj = deserialize_tensors(body["serialized_named_tensors"][0])
@@ -301,8 +301,6 @@ def test_shared_tensor_and_disk_sync_and_version(engines, tmp_path):
 
 
 def test_version_check_catches_an_engine_that_did_not_move(engines):
-    from portable_rl.weight_sync.base import update_session
-
     sync = make_weight_sync(WeightSyncConfig(), "colocated")
     sync.connect([e.base_url for e in engines])
     sync.update(iter(_weights(7)), version=3)
@@ -315,3 +313,31 @@ def test_version_check_catches_an_engine_that_did_not_move(engines):
                 timeout=5,
             )
     assert str(engines[1].port) not in str(info.value)
+    sync.disconnect()
+
+
+def test_pipeline_stages_sync_through_their_own_groups_inside_one_session(engines):
+    """Each stage's rank 0 owns a group; one caller opens the session around both (manage_session=False)."""
+    urls = [e.base_url for e in engines]
+    weights = _weights(21)
+    stages = [weights[:2], weights[2:]]
+    syncs = []
+    for i in range(2):
+        cfg = WeightSyncConfig(group_name=f"weight_update_group_pp{i}", manage_session=False, timeout_s=30)
+        sync = make_weight_sync(cfg, "disaggregated")
+        sync.connect(urls)
+        syncs.append(sync)
+    try:
+        with update_session(urls, 5, timeout_s=30):
+            for sync, part in zip(syncs, stages, strict=True):
+                sync.update(iter(part), version=5)
+        check_weights(urls, weights).raise_if_failed()
+    finally:
+        for sync in syncs:
+            sync.disconnect()
+    order = [c[0] for c in engines[0].calls() if c[0] != "/server_info"]
+    assert order.count("/begin_weight_update") == 1 and order.count("/pause_generation") == 1
+    updates = [i for i, p in enumerate(order) if p == "/update_weights_from_distributed"]
+    assert order.index("/begin_weight_update") < updates[0] and updates[-1] < order.index(
+        "/end_weight_update"
+    )
