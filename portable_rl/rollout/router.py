@@ -16,7 +16,6 @@ Contract
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 import requests
 
 from portable_rl.rollout.engines.launcher import _free_port, to_cli
+from portable_rl.rollout.subprocess_stop import stop_process_group
 
 POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
 
@@ -132,13 +132,7 @@ class Router:
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            _signal_group(self.proc, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.proc, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process_group(self.proc, timeout_s)
         self.proc = None
 
     @property
@@ -211,10 +205,3 @@ class Router:
                 f"sglang-router at {self.url} did not remove {url}: HTTP {resp.status_code} {resp.text[:300]}"
             )
         self._wait_for([url], present=False, deadline=time.monotonic() + timeout_s)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

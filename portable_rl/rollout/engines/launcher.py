@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 import requests
 
 from portable_rl.platform import Platform, current_platform
+from portable_rl.rollout.subprocess_stop import stop_process_group
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "cpu", "sglang")
@@ -196,23 +196,7 @@ class EngineProcess:
         """Terminate the engine and everything it started; returns its exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            _signal_group(self.proc, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.proc, signal.SIGKILL)
-                self.proc.wait(10)
-        else:
-            _signal_group(self.proc, signal.SIGKILL)  # children the engine left behind
-        return self.proc.returncode
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the engine's own session: it and the processes it forked
-    except (ProcessLookupError, PermissionError):
-        pass
+        return stop_process_group(self.proc, timeout_s)
 
 
 def launch_engine(spec: EngineSpec, platform: Platform | None = None) -> EngineProcess:
