@@ -140,3 +140,20 @@ def mark_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
         yield prev, False
         prev = item
     yield prev, True
+
+
+def send_in_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    version: int,
+    send_bucket: Callable[[list[tuple[str, torch.Tensor]], str | None, bool], None],
+) -> None:
+    """Cut ``named_tensors`` into buckets and send each; only the last carries the version and flushes the cache."""
+    from portable_rl.weight_sync.buckets import iter_buckets
+
+    sent = 0
+    for bucket, last in mark_last(iter_buckets(named_tensors, bucket_bytes)):
+        send_bucket(bucket, str(version) if last else None, last)
+        sent += 1
+    if not sent:
+        raise ValueError("update() got no tensors; pass the model's named weights")

@@ -37,11 +37,11 @@ from portable_rl.weight_sync.base import (
     as_engine_ops,
     close_all,
     fan_out,
-    mark_last,
+    send_in_buckets,
     update_session,
     wait_all,
 )
-from portable_rl.weight_sync.buckets import NamedTensor, Staging, dtype_name, flatten, iter_buckets, nbytes
+from portable_rl.weight_sync.buckets import NamedTensor, Staging, dtype_name, flatten, nbytes
 from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.process_group import (
@@ -169,12 +169,7 @@ class BroadcastWeightSync:
             with update_session(
                 self.engines, version, verify_version=self.cfg.verify_version, enabled=self.cfg.manage_session
             ):
-                sent = 0
-                for bucket, last in mark_last(iter_buckets(named_tensors, self.cfg.bucket_bytes)):
-                    self._send_bucket(bucket, str(version) if last else None, flush_cache=last)
-                    sent += 1
-                if not sent:
-                    raise ValueError("update() got no tensors; pass the model's named weights")
+                send_in_buckets(named_tensors, self.cfg.bucket_bytes, version, self._send_bucket)
         finally:
             if not self.cfg.keep_staging:
                 self.staging.release()
