@@ -2,7 +2,11 @@
 
 ``MetricsLogger(run_dir)`` appends to ``metrics.jsonl`` (so a resumed run continues the same file, after
 dropping lines of steps that will be re-run), writes tensorboard events under ``tb/`` and redraws
-``curves.png`` on ``close()`` (and every ``plot_every`` steps). wandb is used only if asked for and installed.
+``curves.png`` on ``close()``. wandb is used only if asked for and installed.
+
+``log_rollout(step, groups)`` appends one line per trained group to ``rollouts.jsonl`` (prompt index, rewards,
+response lengths, the weight version that generated each sample, the first response's text): what a user
+reads to see what the policy says, and what tests read to prove every prompt was trained exactly once.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ class MetricsLogger:
         self.path = self.dir / "metrics.jsonl"
         if resume_after_step is not None:
             # Steps after the checkpoint are re-run; keep exactly the lines up to it.
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            for path in (self.path, self.dir / "rollouts.jsonl"):
+                kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_after_step]
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -58,6 +63,20 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=step)
+
+    def log_rollout(self, step: int, groups: list[Any]) -> None:
+        with (self.dir / "rollouts.jsonl").open("a", encoding="utf-8") as fh:
+            for g in groups:
+                row = {
+                    "step": step,
+                    "prompt_index": g.prompt_index,
+                    "group_id": g.group_id,
+                    "rewards": [s.reward for s in g.samples],
+                    "response_lengths": [s.response_length for s in g.samples],
+                    "weight_versions": [s.weight_version for s in g.samples],
+                    "response": g.samples[0].response_text if g.samples else "",
+                }
+                fh.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         plot_curves(self.path, self.dir / "curves.png")

@@ -85,6 +85,7 @@ def train(recipe: Recipe, run_dir: RunDir, resume: bool = False) -> list[dict[st
                 metrics["time_step_s"], 1e-9
             )
             logger.log(step, metrics)
+            logger.log_rollout(step, groups)
             history.append({"step": step, **metrics})
             bar.set_postfix(
                 reward=f"{metrics['reward_mean']:.3f}",

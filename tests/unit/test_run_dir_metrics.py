@@ -48,3 +48,24 @@ def test_metrics_log_plot_and_resume_truncation(tmp_path):
     resumed.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["reward_mean"] == 0.9
+
+
+def test_rollout_log_one_line_per_group_and_resume_truncation(tmp_path):
+    from portable_rl.data.types import Group, Sample
+
+    def group(step: int, index: int) -> Group:
+        samples = [
+            Sample(index, step * 10 + index, [1, 2], [3] * (k + 1), reward=float(k), weight_version=step - 1)
+            for k in range(2)
+        ]
+        return Group(step * 10 + index, index, samples)
+
+    log = MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        log.log_rollout(step, [group(step, 2 * step), group(step, 2 * step + 1)])
+    rows = read_metrics(tmp_path / "rollouts.jsonl")
+    assert [(r["step"], r["prompt_index"]) for r in rows] == [(1, 2), (1, 3), (2, 4), (2, 5), (3, 6), (3, 7)]
+    assert rows[0]["rewards"] == [0.0, 1.0] and rows[0]["response_lengths"] == [1, 2]
+    assert rows[-1]["weight_versions"] == [2, 2]
+    MetricsLogger(tmp_path, resume_after_step=1)
+    assert [r["step"] for r in read_metrics(tmp_path / "rollouts.jsonl")] == [1, 1]
