@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from portable_rl import __version__
 
@@ -27,8 +28,20 @@ class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``<prog>: error: <message>; see <prog> --help``), exit 2.
+
+    Sub-command parsers inherit the class (argparse builds them with the parent's type), so every command's
+    misuse reads like the commands' own errors instead of argparse's usage block plus a second line.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="portable-rl",
         description="RL post-training for LLMs on NVIDIA, AMD and CPU with one launch script.",
     )
@@ -66,12 +79,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     argv, pass_through = split_pass_through(sys.argv[1:] if argv is None else list(argv))
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     # `key=value` overrides after an option are left over by argparse (positionals are taken in one go).
     overrides = [u for u in unknown if "=" in u and not u.startswith("-")]
     rest = [u for u in unknown if u not in overrides]
     if rest or ((pass_through or overrides) and not getattr(args, "accepts_pass_through", False)):
-        parser.error(f"unrecognized arguments: {' '.join(rest or pass_through or overrides)}")
+        prog = f"portable-rl {args.command}" if getattr(args, "command", None) else "portable-rl"
+        print(
+            f"{prog}: error: unrecognized arguments: {' '.join(rest or pass_through or overrides)}; "
+            f"see {prog} --help",
+            file=sys.stderr,
+        )
+        return 2
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
     args.pass_through = pass_through

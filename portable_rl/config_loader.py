@@ -135,7 +135,8 @@ def build(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
     except (ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        prefix = f"{where}: " if where else ""
+        # Component configs name their section already ("rollout.top_p=..."); others get it prefixed.
+        prefix = f"{where}: " if where and not str(exc).startswith(f"{where}.") else ""
         raise ConfigError(f"{prefix}{exc}") from None
 
 

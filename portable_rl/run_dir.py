@@ -10,7 +10,8 @@ Layout::
     RUN_DIR/hf/                  the final model as a HF checkpoint
 
 A fresh run refuses a RUN_DIR that already holds a run (so nothing is overwritten); ``--resume`` requires
-one. Validation happens before ``prepare`` creates anything, so bad input never writes into a run dir.
+one with a complete checkpoint; a path that is a file is refused. Validation happens before ``prepare``
+creates anything, so bad input never writes into a run dir.
 """
 
 from __future__ import annotations
@@ -58,8 +59,19 @@ class RunDir:
 
     def check(self, resume: bool) -> None:
         """Raise RunDirError if a fresh run would overwrite, or a resume has nothing to resume."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(
+                f"run directory {str(self.path)!r} is not a directory (a file is in the way); "
+                "choose another run.output_dir"
+            )
         if resume and not self.holds_run():
             raise RunDirError(f"--resume: {str(self.path)!r} holds no run (no config.yaml); drop --resume")
+        if resume and self.last_checkpoint() is None:
+            # Starting over would truncate the run's metrics; a fresh run belongs in a fresh directory.
+            raise RunDirError(
+                f"--resume: {str(self.path)!r} has no complete checkpoint (checkpoints/step_N/COMPLETE) to "
+                "resume from; start a new run in another run.output_dir (run.save_every sets the cadence)"
+            )
         if not resume and self.holds_run():
             raise RunDirError(
                 f"run directory {str(self.path)!r} already holds a run; pass --resume or choose run.output_dir"

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from portable_rl.cli import UserError
+
+# Cores that make one "device" on the CPU platform; the job's placement reads the same variable.
+CPUS_PER_DEVICE_ENV = "PORTABLE_RL_CPUS_PER_DEVICE"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,10 +32,13 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"run.output_dir={args.output_dir}")
     try:
         recipe = load_recipe(args.recipe, overrides)
-        current_platform()  # an unavailable PORTABLE_RL_PLATFORM fails here, before any file is written
+        platform = current_platform()  # an unavailable PORTABLE_RL_PLATFORM fails here, before any write
         run_dir = RunDir(Path(recipe.run.output_dir))
         run_dir.check(resume=args.resume)
+        _check_placement(recipe, platform)
+        _check_model(recipe)
         _check_prompts(recipe)
+        _check_reward_and_filter(recipe)
     except (ConfigError, RunDirError, PromptFileError) as exc:
         raise UserError(str(exc)) from None
     run_dir.prepare(to_dict(recipe))
@@ -43,13 +50,128 @@ def run(args: argparse.Namespace) -> int:
     return 0 if history else 1
 
 
-def _check_prompts(recipe) -> None:
-    """Read the prompt files now so a bad file fails before the run directory is created."""
-    from portable_rl.data.prompts import read_prompt_file
+def _check_placement(recipe, platform) -> None:
+    """The trainer ranks (TP x PP x DP) and engine devices must fit what this host's Ray will have.
 
-    for cfg in (recipe.data.train, recipe.data.eval):
-        if cfg is not None:
-            read_prompt_file(cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template)
+    Only for the private single-node Ray the job starts itself; a cluster joined through RAY_ADDRESS is
+    checked by the placement group (its nodes' resources are not known here).
+    """
+    from portable_rl.orchestration.placement import PlacementConfig
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    t, r = recipe.train, recipe.rollout
+    ranks = (
+        f"TP {t.parallel.tensor_parallel} x PP {t.parallel.pipeline_parallel} x DP {t.data_parallel} "
+        f"= {t.world_size} trainer rank(s)"
+    )
+    engine_devices = r.num_engines * r.engine_tp_size
+    if recipe.run.mode == "colocated" and engine_devices > t.world_size:
+        raise UserError(
+            f"run.mode=colocated puts every engine device on a trainer rank, but rollout.num_engines x "
+            f"rollout.engine_tp_size = {engine_devices} > {ranks}; lower rollout.num_engines or use "
+            "run.mode=disaggregated"
+        )
+    raw_share = os.environ.get(CPUS_PER_DEVICE_ENV, "0.5")
+    try:
+        share = float(raw_share)
+        cfg = PlacementConfig(
+            mode=recipe.run.mode,
+            trainer_ranks=t.world_size,
+            num_engines=r.num_engines,
+            devices_per_engine=r.engine_tp_size,
+            cpus_per_device=share,
+        )
+    except ValueError as exc:
+        raise UserError(f"{ranks}: {exc} ({CPUS_PER_DEVICE_ENV}={raw_share!r})") from None
+    engines = "" if recipe.run.mode == "colocated" else f" + {engine_devices} engine device(s)"
+    if platform.ray_resource:
+        have = len(platform.resolve_visible_devices())
+        if cfg.total_devices > have:
+            raise UserError(
+                f"{ranks}{engines} need {cfg.total_devices} {platform.name} device(s) but {have} are visible; "
+                "lower train.parallel / train.data_parallel / rollout.num_engines or expose more devices"
+            )
+        return
+    need = cfg.total_devices * share
+    limit = recipe.run.num_cpus
+    have = limit if limit is not None else (os.cpu_count() or 1)
+    if need > have:
+        source = f"run.num_cpus={limit}" if limit is not None else "this host"
+        raise UserError(
+            f"{ranks}{engines} need {need:g} CPUs ({share:g} per device, {CPUS_PER_DEVICE_ENV}) but {source} "
+            f"gives {have}; lower train.parallel / train.data_parallel / rollout.num_engines or raise run.num_cpus"
+        )
+
+
+def _check_model(recipe) -> None:
+    """A model the recipe names must exist now (a HF dir is checked by ModelConfig; the demo model here)."""
+    if recipe.model.path == "smollm2":
+        from portable_rl.models.smollm2 import gguf_path
+
+        try:
+            gguf_path()
+        except FileNotFoundError as exc:
+            raise UserError(f"model.path='smollm2': {exc}") from None
+
+
+def _check_prompts(recipe) -> None:
+    """Read the prompt files (and template one prompt) so a bad file fails before the run dir is created."""
+    from portable_rl.data.prompts import PromptFileError, PromptSource, read_prompt_file
+
+    tokenizer = None
+    for split, cfg in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        if cfg is None:
+            continue
+        read_prompt_file(cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template)
+        # The tiny and demo models ship a chat template; a user's HF directory may not.
+        if cfg.apply_chat_template and recipe.model.path not in ("tiny", "smollm2"):
+            tokenizer = tokenizer or _load_tokenizer(recipe.model.path)
+            try:
+                PromptSource(cfg, tokenizer).make_item(0, 0)
+            except PromptFileError as exc:
+                raise UserError(f"data.{split}: {exc}") from None
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"model.path={path!r}: cannot load its tokenizer ({first}); add the tokenizer files to the directory"
+        ) from None
+
+
+def _check_reward_and_filter(recipe) -> None:
+    """Import the reward function and group filter now: a typo fails before the job starts Ray and engines."""
+    import inspect
+
+    from portable_rl.rollout.filters import load_filter
+    from portable_rl.rollout.rewards import RewardLoadError, load_callable, load_reward_fn
+
+    r = recipe.rollout
+    try:
+        if r.reward == "math":
+            load_reward_fn(r.reward, **r.reward_options)
+        else:
+            fn = load_callable(r.reward)
+            try:
+                signature = inspect.signature(fn)
+            except (TypeError, ValueError):  # builtins and some callables have none; nothing to check
+                signature = None
+            if signature is not None:
+                signature.bind("response", None, None, **r.reward_options)
+        load_filter(r.filter)
+    except RewardLoadError as exc:
+        raise UserError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"rollout.reward_options={r.reward_options!r} do not fit reward {r.reward!r} ({exc}); "
+            "pass only the function's keyword arguments"
+        ) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +186,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="recipe YAML file (see examples/)")
     p.add_argument(
-        "overrides", nargs="*", help="section.key=value; also --sglang-<name> V / --megatron-<name> V"
+        "overrides",
+        nargs="*",
+        default=[],
+        help="section.key=value; also --sglang-<name> V / --megatron-<name> V",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in run.output_dir from its last checkpoint"

@@ -1,0 +1,372 @@
+"""Bad input through the real CLI: one line on stderr, exit code 2, no traceback, nothing written.
+
+Every case runs ``portable_rl.cli.main`` in-process (a few also as ``python -m portable_rl`` subprocesses).
+``train`` cases run twice: against an existing run directory with ``--resume`` (so the run-directory check
+passes and only the bad value can stop the command; the directory must stay byte-identical) and against a
+fresh path (which must not be created). ``RunDir.prepare`` is replaced by a tripwire: a case that gets past
+validation fails the test instead of starting a training job. A control case shows that the unmodified recipe
+does reach ``prepare`` from both targets, so each failure below is caused by its one bad value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from portable_rl.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [{"prompt": "What is 2 + 3?", "label": "5"}, {"prompt": "What is 4 + 4?", "label": "8"}]
+
+
+class ReachedPrepare(Exception):
+    """Validation passed: the command was about to write the run directory."""
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Prompt files, a base recipe, an existing run with a checkpoint, and a model without a chat template."""
+    from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("bad-input")
+    data = root / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
+    (data / "empty.jsonl").write_text("\n\n", encoding="utf-8")
+    (data / "invalid.jsonl").write_text(json.dumps(PROMPTS[0]) + '\n{"prompt": "oops",\n', encoding="utf-8")
+    (data / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9 au lait"}\n')
+    recipe = {
+        "model": {"path": "tiny"},
+        "data": {"train": {"path": "data/train.jsonl"}},
+        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 8},
+        "run": {"steps": 2, "mode": "colocated", "output_dir": "runs/unused"},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+
+    run = root / "runs" / "existing"
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.25}\n', encoding="utf-8")
+    (run / "sentinel.txt").write_bytes(b"keep me\x00\xff")
+    (run / "checkpoints" / "step_1" / "COMPLETE").write_text("1", encoding="utf-8")
+    (run / "checkpoints" / "step_1" / "data_state.json").write_text('{"step": 1}', encoding="utf-8")
+    (root / "runs" / "no_checkpoint").mkdir()
+    (root / "runs" / "no_checkpoint" / "config.yaml").write_text("run: {}\n", encoding="utf-8")
+    (root / "runs" / "a_file").write_text("not a directory", encoding="utf-8")
+
+    model = build_tiny_checkpoint(root / "no-template", TinySpec(arch="llama"))
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    (model / "chat_template.json").unlink(missing_ok=True)
+
+    reward_mod = root / "pkg_user_reward"
+    reward_mod.mkdir()
+    (reward_mod / "__init__.py").write_text("", encoding="utf-8")
+    (reward_mod / "broken.py").write_text("import no_such_dependency_xyz\n", encoding="utf-8")
+    return root
+
+
+def tree(path: Path) -> dict[str, bytes | None]:
+    """Every file and directory under ``path`` with the bytes of each file (None for directories)."""
+    return {
+        str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))
+    }
+
+
+@pytest.fixture(autouse=True)
+def _tripwire(monkeypatch):
+    from portable_rl.run_dir import RunDir
+
+    def refuse(self, resolved_config):
+        raise ReachedPrepare(str(self.path))
+
+    monkeypatch.setattr(RunDir, "prepare", refuse)
+    monkeypatch.setenv("PORTABLE_RL_PLATFORM", "cpu")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``portable-rl argv`` run in-process (argparse's SystemExit included)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # pragma: no cover - main returns codes; kept so a regression reads clearly
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, needles: tuple[str, ...]) -> None:
+    assert code == 2, f"exit code {code}; stderr: {err!r}"
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"stderr is not one line: {err!r}"
+    assert lines[0].startswith("portable-rl"), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert out == "", f"stdout should be empty: {out!r}"
+
+
+# ---- train: each case is (recipe text or None for the base recipe, extra argv, needles) -------------------
+
+BASE = None
+TRAIN_CASES = {
+    "malformed_yaml": ("model:\n\tpath: tiny\n", [], ("line 2", "fix the YAML syntax")),
+    "non_utf8_recipe": (b"model:\n  path: tiny\xff\n", [], ("not UTF-8", "save it as UTF-8")),
+    "recipe_not_a_mapping": ("- model\n- data\n", [], ("must be a mapping of sections",)),
+    "recipe_without_data": ("model:\n  path: tiny\n", [], ("no data section", "data.train.path")),
+    "unknown_key_did_you_mean": (BASE, ["rollout.temprature=0.5"], ("rollout.temprature", "'temperature'")),
+    "unknown_section": (BASE, ["trian.seed=3"], ("'trian'", "did you mean 'train'")),
+    "wrong_type_int": (BASE, ["rollout.max_new_tokens=lots"], ("rollout.max_new_tokens='lots'", "integer")),
+    "wrong_type_bool": (BASE, ["run.async_rollout=maybe"], ("run.async_rollout='maybe'", "true or false")),
+    "wrong_type_section": (BASE, ["rollout=5"], ("rollout must be a mapping",)),
+    "out_of_range_top_p": (BASE, ["rollout.top_p=1.5"], ("error: rollout.top_p=1.5", "(0, 1]")),
+    "negative_steps": (BASE, ["run.steps=-3"], ("error: run.steps=-3", ">= 1")),
+    "literal_choice": (BASE, ["algo.loss_agg=token-sum"], ("algo.loss_agg='token-sum'", "choose one of")),
+    "unknown_mode": (BASE, ["run.mode=hybrid"], ("run.mode='hybrid'", "colocated")),
+    "colocated_async": (BASE, ["run.async_rollout=true"], ("run.async_rollout=true", "disaggregated")),
+    "dp_does_not_split_batch": (BASE, ["train.data_parallel=3"], ("train.data_parallel=3", "multiple")),
+    "tp_pp_exceed_cpus": (
+        BASE,
+        ["train.parallel.tensor_parallel=2", "train.parallel.pipeline_parallel=2", "run.num_cpus=1"],
+        ("TP 2 x PP 2 x DP 1", "run.num_cpus=1"),
+    ),
+    "ranks_exceed_host_cores": (
+        BASE,
+        ["train.parallel.tensor_parallel=1024"],
+        ("TP 1024 x PP 1 x DP 1", "this host gives"),
+    ),
+    "colocated_more_engines_than_ranks": (
+        BASE,
+        ["rollout.num_engines=2"],
+        ("rollout.num_engines x rollout.engine_tp_size = 2 > TP 1 x PP 1 x DP 1", "run.mode=disaggregated"),
+    ),
+    "missing_model_path": (BASE, ["model.path=/no/such/model"], ("'/no/such/model'", "config.json")),
+    "model_without_chat_template": (
+        BASE,
+        ["model.path=no-template"],
+        ("no chat template", "apply_chat_template: false"),
+    ),
+    "missing_prompt_file": (BASE, ["data.train.path=data/nope.jsonl"], ("nope.jsonl", "does not exist")),
+    "empty_prompt_file": (BASE, ["data.train.path=data/empty.jsonl"], ("empty.jsonl", "is empty")),
+    "invalid_jsonl": (
+        BASE,
+        ["data.train.path=data/invalid.jsonl"],
+        ("invalid.jsonl line 2", "not valid JSON"),
+    ),
+    "non_utf8_prompt_file": (BASE, ["data.train.path=data/latin1.jsonl"], ("latin1.jsonl line 1", "UTF-8")),
+    "reward_module_missing": (
+        BASE,
+        ["rollout.reward=no_such_reward_mod:score"],
+        ("'no_such_reward_mod:score'", "cannot import"),
+    ),
+    "reward_module_broken": (
+        BASE,
+        ["rollout.reward=pkg_user_reward.broken:score"],
+        ("no_such_dependency_xyz", "cannot import"),
+    ),
+    "reward_attribute_missing": (
+        BASE,
+        ["rollout.reward=json:no_such_function"],
+        ("json:no_such_function", "no callable 'no_such_function'"),
+    ),
+    "reward_not_a_path": (
+        BASE,
+        ["rollout.reward=banana"],
+        ("rollout.reward='banana'", "package.module:function"),
+    ),
+    "reward_bad_options": (
+        BASE,
+        ["rollout.reward_options={bogus: 1}"],
+        ("rollout.reward_options", "bogus"),
+    ),
+    "filter_module_missing": (
+        BASE,
+        ["rollout.filter=no_such_filter_mod:keep"],
+        ("group filter", "cannot import"),
+    ),
+    "override_without_equals": (BASE, ["run.steps"], ("'run.steps'", "section.key=value")),
+    "override_into_a_value": (BASE, ["run.steps.max=3"], ("'steps' is not a section",)),
+    "megatron_arg_wrong_section": (BASE, ["train.megatron_args=3"], ("train.megatron_args", "mapping")),
+}
+
+
+def _write_recipe(work: Path, name: str, text: str | bytes | None) -> Path:
+    if text is None:
+        return work / "recipe.yaml"
+    path = work / f"case_{name}.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", list(TRAIN_CASES))
+def test_train_bad_input(work, capsys, monkeypatch, name):
+    text, extra, needles = TRAIN_CASES[name]
+    monkeypatch.syspath_prepend(str(work))  # where pkg_user_reward lives
+    recipe = _write_recipe(work, name, text)
+    existing = work / "runs" / "existing"
+    before = tree(existing)
+
+    code, out, err = run_cli(
+        capsys, ["train", str(recipe), *extra, "--output-dir", str(existing), "--resume"]
+    )
+    assert_one_line_error(code, out, err, needles)
+    assert tree(existing) == before, "the existing run directory changed"
+
+    fresh = work / "runs" / f"fresh_{name}"
+    code, out, err = run_cli(capsys, ["train", str(recipe), *extra, "--output-dir", str(fresh)])
+    assert_one_line_error(code, out, err, needles)
+    assert not fresh.exists(), "a run directory was created for a bad recipe"
+
+
+def test_control_the_base_recipe_passes_validation(work, capsys):
+    """Without a bad value the same command reaches RunDir.prepare from both targets (so the cases are real)."""
+    existing = work / "runs" / "existing"
+    with pytest.raises(ReachedPrepare):
+        main(["train", str(work / "recipe.yaml"), "--output-dir", str(existing), "--resume"])
+    with pytest.raises(ReachedPrepare):
+        main(["train", str(work / "recipe.yaml"), "--output-dir", str(work / "runs" / "fresh_control")])
+    # The model directory without a chat template is fine once the prompts are not templated.
+    with pytest.raises(ReachedPrepare):
+        main(
+            [
+                "train",
+                str(work / "recipe.yaml"),
+                "model.path=no-template",
+                "data.train.apply_chat_template=false",
+                "--output-dir",
+                str(work / "runs" / "fresh_control2"),
+            ]
+        )
+    capsys.readouterr()
+
+
+# ---- train: the run directory itself ------------------------------------------------------------------------
+
+RUN_DIR_CASES = {
+    "existing_run_without_resume": ("existing", [], ("already holds a run", "--resume")),
+    "resume_without_a_run": ("never_created", ["--resume"], ("holds no run", "drop --resume")),
+    "resume_without_a_checkpoint": ("no_checkpoint", ["--resume"], ("no complete checkpoint",)),
+    "output_dir_is_a_file": ("a_file", [], ("a_file", "not a directory")),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_DIR_CASES))
+def test_train_run_directory_misuse(work, capsys, name):
+    target, extra, needles = RUN_DIR_CASES[name]
+    path = work / "runs" / target
+    before = tree(path) if path.is_dir() else (path.read_bytes() if path.exists() else None)
+    code, out, err = run_cli(capsys, ["train", str(work / "recipe.yaml"), "--output-dir", str(path), *extra])
+    assert_one_line_error(code, out, err, needles)
+    after = tree(path) if path.is_dir() else (path.read_bytes() if path.exists() else None)
+    assert after == before
+
+
+def test_unavailable_platform(work, capsys, monkeypatch):
+    monkeypatch.setenv("PORTABLE_RL_PLATFORM", "rocm")
+    existing = work / "runs" / "existing"
+    before = tree(existing)
+    argv = ["train", str(work / "recipe.yaml"), "--output-dir", str(existing), "--resume"]
+    assert_one_line_error(*run_cli(capsys, argv), ("'rocm' is not available",))
+    assert tree(existing) == before
+    monkeypatch.setenv("PORTABLE_RL_PLATFORM", "tpu")
+    assert_one_line_error(*run_cli(capsys, argv), ("unknown platform 'tpu'", "PORTABLE_RL_PLATFORM"))
+    assert tree(existing) == before
+
+
+# ---- argparse and the other commands -------------------------------------------------------------------------
+
+CLI_CASES = {
+    "unknown_command": (["frobnicate"], ("invalid choice: 'frobnicate'", "--help")),
+    "train_unknown_flag": (["train", "{recipe}", "--bogus"], ("unrecognized arguments: --bogus",)),
+    "train_missing_recipe_arg": (["train"], ("arguments are required: recipe;",)),
+    "train_missing_recipe_file": (
+        ["train", "/no/such/recipe.yaml"],
+        ("'/no/such/recipe.yaml' does not exist",),
+    ),
+    "top_level_unknown_flag": (["--bogus", "doctor"], ("unrecognized arguments: --bogus",)),
+    "image_other_vendor_variant": (
+        ["image", "--platform", "cuda", "--variant", "gfx942"],
+        ("no cuda image for variant 'gfx942'", "rocm variant"),
+    ),
+    "image_unknown_vendor": (["image", "--platform", "tpu"], ("invalid choice: 'tpu'", "cuda")),
+    "image_bad_arch": (["image", "--platform", "rocm", "--variant", "sm_90"], ("'sm_90'", "rocm has:")),
+    "image_bad_version": (["image", "--platform", "cpu", "--version", "0.2 beta"], ("'0.2 beta'",)),
+    "launch_worker_without_address": (["launch", "worker", "--dry-run"], ("needs --address",)),
+    "launch_bad_port": (["launch", "head", "--dry-run", "--port", "70000"], ("--port 70000",)),
+    "launch_port_not_a_number": (["launch", "head", "--port", "lots"], ("invalid int value: 'lots'",)),
+    "launch_bad_template_platform": (
+        ["launch", "template", "kuberay", "--platform", "tpu"],
+        ("'tpu' is not one of",),
+    ),
+    "launch_unknown_action": (["launch", "teleport"], ("invalid choice: 'teleport'",)),
+    "launch_submit_missing_recipe": (
+        ["launch", "submit", "nope.yaml", "--dry-run"],
+        ("'nope.yaml' does not exist",),
+    ),
+    "conformance_unknown_flag": (["conformance", "--bogus"], ("unrecognized arguments: --bogus",)),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_cli_bad_input(work, capsys, monkeypatch, name):
+    argv, needles = CLI_CASES[name]
+    monkeypatch.chdir(work)
+    argv = [a.replace("{recipe}", str(work / "recipe.yaml")) for a in argv]
+    assert_one_line_error(*run_cli(capsys, argv), needles)
+
+
+# ---- the real entry point in a subprocess --------------------------------------------------------------------
+
+SUBPROCESS_CASES = {
+    "malformed_yaml": ("bad.yaml", "model: [x\n", [], {}, "fix the YAML syntax"),
+    "unknown_flag": ("recipe.yaml", None, ["--bogus"], {}, "unrecognized arguments: --bogus"),
+    "unavailable_platform": (
+        "recipe.yaml",
+        None,
+        [],
+        {"PORTABLE_RL_PLATFORM": "rocm"},
+        "'rocm' is not available",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SUBPROCESS_CASES))
+def test_python_m_portable_rl(work, name):
+    file, text, extra, env_extra, needle = SUBPROCESS_CASES[name]
+    if text is not None:
+        (work / file).write_text(text, encoding="utf-8")
+    existing = work / "runs" / "existing"
+    before = tree(existing)
+    env = {**os.environ, "PORTABLE_RL_PLATFORM": "cpu", **env_extra}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "portable_rl",
+            "train",
+            file,
+            *extra,
+            "--output-dir",
+            str(existing),
+            "--resume",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, (needle,))
+    assert tree(existing) == before
