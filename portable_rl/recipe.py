@@ -9,6 +9,7 @@ Sections and their owners::
     algo:         AlgoConfig (portable_rl.algo)            advantages, losses, KL, TIS
     weight_sync:  WeightSyncConfig (portable_rl.weight_sync)
     run:          RunConfig (here)                          steps, mode, async, eval/save cadence, output dir
+    placement:    NodePlacementConfig (orchestration)       which cluster nodes host the trainer / the engines
 
 ``load_recipe(path, overrides)`` reads the YAML, applies ``section.key=value`` and ``--sglang-*`` /
 ``--megatron-*`` overrides, builds the tree with type checks and "did you mean" errors, and runs the
@@ -24,6 +25,7 @@ from typing import Any
 from portable_rl.algo.config import AlgoConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
 from portable_rl.data.prompts import PromptConfig
+from portable_rl.orchestration.placement import NodePlacementConfig
 from portable_rl.rollout.config import RolloutConfig
 from portable_rl.training.actor import OptimConfig, ParallelConfig
 from portable_rl.weight_sync.config import WeightSyncConfig
@@ -115,6 +117,7 @@ class Recipe:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    placement: NodePlacementConfig = field(default_factory=NodePlacementConfig)
 
     def __post_init__(self) -> None:
         if self.run.async_rollout and self.run.mode == "colocated":
@@ -122,6 +125,7 @@ class Recipe:
                 "run.async_rollout=true needs run.mode=disaggregated (co-located engines share the trainer's "
                 "devices, so they cannot generate while it trains)"
             )
+        self.placement.check_mode(self.run.mode)
         batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         if batch % self.train.data_parallel:
             raise ValueError(

@@ -16,13 +16,14 @@ from typing import Any
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
 from portable_rl.orchestration.engine_group import EngineGroup
-from portable_rl.orchestration.placement import PlacementConfig, plan, reserve
+from portable_rl.orchestration.placement import PlacementConfig, plan, reserve, write_layout
 from portable_rl.orchestration.trainer_group import TrainerGroup
 from portable_rl.platform import current_platform
 from portable_rl.recipe import Recipe
 from portable_rl.rl_batch import flatten
 from portable_rl.run_dir import RunDir
 from portable_rl.training.actor import ActorConfig
+from portable_rl.weight_sync.config import resolve_strategy
 
 
 def resolve_model(recipe: Recipe, run_dir: RunDir) -> Path:
@@ -89,15 +90,25 @@ class Job:
             num_engines=r.rollout.num_engines,
             devices_per_engine=r.rollout.engine_tp_size,
             cpus_per_device=float(os.environ.get("PORTABLE_RL_CPUS_PER_DEVICE", "0.5")),
+            trainer_resource=r.placement.trainer_resource,
+            engine_resource=r.placement.engine_resource,
         )
         self.plan = plan(pcfg, self.platform)
-        self.pg = reserve(self.plan)
         try:
+            self.pg = reserve(self.plan)
             self.engines = EngineGroup(r.rollout, self.model_dir, self.plan, self.pg, self.platform)
             self.trainer = TrainerGroup(
                 self._actor_config(), r.train.world_size, self.plan, self.pg, self.platform
             )
             self.trainer.call("connect_weight_sync", self.engines.urls, r.weight_sync, r.run.mode)
+            sync = {
+                "strategy": resolve_strategy(r.weight_sync, r.run.mode),
+                "backend": self.platform.dist_backend,
+            }
+            layout_path = self.run_dir.path / "layout.json"  # where every rank and engine ran
+            write_layout(
+                layout_path, self.plan, self.pg, self.trainer.actors, self.engines.actors, weight_sync=sync
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise

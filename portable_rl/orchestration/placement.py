@@ -2,24 +2,90 @@
 
 Contract
 --------
-* ``PlacementConfig`` says how many trainer ranks and engines there are, how many devices each uses and
-  whether they share devices (``colocated``) or not (``disaggregated``).
+* ``PlacementConfig`` says how many trainer ranks and engines there are, how many devices each uses, whether
+  they share devices (``colocated``) or not (``disaggregated``), and optionally which nodes each side may use.
+* ``NodePlacementConfig`` is the recipe's ``placement:`` section: the custom Ray resource a node must advertise
+  to host trainer bundles (``trainer_resource``) or engine bundles (``engine_resource``). Nodes advertise one
+  with ``portable-rl launch head|worker --resources '{"NAME": 1}'``; ``--role trainer|engine`` advertises
+  ``portable_rl_role:trainer|engine``. Unset: any node.
 * ``plan(cfg, platform)`` is pure: it returns the bundles a placement group must reserve and which bundle each
   trainer rank / engine lands on. Devices are the platform's Ray resource ("GPU" on NVIDIA and AMD); on the
-  CPU platform a "device" is a share of CPU cores, so both layouts run on one machine.
-* ``reserve(plan)`` creates the Ray placement group (STRICT_PACK on one node when it fits, PACK otherwise)
-  and returns scheduling strategies in stable rank order (bundle index order == rank order).
+  CPU platform a "device" is a share of CPU cores, so both layouts run on one machine. A pinned side's
+  bundles also ask for ``PIN_AMOUNT`` of its node resource, so Ray puts them only on nodes that have it.
+* ``reserve(plan)`` refuses a pin resource no alive node advertises, then creates one placement group with
+  the PACK strategy (Ray fills as few nodes as the bundles' resources allow, one node when everything fits
+  there) and returns it; bundle index order == rank order.
+* ``layout(plan, pg, trainer_actors, engine_actors)`` reads back where every worker actually runs (node id and
+  address, asked of the actor itself); ``write_layout`` adds the job's extras (weight-sync strategy) and
+  writes it as JSON — the job's ``layout.json`` in the run directory.
 * Worker env comes from ``platform.worker_env`` — this module never names a vendor.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+from portable_rl.cli import UserError
 from portable_rl.platform import Platform
 
 Mode = Literal["colocated", "disaggregated"]
+# What one bundle asks of a pin resource: any node advertising a positive amount (e.g. 1) admits up to
+# 1/PIN_AMOUNT bundles, and Ray's resource granularity (1e-4) represents it exactly.
+PIN_AMOUNT = 0.001
+PG_STRATEGY = "PACK"
+_RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+class PlacementError(UserError):
+    """The cluster cannot host the plan as pinned; one line naming the resource and the fix."""
+
+
+def _check_resource_name(key: str, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise ValueError(
+            f"{key}={value!r} must be the name of a custom Ray resource (e.g. node_trainer), or null"
+        )
+    if value in _RAY_OWN_RESOURCES:
+        raise ValueError(
+            f"{key}={value!r} is one of Ray's own resources; name a custom resource the nodes advertise "
+            "with `portable-rl launch ... --resources '{\"NAME\": 1}'`"
+        )
+
+
+@dataclass
+class NodePlacementConfig:
+    """The recipe's ``placement:`` section: which cluster nodes the trainer and the engines may use.
+
+    trainer_resource:  custom Ray resource a node must advertise to host trainer ranks (null: any node);
+                       e.g. ``portable_rl_role:trainer`` for nodes started with ``launch ... --role trainer``
+    engine_resource:   the same for rollout engines (e.g. ``portable_rl_role:engine``)
+    """
+
+    trainer_resource: str | None = None
+    engine_resource: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_resource_name("placement.trainer_resource", self.trainer_resource)
+        _check_resource_name("placement.engine_resource", self.engine_resource)
+
+    def check_mode(self, mode: str) -> None:
+        """Co-located trainer and engines share bundles, so they cannot be pinned to different nodes."""
+        _check_colocated_pins(mode, self.trainer_resource, self.engine_resource)
+
+
+def _check_colocated_pins(mode: str, trainer: str | None, engine: str | None) -> None:
+    if mode == "colocated" and trainer and engine and trainer != engine:
+        raise ValueError(
+            f"colocated mode shares devices, so trainer and engines run on the same nodes: "
+            f"placement.trainer_resource={trainer!r} and placement.engine_resource={engine!r} must be "
+            "equal (or set only one), or use run.mode=disaggregated"
+        )
 
 
 @dataclass
@@ -29,6 +95,8 @@ class PlacementConfig:
     num_engines: int = 1
     devices_per_engine: int = 1  # SGLang TP size of one engine
     cpus_per_device: float = 1.0  # on the CPU platform: cores that make one "device"
+    trainer_resource: str | None = None  # custom node resource the trainer's bundles ask for
+    engine_resource: str | None = None  # custom node resource the engines' bundles ask for
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "disaggregated"):
@@ -44,6 +112,9 @@ class PlacementConfig:
                 f"<= trainer_ranks ({self.trainer_ranks}) so engines share the trainer's devices; "
                 "lower num_engines or use mode=disaggregated"
             )
+        _check_resource_name("placement.trainer_resource", self.trainer_resource)
+        _check_resource_name("placement.engine_resource", self.engine_resource)
+        _check_colocated_pins(self.mode, self.trainer_resource, self.engine_resource)
 
     @property
     def total_devices(self) -> int:
@@ -68,6 +139,9 @@ class Plan:
     engines: list[list[Slot]]  # one list of slots (one per engine device) per engine
     resource: str  # "CPU" or the platform's accelerator resource
     extras: dict[str, Any] = field(default_factory=dict)
+    strategy: str = PG_STRATEGY
+    # side ("trainer" | "engine") -> the node resource its bundles ask for; only the pinned sides
+    pins: dict[str, str] = field(default_factory=dict)
 
 
 def plan(cfg: PlacementConfig, platform: Platform) -> Plan:
@@ -87,7 +161,19 @@ def plan(cfg: PlacementConfig, platform: Platform) -> Plan:
     for e in range(cfg.num_engines):
         start = first_engine_bundle + e * cfg.devices_per_engine
         engines.append([Slot(bundle=start + d, device_share=share) for d in range(cfg.devices_per_engine)])
-    return Plan(bundles=bundles, trainer=trainer, engines=engines, resource=resource)
+    pins = {
+        side: name
+        for side, name in (("trainer", cfg.trainer_resource), ("engine", cfg.engine_resource))
+        if name
+    }
+    if "trainer" in pins:
+        for slot in trainer:
+            bundles[slot.bundle][pins["trainer"]] = PIN_AMOUNT
+    if "engine" in pins:
+        for slots in engines:
+            for slot in slots:
+                bundles[slot.bundle][pins["engine"]] = PIN_AMOUNT
+    return Plan(bundles=bundles, trainer=trainer, engines=engines, resource=resource, pins=pins)
 
 
 def actor_options(p: Plan, slot: Slot, pg: Any) -> dict[str, Any]:
@@ -110,19 +196,84 @@ def actor_options(p: Plan, slot: Slot, pg: Any) -> dict[str, Any]:
     return opts
 
 
+def check_pins(p: Plan, nodes: Sequence[dict[str, Any]]) -> None:
+    """Refuse a pin resource that no alive node of ``nodes`` (``ray.nodes()``) advertises."""
+    alive = [n for n in nodes if n.get("Alive", True)]
+    for side, name in p.pins.items():
+        if not any((n.get("Resources") or {}).get(name, 0) > 0 for n in alive):
+            raise PlacementError(
+                f"placement.{side}_resource={name!r}: no alive node advertises it; start the {side} node(s) "
+                f"with `portable-rl launch ... --resources '{{\"{name}\": 1}}'` or change the recipe"
+            )
+
+
 def reserve(p: Plan, timeout_s: float = 60.0) -> Any:
     """Create and wait for the placement group of plan ``p``; a clear error if the cluster cannot fit it."""
     import ray
     from ray.util.placement_group import placement_group
 
-    pg = placement_group(p.bundles, strategy="PACK")
+    if p.pins:
+        check_pins(p, ray.nodes())
+    pg = placement_group(p.bundles, strategy=p.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         available = ray.available_resources()
         ray.util.remove_placement_group(pg)
-        need = {k: sum(b.get(k, 0) for b in p.bundles) for k in p.bundles[0]}
+        keys = sorted({k for b in p.bundles for k in b})
+        need = {k: round(sum(b.get(k, 0) for b in p.bundles), 4) for k in keys}
         raise RuntimeError(
             f"placement group {need} did not fit within {timeout_s:.0f}s (cluster has {available}); "
             "lower trainer ranks / engines or add nodes"
         )
     return pg
+
+
+def _where_am_i(actor_self: Any) -> dict[str, str]:
+    """Run inside an actor through ``__ray_call__``: the node this actor process runs on."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def layout(
+    p: Plan, pg: Any, trainer_actors: Sequence[Any], engine_actors: Sequence[Any], timeout_s: float = 60.0
+) -> dict[str, Any]:
+    """Where the job runs: per trainer rank and engine its bundle(s), node id and node address.
+
+    Node ids come from the actors themselves (not from the plan), so the record shows where work really ran.
+    """
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    trainer_where = ray.get([a.__ray_call__.remote(_where_am_i) for a in trainer_actors], timeout=timeout_s)
+    engine_where = ray.get([a.__ray_call__.remote(_where_am_i) for a in engine_actors], timeout=timeout_s)
+    bundle_nodes = placement_group_table(pg).get("bundles_to_node_id", {})
+    return {
+        "strategy": p.strategy,
+        "pins": dict(p.pins),
+        "bundles": [
+            {"index": i, "resources": b, "node_id": bundle_nodes.get(i)} for i, b in enumerate(p.bundles)
+        ],
+        "trainer": [
+            {"rank": r, "bundle": s.bundle, **w}
+            for r, (s, w) in enumerate(zip(p.trainer, trainer_where, strict=True))
+        ],
+        "engines": [
+            {"index": e, "bundles": [s.bundle for s in slots], **w}
+            for e, (slots, w) in enumerate(zip(p.engines, engine_where, strict=True))
+        ],
+    }
+
+
+def write_layout(
+    path: str | Path,
+    p: Plan,
+    pg: Any,
+    trainer_actors: Sequence[Any],
+    engine_actors: Sequence[Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """``layout(...)`` plus ``extra`` (e.g. the weight-sync strategy), written to ``path`` as JSON."""
+    record = {**layout(p, pg, trainer_actors, engine_actors), **extra}
+    Path(path).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record

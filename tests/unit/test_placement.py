@@ -6,7 +6,16 @@ import pytest
 from fake_hosts import simulate_rocm
 
 from portable_rl import platform as plat
-from portable_rl.orchestration.placement import PlacementConfig, actor_options, plan, reserve
+from portable_rl.orchestration.placement import (
+    PIN_AMOUNT,
+    NodePlacementConfig,
+    PlacementConfig,
+    PlacementError,
+    actor_options,
+    check_pins,
+    plan,
+    reserve,
+)
 
 
 def test_colocated_plan_shares_bundles():
@@ -51,6 +60,92 @@ def test_bad_placement_config(kwargs, match):
         PlacementConfig(**kwargs)
 
 
+def test_pinned_disaggregated_plan_asks_each_side_for_its_node_resource():
+    cfg = PlacementConfig(
+        mode="disaggregated",
+        trainer_ranks=2,
+        num_engines=2,
+        devices_per_engine=1,
+        cpus_per_device=0.5,
+        trainer_resource="node_trainer",
+        engine_resource="node_engine",
+    )
+    p = plan(cfg, plat.load("cpu"))
+    assert p.pins == {"trainer": "node_trainer", "engine": "node_engine"}
+    assert p.strategy == "PACK"
+    for slot in p.trainer:
+        assert p.bundles[slot.bundle] == {"CPU": 0.5, "node_trainer": PIN_AMOUNT}
+    for slots in p.engines:
+        for slot in slots:
+            assert p.bundles[slot.bundle] == {"CPU": 0.5, "node_engine": PIN_AMOUNT}
+    # Every bundle belongs to exactly one side, so no bundle asks for both resources.
+    assert (
+        sum("node_trainer" in b for b in p.bundles) == 2 and sum("node_engine" in b for b in p.bundles) == 2
+    )
+
+
+def test_pinning_one_side_leaves_the_other_free(monkeypatch):
+    simulate_rocm(monkeypatch, ["gfx942"] * 8)
+    cfg = PlacementConfig(
+        mode="disaggregated", trainer_ranks=2, num_engines=1, devices_per_engine=2, engine_resource="amd_pool"
+    )
+    p = plan(cfg, plat.load("rocm"))
+    assert p.pins == {"engine": "amd_pool"}
+    assert [p.bundles[s.bundle] for s in p.trainer] == [{"GPU": 1.0, "CPU": 1.0}] * 2
+    assert [p.bundles[s.bundle] for s in p.engines[0]] == [
+        {"GPU": 1.0, "CPU": 1.0, "amd_pool": PIN_AMOUNT}
+    ] * 2
+    # The actor itself asks only for its device share; the bundle already holds the node resource.
+    assert "amd_pool" not in actor_options(p, p.engines[0][0], pg=None).get("resources", {})
+
+
+def test_colocated_plan_pins_shared_bundles_once():
+    cfg = PlacementConfig(mode="colocated", trainer_ranks=2, num_engines=2, trainer_resource="pool")
+    p = plan(cfg, plat.load("cpu"))
+    assert p.bundles == [{"CPU": 1.0, "pool": PIN_AMOUNT}] * 2
+    same = PlacementConfig(mode="colocated", trainer_ranks=1, trainer_resource="pool", engine_resource="pool")
+    assert plan(same, plat.load("cpu")).bundles == [{"CPU": 1.0, "pool": PIN_AMOUNT}]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "colocated", "trainer_resource": "a", "engine_resource": "b"}, "must be equal"),
+        ({"mode": "disaggregated", "trainer_resource": "GPU"}, "one of Ray's own resources"),
+        ({"mode": "disaggregated", "engine_resource": " "}, "must be the name of a custom Ray resource"),
+        ({"mode": "disaggregated", "engine_resource": 3}, "must be the name of a custom Ray resource"),
+    ],
+)
+def test_bad_pins(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PlacementConfig(**kwargs)
+
+
+def test_recipe_section_validates_names_and_mode():
+    assert NodePlacementConfig().trainer_resource is None
+    with pytest.raises(ValueError, match="placement.trainer_resource='memory'"):
+        NodePlacementConfig(trainer_resource="memory")
+    pins = NodePlacementConfig(trainer_resource="t", engine_resource="e")
+    pins.check_mode("disaggregated")
+    with pytest.raises(ValueError, match="run.mode=disaggregated"):
+        pins.check_mode("colocated")
+
+
+def test_check_pins_names_the_missing_resource():
+    p = plan(
+        PlacementConfig(mode="disaggregated", trainer_resource="node_trainer", engine_resource="node_engine"),
+        plat.load("cpu"),
+    )
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 1.0, "node_trainer": 1.0}},
+        {"Alive": False, "Resources": {"CPU": 1.0, "node_engine": 1.0}},  # dead nodes do not count
+    ]
+    with pytest.raises(PlacementError, match=r"placement.engine_resource='node_engine': no alive node"):
+        check_pins(p, nodes)
+    nodes[1]["Alive"] = True
+    check_pins(p, nodes)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -93,3 +188,15 @@ def test_reserve_fails_clearly_when_too_big(ray_local):
     p = plan(PlacementConfig(mode="disaggregated", trainer_ranks=4, num_engines=2), plat.load("cpu"))
     with pytest.raises(RuntimeError, match="did not fit"):
         reserve(p, timeout_s=2)
+
+
+def _live_pgs(ray) -> set[str]:
+    return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+def test_reserve_refuses_a_pin_no_node_has(ray_local):
+    before = _live_pgs(ray_local)
+    p = plan(PlacementConfig(mode="disaggregated", engine_resource="no_such_node"), plat.load("cpu"))
+    with pytest.raises(PlacementError, match="no_such_node"):
+        reserve(p, timeout_s=2)
+    assert _live_pgs(ray_local) == before, "a refused plan must not leave a placement group behind"
