@@ -238,6 +238,9 @@ class _Rollout:
             raise RolloutError(
                 f"all {len(self.errors)} failed requests, none finished; first: {self.errors[0]}"
             )
+        # Groups finish in an order set by timing; the trainer's batch must not depend on it (a resumed or
+        # repeated run trains on bit-identical batches), so hand them out in launch order.
+        self.result.groups.sort(key=lambda g: g.group_id)
         return self.result
 
     def _target_reached(self) -> bool:

@@ -1,13 +1,17 @@
-"""The tiny recipe end to end through `portable-rl train`: both modes, async rollout, and exact resume."""
+"""The tiny recipe end to end through `portable-rl train`: both modes, async rollout, and exact resume of a
+run killed (SIGKILL, whole process tree) in the middle of a step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,18 +49,51 @@ def test_disaggregated_async_run(tmp_path):
     assert (tmp_path / "run" / "curves.png").is_file()
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path):
+def _kill_after_checkpoint(run_dir: Path, step: int, *args: str) -> int:
+    """Start a run, SIGKILL it and every process it started once the checkpoint of ``step`` is complete.
+
+    Returns the number of metrics lines written when it was killed (the step in flight is lost).
+    """
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PORTABLE_RL_PLATFORM": "cpu"}
+    argv = [sys.executable, "-m", "portable_rl", "train", str(RECIPE), "--output-dir", str(run_dir), *args]
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    marker = run_dir / "checkpoints" / f"step_{step}" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before checkpoint {step}"
+            assert time.monotonic() < deadline, f"no checkpoint of step {step} within 600 s"
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be killed mid-run"
+    finally:
+        # Ray's daemons are children of the driver: kill the whole tree, like an OOM killer or a lost node.
+        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()
+        proc.wait(timeout=60)
+    return len(_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+
+
+def _rollouts(run_dir: Path) -> list[tuple[int, int]]:
+    lines = (run_dir / "rollouts.jsonl").read_text().splitlines()
+    return [(r["step"], r["prompt_index"]) for r in map(json.loads, lines)]
+
+
+def test_killed_run_resumes_exactly(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     out = _train(full, "run.steps=4", "run.save_every=2")
     assert out.returncode == 0, out.stderr[-3000:]
-    out = _train(part, "run.steps=2", "run.save_every=2")  # "killed" after the checkpoint of step 2
-    assert out.returncode == 0, out.stderr[-3000:]
+    written = _kill_after_checkpoint(part, 2, "run.steps=4", "run.save_every=2")
+    assert written in (2, 3), f"killed with {written} steps logged; expected during step 3"
     again = _train(part, "run.steps=4")
     assert again.returncode == 2 and "already holds a run" in again.stderr  # no silent overwrite
     out = _train(part, "run.steps=4", "run.save_every=2", "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
     want, got = _metrics(full), _metrics(part)
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]  # the killed step's line was dropped, then re-run
     for w, g in zip(want[2:], got[2:], strict=True):
         for key, value in w.items():
             if key.startswith(TIMING) or key in TIMING:
@@ -65,3 +102,6 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
                 assert g[key] == pytest.approx(value, abs=1e-5), key
             else:
                 assert g[key] == value, f"step {w['step']} {key}: {g[key]} != {value}"
+    # No prompt skipped or repeated: the same prompts, in the same steps, as the uninterrupted run.
+    assert _rollouts(part) == _rollouts(full)
+    assert len({index for _, index in _rollouts(full)}) == 4 * 2
