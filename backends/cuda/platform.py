@@ -11,8 +11,9 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any, ClassVar
 
+from portable_rl.backends._gpu import TorchGpuPlatform
 from portable_rl.backends._visibility import apply_masks, format_mask
-from portable_rl.platform import DeviceInfo, KernelStatus, Platform, ProbeResult
+from portable_rl.platform import DeviceInfo, KernelStatus, ProbeResult
 
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
@@ -63,7 +64,7 @@ def _procfs_devices(root: str = "/proc/driver/nvidia/gpus") -> list[DeviceInfo]:
     return [DeviceInfo(index=i, name=f"NVIDIA GPU {bus}") for i, bus in enumerate(sorted(os.listdir(root)))]
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(TorchGpuPlatform):
     name: ClassVar[str] = "cuda"
     torch_device_type: ClassVar[str] = "cuda"
     dist_backend: ClassVar[str] = "nccl"
@@ -89,6 +90,7 @@ class CudaPlatform(Platform):
     memory_saver_supported: ClassVar[bool] = True
     shared_tensor_transport: ClassVar[str] = "cuda_ipc"
     image_repo: ClassVar[str] = "cuda"
+    peak_flops_table: ClassVar[dict[str, dict[str, float]]] = PEAK_FLOPS
     default_fp8_dtype: ClassVar[str | None] = "float8_e4m3fn"
     k8s_gpu_resource: ClassVar[str | None] = "nvidia.com/gpu"  # the vendor device plugin's resource name
 
@@ -110,19 +112,11 @@ class CudaPlatform(Platform):
         return ProbeResult(True, f"CUDA torch {cuda}; {len(devices)} device(s) via {source}", tuple(devices))
 
     # ---- capabilities -----------------------------------------------------------------------------------
-    def _arch(self, arch: str | None) -> str | None:
-        if arch:
-            return arch
-        return self.devices[0].arch if self.devices else None
-
     def fp8_dtype(self, arch: str | None = None) -> str | None:
         a = self._arch(arch)
         if a is None or a in FP8_ARCHS:
             return "float8_e4m3fn"
         return None
-
-    def peak_flops(self, dtype: str = "bf16", arch: str | None = None) -> float | None:
-        return PEAK_FLOPS.get(self._arch(arch) or "", {}).get(dtype)
 
     def kernels(self) -> list[KernelStatus]:
         fa = importlib.util.find_spec("flash_attn") is not None
@@ -147,9 +141,6 @@ class CudaPlatform(Platform):
         args["attention_backend"] = "fa3" if self._arch(None) == "sm90" else "flashinfer"
         return args
 
-    def megatron_overrides(self) -> dict[str, Any]:
-        return {"bf16": True}
-
     # ---- visibility ---------------------------------------------------------------------------------------
     def resolve_visible_devices(self, env: Mapping[str, str] | None = None) -> list[int]:
         env = os.environ if env is None else env
@@ -160,27 +151,7 @@ class CudaPlatform(Platform):
         env[CUDA_VISIBLE_DEVICES] = format_mask(physical_devices)
         return env
 
-    def network_env(self, ifname: str) -> dict[str, str]:
-        env = super().network_env(ifname)
-        env["NCCL_SOCKET_IFNAME"] = ifname  # NCCL reads the NCCL_ name for its bootstrap and socket transport
-        return env
-
     def prepare_process_env(self, env: MutableMapping[str, str] | None = None) -> dict[str, str]:
         target = os.environ if env is None else env
         self.resolve_visible_devices(target)  # fail early on a malformed mask
         return super().prepare_process_env(target)
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def ipc_export_device(self, device_index: int) -> int | str:
-        from portable_rl.backends._ipc_device import device_uuid
-
-        return device_uuid(device_index)
-
-    def ipc_import_device(self, carried: int | str) -> int:
-        from portable_rl.backends._ipc_device import local_ordinal_of
-
-        return local_ordinal_of(carried)

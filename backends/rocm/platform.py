@@ -18,8 +18,9 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any, ClassVar
 
+from portable_rl.backends._gpu import TorchGpuPlatform
 from portable_rl.backends._visibility import format_mask, parse_mask
-from portable_rl.platform import DeviceInfo, KernelStatus, Platform, ProbeResult, VisibilityError
+from portable_rl.platform import DeviceInfo, KernelStatus, ProbeResult, VisibilityError
 
 ROCR = "ROCR_VISIBLE_DEVICES"
 HIP = "HIP_VISIBLE_DEVICES"
@@ -97,7 +98,7 @@ def _kfd_devices(root: str = "/sys/class/kfd/kfd/topology/nodes") -> list[Device
     return out
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(TorchGpuPlatform):
     name: ClassVar[str] = "rocm"
     torch_device_type: ClassVar[str] = "cuda"  # ROCm builds of torch expose HIP devices as "cuda"
     dist_backend: ClassVar[str] = "nccl"  # maps to RCCL on a ROCm build
@@ -129,6 +130,7 @@ class RocmPlatform(Platform):
     memory_saver_supported: ClassVar[bool] = False
     shared_tensor_transport: ClassVar[str] = "cuda_ipc"
     image_repo: ClassVar[str] = "rocm"
+    peak_flops_table: ClassVar[dict[str, dict[str, float]]] = PEAK_FLOPS
     default_fp8_dtype: ClassVar[str | None] = "float8_e4m3fnuz"
     k8s_gpu_resource: ClassVar[str | None] = "amd.com/gpu"  # the vendor device plugin's resource name
     # The KFD compute node and the DRM render nodes; both are owned by the "video" group (GID 44).
@@ -151,19 +153,11 @@ class RocmPlatform(Platform):
         return ProbeResult(True, f"ROCm torch {hip}; {len(devices)} device(s) via {source}", tuple(devices))
 
     # ---- capabilities -----------------------------------------------------------------------------------
-    def _arch(self, arch: str | None) -> str | None:
-        if arch:
-            return arch.split(":")[0]  # "gfx942:sramecc+:xnack-" -> "gfx942"
-        return self.devices[0].arch.split(":")[0] if self.devices and self.devices[0].arch else None
-
     def fp8_dtype(self, arch: str | None = None) -> str | None:
         a = self._arch(arch)
         if a is None:
             return self.default_fp8_dtype
         return FP8_BY_ARCH.get(a)
-
-    def peak_flops(self, dtype: str = "bf16", arch: str | None = None) -> float | None:
-        return PEAK_FLOPS.get(self._arch(arch) or "", {}).get(dtype)
 
     def has_aiter(self) -> bool:
         # amd-aiter installs the import name "aiter"; PyPI's unrelated "aiter" package is never a dependency.
@@ -190,9 +184,6 @@ class RocmPlatform(Platform):
         args = super().sglang_server_args()
         args["attention_backend"] = "aiter" if self.has_aiter() else "triton"
         return args
-
-    def megatron_overrides(self) -> dict[str, Any]:
-        return {"bf16": True}
 
     # ---- visibility ---------------------------------------------------------------------------------------
     def resolve_visible_devices(self, env: Mapping[str, str] | None = None) -> list[int]:
@@ -227,11 +218,6 @@ class RocmPlatform(Platform):
         env[CUDA_ALIAS] = mask
         return env
 
-    def network_env(self, ifname: str) -> dict[str, str]:
-        env = super().network_env(ifname)
-        env["NCCL_SOCKET_IFNAME"] = ifname  # RCCL reads the NCCL_ name for its bootstrap and socket transport
-        return env
-
     def prepare_process_env(self, env: MutableMapping[str, str] | None = None) -> dict[str, str]:
         """Fold ROCR/HIP/CUDA masks into one HIP mask of physical indices and set Ray's NOSET flags."""
         target = os.environ if env is None else env
@@ -249,18 +235,3 @@ class RocmPlatform(Platform):
                 target[flag] = "1"
                 changes[flag] = "1"
         return changes
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def ipc_export_device(self, device_index: int) -> int | str:
-        from portable_rl.backends._ipc_device import device_uuid
-
-        return device_uuid(device_index)
-
-    def ipc_import_device(self, carried: int | str) -> int:
-        from portable_rl.backends._ipc_device import local_ordinal_of
-
-        return local_ordinal_of(carried)
