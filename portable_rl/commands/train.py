@@ -1,7 +1,9 @@
 """`portable-rl train RECIPE.yaml [overrides] [--resume] [--check-weight-update]`: the training job.
 
-Everything the user gave is validated (recipe, overrides, platform, prompt file, run directory) before
-anything is written; a bad value is one line on stderr and exit code 2.
+Everything the user gave is validated before anything is written (recipe, overrides, platform, run directory,
+trainer ranks vs this host's CPUs/devices, model, prompt files and chat template, reward and filter imports);
+a bad value is one line on stderr and exit code 2. The resolved config written to the run directory shows
+credentials (e.g. ``--sglang-api-key``) as ``***``.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from portable_rl.cli import UserError
 
@@ -41,13 +45,29 @@ def run(args: argparse.Namespace) -> int:
         _check_reward_and_filter(recipe)
     except (ConfigError, RunDirError, PromptFileError) as exc:
         raise UserError(str(exc)) from None
-    run_dir.prepare(to_dict(recipe))
+    run_dir.prepare(redact_secrets(to_dict(recipe)))
     from portable_rl.train import train
 
     history = train(recipe, run_dir, resume=args.resume)
     summary = json.loads((run_dir.path / "summary.json").read_text(encoding="utf-8"))
     print(json.dumps({"run_dir": str(run_dir.path), **summary}, indent=2), file=sys.stdout)
     return 0 if history else 1
+
+
+# Keys whose values are credentials (engine api keys, a judge's token): never written to the run directory.
+_SECRET_KEY = re.compile(r"(^|_)(api_key|token|secret|password)$", re.IGNORECASE)
+
+
+def redact_secrets(data: Any) -> Any:
+    """A copy of a config tree with every credential-named key's value replaced by ``***``."""
+    if isinstance(data, dict):
+        return {
+            k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact_secrets(v))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redact_secrets(v) for v in data]
+    return data
 
 
 def _check_placement(recipe, platform) -> None:

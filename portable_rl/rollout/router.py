@@ -8,14 +8,18 @@ Contract
 * ``add_worker(url)`` / ``remove_worker(url)`` use the router's worker API (0.3.x: ``POST /workers``
   ``{"url", "api_key"}``, ``DELETE /workers/{id}``; older releases: ``/add_worker?url=``,
   ``/remove_worker?url=``), and wait until the change is visible in ``workers()``.
-* With ``api_key`` the router requires ``Authorization: Bearer <key>`` from clients and presents it to
-  workers, which is what engines started with the same key expect.
+* With ``api_key`` the router requires ``Authorization: Bearer <key>`` from clients (``/generate``, the worker
+  API) and presents it to workers, which is what engines started with the same key expect. The router binds
+  ``127.0.0.1`` (and its metrics exporter too) unless ``host`` says otherwise; the logged command and the log
+  tail in a ``RouterError`` show the key as ``***``.
 * ``stop()`` terminates the router (SIGTERM, then SIGKILL after a timeout). The router is also a context manager.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,9 +30,10 @@ from typing import Any
 
 import requests
 
-from portable_rl.rollout.engines.launcher import _free_port, to_cli
+from portable_rl.rollout.engines.launcher import _free_port, redact, to_cli
 from portable_rl.rollout.subprocess_stop import stop_process_group
 
+log = logging.getLogger(__name__)
 POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
 
 
@@ -105,9 +110,15 @@ class Router:
 
     def start(self, worker_urls: list[str] | None = None) -> Router:
         urls = [u.rstrip("/") for u in worker_urls or []]
+        command = self.command(urls)
+        log.info(
+            "starting sglang-router (log %s): %s",
+            self.log_path,
+            redact(shlex.join(command), self.cfg.api_key),
+        )
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                self.command(urls), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+                command, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while True:
@@ -141,9 +152,10 @@ class Router:
 
     def _tail(self, lines: int = 20) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+        return redact(text, self.cfg.api_key)
 
     # ---- workers ------------------------------------------------------------------------------------------
     def _list(self) -> list[dict[str, Any]]:

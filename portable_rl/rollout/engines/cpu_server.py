@@ -26,8 +26,9 @@ Tensor updates use the payload of ``portable_rl.weight_sync.tensor_codec``: per 
 strategy), opened here with an allow-list unpickler; the engine copies the tensors into its weights before it
 answers, so the sender may free them afterwards.
 
-Auth: with ``--api-key`` (or env ``PORTABLE_RL_ENGINE_TOKEN``) every endpoint except /health*, /ready and
-/metrics needs ``Authorization: Bearer <key>`` and answers 401 otherwise (SGLang's ``--api-key`` rule).
+Auth: with ``--api-key`` (or env ``PORTABLE_RL_ENGINE_TOKEN``, which keeps the key off the command line) every
+endpoint except /health, /health_generate, /ready and /metrics needs ``Authorization: Bearer <key>`` and
+answers 401 otherwise (SGLang's ``--api-key`` rule).
 The server binds 127.0.0.1 unless ``--host`` says otherwise.
 """
 
@@ -55,7 +56,8 @@ from portable_rl.rollout.engines.engine_weights import (
 from portable_rl.rollout.engines.sampling import InvalidRequest, SamplingParams
 
 TOKEN_ENV = "PORTABLE_RL_ENGINE_TOKEN"
-OPEN_PREFIXES = ("/health", "/ready", "/metrics")
+# Probes stay open (as in SGLang); matched exactly, so no other route can hide behind a prefix.
+OPEN_PATHS = frozenset({"/health", "/health_generate", "/ready", "/metrics"})
 LOAD_FORMATS = ["direct", "flattened_bucket"]
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class Server:
     def __init__(self, engine: CpuEngine, api_key: str | None, weight_update_timeout_s: float = 600.0):
         self.engine = engine
         self.api_key = api_key or None
+        self._key_bytes = (api_key or "").encode("utf-8", "surrogateescape")
         self.timeout_s = weight_update_timeout_s
         self.app = FastAPI(openapi_url=None)
         self._install_auth()
@@ -102,10 +105,12 @@ class Server:
     def _install_auth(self) -> None:
         @self.app.middleware("http")
         async def auth(request: Request, call_next):
-            if self.api_key and not request.url.path.startswith(OPEN_PREFIXES):
+            if self.api_key and request.url.path not in OPEN_PATHS:
                 header = request.headers.get("authorization", "")
                 scheme, _, token = header.partition(" ")
-                if scheme.lower() != "bearer" or not secrets.compare_digest(token, self.api_key):
+                # Bytes, not str: compare_digest refuses non-ASCII strings, which a client controls.
+                given = token.encode("utf-8", "surrogateescape")
+                if scheme.lower() != "bearer" or not secrets.compare_digest(given, self._key_bytes):
                     return JSONResponse({"error": "Unauthorized"}, status_code=401)
             return await call_next(request)
 

@@ -8,6 +8,9 @@ Contract
   ``kind="auto"`` picks the CPU engine where the platform's torch device is the CPU, SGLang elsewhere.
 * The subprocess env is this process's env plus ``platform.worker_env(devices)`` plus ``spec.env``; this module
   names no vendor. The engine runs in its own session, so stopping it reaches every process it forked.
+* Security: engines bind ``127.0.0.1`` unless ``spec.host`` says otherwise. ``api_key`` reaches the CPU engine
+  through its env (off the command line) and SGLang through ``--api-key``; the logged command and every log
+  tail in an error show it as ``***``.
 * ``launch_engine(spec)`` returns an ``EngineProcess`` once ``GET /health`` answers 200; if the process exits
   or ``startup_timeout_s`` passes first, it is stopped and ``EngineStartError`` carries the log's last lines.
 * ``EngineProcess.stop(timeout_s)``: SIGTERM to the engine's process group, SIGKILL after ``timeout_s``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -36,6 +40,20 @@ from portable_rl.rollout.subprocess_stop import stop_process_group
 log = logging.getLogger(__name__)
 KINDS = ("auto", "cpu", "sglang")
 TOKEN_ENV = "PORTABLE_RL_ENGINE_TOKEN"
+
+
+REDACTED = "***"
+
+
+SECRET_ARGS = ("api_key", "admin_api_key")  # engine server args that carry credentials
+
+
+def redact(text: str, *secrets_: Any) -> str:
+    """``text`` with every occurrence of each non-empty secret replaced by ``***`` (for logs and errors)."""
+    for secret in secrets_:
+        if isinstance(secret, str) and secret:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 class EngineStartError(RuntimeError):
@@ -143,6 +161,12 @@ class EngineProcess:
             self.log_path = Path(name)
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def secrets(self) -> list[Any]:
+        """The key and any credential passed through ``engine_args`` (``--sglang-api-key``), for redaction."""
+        args = _normalise(self.spec.engine_args)
+        return [self.spec.api_key, *(args.get(name) for name in SECRET_ARGS)]
+
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.platform.worker_env(list(self.spec.devices)))
@@ -152,6 +176,12 @@ class EngineProcess:
         return env
 
     def start(self) -> EngineProcess:
+        log.info(
+            "starting %s engine (log %s): %s",
+            self.kind,
+            self.log_path,
+            redact(shlex.join(self.command), *self.secrets),
+        )
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 self.command, stdout=logf, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
@@ -167,7 +197,8 @@ class EngineProcess:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        # SGLang logs its server_args, api_key included; the tail ends up in our errors and logs.
+        return redact("\n".join(text.splitlines()[-lines:]), *self.secrets)
 
     def wait_ready(self) -> EngineProcess:
         deadline = time.monotonic() + self.spec.startup_timeout_s
