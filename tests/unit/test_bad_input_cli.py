@@ -285,6 +285,59 @@ def test_unavailable_platform(work, capsys, monkeypatch):
     assert tree(existing) == before
 
 
+# ---- trainer ranks vs the devices of a (simulated) GPU host ----------------------------------------------------
+
+MASKS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
+@pytest.mark.parametrize(
+    ("vendor", "visible", "extra", "needles"),
+    [
+        (
+            "cuda",
+            None,
+            ["train.parallel.tensor_parallel=2", "run.mode=disaggregated"],
+            (
+                "TP 2 x PP 1 x DP 1 = 2 trainer rank(s) + 1 engine device(s) need 3 cuda device(s) but 2 are visible",
+            ),
+        ),
+        (
+            "rocm",
+            {"HIP_VISIBLE_DEVICES": "1"},
+            ["train.parallel.pipeline_parallel=2"],
+            ("TP 1 x PP 2 x DP 1 = 2 trainer rank(s) need 2 rocm device(s) but 1 are visible",),
+        ),
+    ],
+)
+def test_trainer_ranks_exceed_visible_gpus(work, capsys, monkeypatch, vendor, visible, extra, needles):
+    from fake_hosts import simulate_cuda, simulate_rocm
+
+    for key in MASKS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (visible or {}).items():
+        monkeypatch.setenv(key, value)
+    if vendor == "cuda":
+        simulate_cuda(monkeypatch, [(9, 0)] * 2)
+    else:
+        simulate_rocm(monkeypatch, ["gfx942"] * 2)
+    monkeypatch.setenv("PORTABLE_RL_PLATFORM", vendor)
+    existing = work / "runs" / "existing"
+    before = tree(existing)
+    argv = ["train", str(work / "recipe.yaml"), *extra, "--output-dir", str(existing), "--resume"]
+    assert_one_line_error(*run_cli(capsys, argv), needles)
+    assert tree(existing) == before
+    # Control: the same recipe fits once enough devices are visible.
+    for key in MASKS:
+        monkeypatch.delenv(key, raising=False)
+    if vendor == "cuda":
+        simulate_cuda(monkeypatch, [(9, 0)] * 4)
+    from portable_rl.platform import reset_current_platform
+
+    reset_current_platform()
+    with pytest.raises(ReachedPrepare):
+        main(argv)
+
+
 # ---- argparse and the other commands -------------------------------------------------------------------------
 
 CLI_CASES = {
