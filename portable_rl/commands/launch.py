@@ -351,9 +351,16 @@ def _node_parser(sub: argparse._SubParsersAction, action: str, help_text: str) -
         help="network interface for collectives: a name, 'auto' (default route) or 'none'",
     )
     p.add_argument(
-        "--role", choices=("trainer", "engine"), help="restrict the node to trainer ranks or engines"
+        "--role",
+        choices=("trainer", "engine"),
+        help="advertise portable_rl_role:ROLE (the mixed-vendor check treats engine nodes as engine-only; "
+        "a recipe pins work there with placement.trainer_resource / placement.engine_resource)",
     )
-    p.add_argument("--resources", help="extra custom Ray resources as JSON, merged with the platform's")
+    p.add_argument(
+        "--resources",
+        help="extra custom Ray resources as JSON, merged with the platform's (e.g. '{\"trainer_pool\": 1}' "
+        "for placement.trainer_resource=trainer_pool)",
+    )
     p.add_argument("--block", action="store_true", help="keep ray start in the foreground (under srun)")
     p.add_argument(
         "--dry-run", action="store_true", help="print the env and the ray start command; run nothing"

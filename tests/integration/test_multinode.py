@@ -1,13 +1,24 @@
 """A Ray cluster of three nodes on one machine, started the way a real cluster is: `portable-rl launch`.
 
 The head and two workers are separate `portable-rl launch head|worker --block` processes (each execs
-`ray start`) with their own custom resources, ports and worker-port ranges, all under one temp dir of this
-test. An actor on the "trainer" node and one on the "engine" node broadcast a tensor over gloo (TCP
-rendezvous on 127.0.0.1) and the receiver's copy must equal the sender's. The cluster is torn down by
-killing exactly the processes this test started and their descendants: `ray stop` would kill every Ray
-process on the host, so it is never used here.
+`ray start`) with their own custom resources (``node_trainer``, ``node_engine``), ports and worker-port
+ranges, all under one temp dir of this test. Every test runs on two kinds of cluster:
 
-``run_recipe_across_nodes(recipe, cluster)`` is the hook for the end-to-end recipe run on this cluster.
+* ``loopback``: all nodes on the host's own network stack (``--node-ip 127.0.0.1 --ifname lo``).
+* ``netns``: each node in its own network namespace, joined by veth pairs to a bridge, with its own 10.x
+  address and ``--ifname`` naming its veth, so gloo and Ray traffic really crosses interfaces. Needs
+  CAP_NET_ADMIN; the fixture builds and probes the whole setup first and skips (marker ``netns``) with the
+  reason when the host refuses any step.
+
+Checks: every node carries the platform resource and its own resources; an actor on the trainer node and
+one on the engine node broadcast a tensor over gloo (rendezvous at the sender node's address) and the
+receiver's copy equals the sender's; `launch check` accepts the cluster; and (loopback) the tiny recipe runs
+disaggregated with its trainer pinned to the trainer node and its engine to the engine node, syncing weights
+by gloo broadcast between them. Work that owns actors runs in a driver process on the head's network (this
+file run as a script, inside the head's namespace for ``netns``); this process only reads cluster state.
+
+The cluster is torn down by killing exactly the processes this test started and their descendants:
+`ray stop` would kill every Ray process on the host, so it is never used here.
 """
 
 from __future__ import annotations
@@ -32,9 +43,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "tiny_cpu.yaml"
-
+NODES = {"head": {}, "trainer": {"node_trainer": 1}, "engine": {"node_engine": 1}}
 OBJECT_STORE_BYTES = 80 * 1024**2
 START_TIMEOUT_S = 120.0
+BROADCAST_NUMEL, BROADCAST_SEED = 1 << 18, 1234  # 1 MiB of float32
 
 
 def _free_port() -> int:
@@ -45,14 +57,26 @@ def _free_port() -> int:
 
 @dataclass
 class LocalCluster:
+    kind: str  # "loopback" | "netns"
     address: str  # GCS address, HOST:PORT
     temp_dir: str
     env: dict[str, str]
+    ifname: str  # the interface every node's GLOO_SOCKET_IFNAME names
+    node_ips: dict[str, str]  # node name -> its --node-ip
+    lab: object | None = None  # the NetnsLab of a "netns" cluster
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def log(self, name: str) -> str:
         path = Path(self.temp_dir, f"{name}.log")
         return path.read_text(encoding="utf-8", errors="replace")[-4000:] if path.exists() else ""
+
+    def on(self, node: str) -> list[str]:
+        """argv prefix running a command on ``node``'s network (its namespace; nothing for loopback)."""
+        return self.lab.exec_prefix(node) if self.lab is not None else []
+
+    @property
+    def head_ip(self) -> str:
+        return self.address.rpartition(":")[0]
 
 
 def _cluster_env() -> dict[str, str]:
@@ -68,15 +92,16 @@ def _cluster_env() -> dict[str, str]:
 def _start_node(cluster: LocalCluster, name: str, action_args: list[str], resources: dict, cpus: int) -> None:
     worker_port = 20000 + 100 * len(cluster.procs) + (os.getpid() % 80) * 300
     argv = [
+        *cluster.on(name),
         sys.executable,
         "-m",
         "portable_rl.cli",
         "launch",
         *action_args,
         "--node-ip",
-        "127.0.0.1",
+        cluster.node_ips[name],
         "--ifname",
-        "lo",
+        cluster.ifname,
         "--num-cpus",
         str(cpus),
         "--resources",
@@ -112,7 +137,7 @@ def _wait_port(cluster: LocalCluster, port: int) -> None:
         if cluster.procs[0].poll() is not None:
             pytest.fail(f"ray head exited with {cluster.procs[0].returncode}:\n{cluster.log('head')}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            socket.create_connection((cluster.head_ip, port), timeout=1.0).close()
             return
         except OSError:
             time.sleep(0.5)
@@ -143,7 +168,7 @@ def _teardown(cluster: LocalCluster) -> None:
         proc.wait(timeout=10)
 
 
-def _join(c: LocalCluster, name: str, resources: dict, alive_after: int) -> None:
+def _join(c: LocalCluster, name: str, alive_after: int) -> None:
     """Start one worker node and wait until the GCS lists it; one restart if it died while starting.
 
     Nodes start one at a time: on a loaded 2-core host two raylets starting together can overrun the
@@ -152,7 +177,7 @@ def _join(c: LocalCluster, name: str, resources: dict, alive_after: int) -> None
     import ray
 
     for attempt in range(2):
-        _start_node(c, name, ["worker", "--address", c.address], resources, cpus=1)
+        _start_node(c, name, ["worker", "--address", c.address], NODES[name], cpus=1)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if sum(1 for n in ray.nodes() if n["Alive"]) >= alive_after:
@@ -164,25 +189,58 @@ def _join(c: LocalCluster, name: str, resources: dict, alive_after: int) -> None
             pytest.fail(f"node {name} did not join within {START_TIMEOUT_S} s:\n{c.log(name)}")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    """Head (no CPUs: schedules nothing), a 'trainer' node and an 'engine' node; this process is the driver."""
+def _netns_lab():
+    """The namespaces for a "netns" cluster, or a skip naming the step this host refused."""
+    from netns_lab import NetnsLab, NetnsUnavailable
+
+    try:
+        return NetnsLab.create(list(NODES))
+    except NetnsUnavailable as exc:
+        pytest.skip(
+            f"netns: needs permission to create network namespaces (CAP_NET_ADMIN) and a bridge: {exc}"
+        )
+
+
+@pytest.fixture(scope="module", params=["loopback", pytest.param("netns", marks=pytest.mark.netns)])
+def cluster(request) -> Iterator[LocalCluster]:
+    """Head (no CPUs: schedules nothing), a 'trainer' node and an 'engine' node; this process reads state."""
     import ray
 
+    lab = _netns_lab() if request.param == "netns" else None
     temp_dir = tempfile.mkdtemp(prefix="prl", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
-    c = LocalCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir, env=_cluster_env())
+    if lab is None:
+        ips, ifname = dict.fromkeys(NODES, "127.0.0.1"), "lo"
+    else:
+        from netns_lab import IFNAME
+
+        ips, ifname = dict(lab.addresses), IFNAME
+    c = LocalCluster(
+        kind=request.param,
+        address=f"{ips['head']}:{port}",
+        temp_dir=temp_dir,
+        env=_cluster_env(),
+        ifname=ifname,
+        node_ips=ips,
+        lab=lab,
+    )
     try:
-        _start_node(c, "head", ["head", "--port", str(port)], {}, cpus=0)
+        _start_node(c, "head", ["head", "--port", str(port)], NODES["head"], cpus=0)
         _wait_port(c, port)
+        # Reading cluster state from here is GCS traffic only, which reaches a head in a namespace too.
         ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
-        _join(c, "trainer", {"node_trainer": 1}, alive_after=2)
-        _join(c, "engine", {"node_engine": 1}, alive_after=3)
+        _join(c, "trainer", alive_after=2)
+        _join(c, "engine", alive_after=3)
         yield c
     finally:
         ray.shutdown()
         _teardown(c)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if lab is not None:
+            lab.destroy()
+
+
+# ---- the driver side: actors on two nodes broadcasting over gloo ------------------------------------------
 
 
 def _broadcast_actor_class():
@@ -194,16 +252,19 @@ def _broadcast_actor_class():
         def info(self) -> dict:
             return {
                 "node": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(),
                 "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
                 "platform": os.environ.get("PORTABLE_RL_PLATFORM"),
             }
 
-        def free_port(self) -> int:
+        def rendezvous(self) -> str:
+            """tcp://NODE_IP:PORT with a port free on this node: where the other rank finds rank 0."""
             with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+            return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-        def broadcast(self, rank: int, port: int, numel: int, seed: int) -> list[float]:
+        def broadcast(self, rank: int, init_method: str, numel: int, seed: int) -> list[float]:
             import datetime
 
             import torch
@@ -211,7 +272,7 @@ def _broadcast_actor_class():
 
             dist.init_process_group(
                 "gloo",
-                init_method=f"tcp://127.0.0.1:{port}",
+                init_method=init_method,
                 rank=rank,
                 world_size=2,
                 timeout=datetime.timedelta(seconds=60),
@@ -229,6 +290,47 @@ def _broadcast_actor_class():
     return Peer
 
 
+def drive_broadcast(address: str) -> dict:
+    """As a driver of the cluster at ``address``: one actor per worker node, a gloo broadcast between them."""
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        peer = _broadcast_actor_class()
+        sender = peer.options(resources={"node_trainer": 0.5}).remote()
+        receiver = peer.options(resources={"node_engine": 0.5}).remote()
+        info_s, info_r = ray.get([sender.info.remote(), receiver.info.remote()], timeout=120)
+        init_method = ray.get(sender.rendezvous.remote())
+        sent, got = ray.get(
+            [
+                sender.broadcast.remote(0, init_method, BROADCAST_NUMEL, BROADCAST_SEED),
+                receiver.broadcast.remote(1, init_method, BROADCAST_NUMEL, BROADCAST_SEED),
+            ],
+            timeout=120,
+        )
+        ray.kill(sender)
+        ray.kill(receiver)
+        return {"sender": info_s, "receiver": info_r, "init_method": init_method, "sent": sent, "got": got}
+    finally:
+        ray.shutdown()
+
+
+def _drive(cluster: LocalCluster, action: str) -> dict:
+    """Run this file as a driver on the head's network; its last stdout line is the JSON result."""
+    out = subprocess.run(
+        [*cluster.on("head"), sys.executable, str(Path(__file__).resolve()), action, cluster.address],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, f"driver {action} failed:\n{out.stderr[-4000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- tests -------------------------------------------------------------------------------------------------
+
+
 def test_nodes_carry_platform_and_own_resources(cluster: LocalCluster):
     import ray
 
@@ -240,8 +342,15 @@ def test_nodes_carry_platform_and_own_resources(cluster: LocalCluster):
     trainer = [n for n in nodes if "node_trainer" in n["Resources"]]
     engine = [n for n in nodes if "node_engine" in n["Resources"]]
     assert len(trainer) == 1 and len(engine) == 1 and trainer[0]["NodeID"] != engine[0]["NodeID"]
-    # Ray replaces a loopback --node-ip with the host's own address (the one a local ray.init uses too).
-    assert len({n["NodeManagerAddress"] for n in nodes}) == 1
+    addresses = {n["NodeManagerAddress"] for n in nodes}
+    if cluster.kind == "loopback":
+        # Ray replaces a loopback --node-ip with the host's own address (the one a local ray.init uses too).
+        assert len(addresses) == 1
+    else:
+        # Each node is reached at its own namespace's address.
+        assert addresses == set(cluster.node_ips.values())
+        assert trainer[0]["NodeManagerAddress"] == cluster.node_ips["trainer"]
+        assert engine[0]["NodeManagerAddress"] == cluster.node_ips["engine"]
     found = check_cluster_platforms(nodes, "broadcast")
     assert found.trainer_platform == "cpu" and len(found.nodes) == 3
 
@@ -250,34 +359,32 @@ def test_gloo_broadcast_between_actors_on_two_nodes(cluster: LocalCluster):
     import ray
     import torch
 
-    peer = _broadcast_actor_class()
-    sender = peer.options(resources={"node_trainer": 0.5}).remote()
-    receiver = peer.options(resources={"node_engine": 0.5}).remote()
-    info_s, info_r = ray.get([sender.info.remote(), receiver.info.remote()], timeout=120)
+    crossed_before = cluster.lab.host_veth_bytes("trainer") if cluster.lab is not None else 0
+    result = _drive(cluster, "broadcast")
+    info_s, info_r = result["sender"], result["receiver"]
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes()}
     assert "node_trainer" in nodes[info_s["node"]] and "node_engine" in nodes[info_r["node"]]
-    # The env `portable-rl launch --ifname lo` gave the node reached the workers Ray started there.
-    assert info_s["gloo_ifname"] == info_r["gloo_ifname"] == "lo"
+    # The env `portable-rl launch --ifname` gave the node reached the workers Ray started there.
+    assert info_s["gloo_ifname"] == info_r["gloo_ifname"] == cluster.ifname
     assert info_s["platform"] == info_r["platform"] == "cpu"
+    assert result["init_method"].startswith(f"tcp://{info_s['node_ip']}:")
 
-    numel, seed = 1 << 18, 1234
-    port = ray.get(sender.free_port.remote())
-    sent, got = ray.get(
-        [sender.broadcast.remote(0, port, numel, seed), receiver.broadcast.remote(1, port, numel, seed)],
-        timeout=120,
-    )
-    expected = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
-    assert got == sent
-    assert got == pytest.approx(
+    expected = torch.randn(BROADCAST_NUMEL, generator=torch.Generator().manual_seed(BROADCAST_SEED))
+    assert result["got"] == result["sent"]
+    assert result["got"] == pytest.approx(
         [float(expected.sum()), float(expected[0]), float(expected[-1]), float(expected.abs().max())]
     )
-    ray.kill(sender)
-    ray.kill(receiver)
+    if cluster.lab is not None:
+        assert info_s["node_ip"] == cluster.node_ips["trainer"]
+        assert info_r["node_ip"] == cluster.node_ips["engine"]
+        # The tensor left the trainer's namespace through its veth: at least its 1 MiB crossed the interface.
+        assert cluster.lab.host_veth_bytes("trainer") - crossed_before >= BROADCAST_NUMEL * 4
 
 
 def test_launch_check_cli_accepts_the_cluster(cluster: LocalCluster):
     out = subprocess.run(
         [
+            *cluster.on("head"),
             sys.executable,
             "-m",
             "portable_rl.cli",
@@ -300,14 +407,14 @@ def test_launch_check_cli_accepts_the_cluster(cluster: LocalCluster):
 def run_recipe_across_nodes(
     recipe: str | Path, cluster: LocalCluster, *overrides: str
 ) -> subprocess.CompletedProcess:
-    """`portable-rl train RECIPE overrides...` as a driver of this three-node cluster.
+    """`portable-rl train RECIPE overrides...` as a driver of this three-node cluster, on the head's network.
 
     The driver connects through RAY_ADDRESS, exactly as the job `portable-rl launch submit` starts on a head
     does; this cluster runs without the dashboard, so the job API itself is not in the loop here.
     """
     env = dict(cluster.env, RAY_ADDRESS=cluster.address)
     return subprocess.run(
-        [sys.executable, "-m", "portable_rl.cli", "train", str(recipe), *overrides],
+        [*cluster.on("head"), sys.executable, "-m", "portable_rl.cli", "train", str(recipe), *overrides],
         env=env,
         capture_output=True,
         text=True,
@@ -321,6 +428,8 @@ def _live_placement_groups() -> list[str]:
     return [pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
 
 
+# Engines bind loopback, which another namespace cannot reach, so the recipe runs on the loopback cluster.
+@pytest.mark.parametrize("cluster", ["loopback"], indirect=True)
 def test_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster: LocalCluster, tmp_path: Path):
     import ray
 
@@ -356,3 +465,11 @@ def test_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster: LocalCluste
     # The job only disconnected its driver: the cluster is whole and holds none of the job's reservations.
     assert sum(1 for n in ray.nodes() if n["Alive"]) == 3
     assert _live_placement_groups() == []
+
+
+if __name__ == "__main__":
+    # Driver entry point for `_drive`: python test_multinode.py ACTION RAY_ADDRESS
+    _action, _address = sys.argv[1], sys.argv[2]
+    if _action != "broadcast":
+        raise SystemExit(f"unknown driver action {_action!r}; the only one is 'broadcast'")
+    print(json.dumps(drive_broadcast(_address)))
