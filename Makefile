@@ -39,6 +39,11 @@ fmt: $(STAMP)
 doctor: $(STAMP)
 	$(VENV)/bin/portable-rl doctor
 
+# Every benchmark in quick settings, one table of ratios (installs the `bench` extra: TRL for the comparison).
+bench: $(STAMP)
+	$(PIP) install -q -e '.[bench]'
+	$(VENV)/bin/python benchmarks/run_all.py
+
 # The real SGLang server in its own CPU venv, for `pytest -m sglang tests/integration` (SGLANG_VENV overrides the path).
 sglang-venv:
 	bash scripts/install_sglang_cpu.sh
