@@ -7,21 +7,51 @@
   hands finished groups back to the buffer (aborted ones are re-queued there, filtered ones discarded) and
   returns exactly ``prompts_per_step`` groups (fewer only if the filter keeps too few; see the manager).
 * ``evaluate(items, tokenizer)`` runs an eval rollout (eval sampling params, no filter, no buffer).
+
+Fault tolerance (``rollout.health_check_interval_s`` > 0; see ``portable_rl.orchestration.health``):
+* While a rollout round runs, an ``EngineMonitor`` probes every engine. An engine found dead, hung or unhealthy
+  is fenced at once: removed from the router (no new requests reach it) and killed (requests stuck on it fail
+  instead of waiting for ``request_timeout_s``). Its failed requests come back as aborted samples, so their
+  groups' prompts return to the front of the buffer; a round in which every request failed returns all its
+  prompts. Nothing handed out is lost or counted twice: every prompt ends as a ready group, a discarded
+  (filtered) group, or back in the buffer.
+* ``heal(probe)`` replaces fenced engines (``probe=True`` probes every engine first): a new actor on the same
+  placement bundle (started as soon as the engine was fenced, so it boots while the round goes on), then ``resync(urls)`` — set by the job: reconnect weight sync to the new engine list and
+  push the trainer's current weights — and only then the router gets the new engine, so it never serves
+  stale weights. A rollout heals before its first round, between rounds and before it returns, so the next
+  weight update and the next rollout see a full, synced set of engines. More than
+  ``rollout.max_engine_restarts`` replacements in a run raise ``EngineFailure``.
+* ``restarts`` and ``requeued`` count replacements and re-queued prompts over the run.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.types import Group
+from portable_rl.orchestration.health import EngineMonitor, Failure, Verdict
 from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform
 from portable_rl.rollout.config import RolloutConfig
 from portable_rl.rollout.engines.launcher import EngineSpec, remote_engine_actor
-from portable_rl.rollout.manager import RolloutManager
-from portable_rl.rollout.router import Router, RouterConfig
+from portable_rl.rollout.manager import RolloutError, RolloutManager, RolloutResult
+from portable_rl.rollout.router import Router, RouterConfig, RouterError
+
+log = logging.getLogger(__name__)
+# A fenced engine is killed without a grace period worth waiting for: it is dead, hung or misbehaving.
+FENCE_STOP_S = 2.0
+MAX_ROUNDS = 8  # rollout rounds per step without an engine failure (each tops up what the last one missed)
+
+
+class EngineFailure(RuntimeError):
+    """An engine failed and is not replaced (restarts used up); the message names the engine and the cause."""
 
 
 class EngineGroup:
@@ -29,50 +59,88 @@ class EngineGroup:
         import ray
 
         self.cfg = cfg
-        self.actors = []
+        self.actors: list[Any] = []
         self.router: Router | None = None
+        self.resync: Callable[[list[str]], None] | None = None
+        self.restarts = 0
+        self.requeued = 0
+        self._failed: dict[int, Failure] = {}
+        self._replacements: dict[int, Any] = {}  # engine index -> replacement actor, booting
+        self._fence_lock = threading.Lock()
+        self.specs: list[EngineSpec] = []
+        self.options: list[dict[str, Any]] = []
         try:
             for slots in plan.engines:
-                first = slots[0]
-                spec = EngineSpec(
-                    model_path=str(model_dir),
-                    kind=cfg.engine,
-                    engine_args=dict(cfg.engine_args),
-                    devices=[s.bundle for s in slots] if platform.ray_resource else [],
-                    startup_timeout_s=cfg.engine_startup_timeout_s,
+                self.specs.append(
+                    EngineSpec(
+                        model_path=str(model_dir),
+                        kind=cfg.engine,
+                        engine_args=dict(cfg.engine_args),
+                        devices=[s.bundle for s in slots] if platform.ray_resource else [],
+                        startup_timeout_s=cfg.engine_startup_timeout_s,
+                    )
                 )
-                self.actors.append(remote_engine_actor(spec, **actor_options(plan, first, pg)))
+                self.options.append(actor_options(plan, slots[0], pg))
+                self.actors.append(self._start(len(self.specs) - 1))
             self.urls: list[str] = ray.get([a.url.remote() for a in self.actors])
             self.router = Router(RouterConfig(policy=cfg.router_policy)).start(self.urls)
         except BaseException:
             self.shutdown()
             raise
 
+    def _start(self, i: int) -> Any:
+        """A new actor for engine ``i`` on its placement bundle (its engine boots in the background)."""
+        return remote_engine_actor(self.specs[i], **self.options[i])
+
+    @property
+    def health_checks(self) -> bool:
+        return self.cfg.health_check_interval_s > 0
+
     def _manager(self, tokenizer: Any, cfg: RolloutConfig | None = None) -> RolloutManager:
         return RolloutManager(cfg or self.cfg, self.router.url, tokenizer, engine_urls=self.urls)
 
+    # ---- rollout ------------------------------------------------------------------------------------------
     def rollout(self, buffer: DataBuffer, *, step: int, seed: int, tokenizer: Any) -> list[Group]:
         n = self.cfg.prompts_per_step
         groups: list[Group] = []
+        self.heal(probe=True)
         # A round may come back short (aborted groups re-queued by the buffer, or a strict filter); top up.
-        for _ in range(8):
+        for _ in range(MAX_ROUNDS + self.cfg.max_engine_restarts):
             missing = n - len(groups)
             if missing <= 0:
                 break
+            self.heal(probe=False)
             budget = missing if self.cfg.filter is None else int(missing * self.cfg.max_prompts_factor)
             prompts = buffer.get_prompts(budget)
-            result = self._manager(tokenizer).rollout(prompts, step=step, seed=seed, num_groups=missing)
-            buffer.add_groups(result.groups + result.surplus + result.aborted)
+            result = self._round(tokenizer, prompts, step=step, seed=seed, num_groups=missing)
+            if result is None:  # every request failed on failed engines: the whole round goes back
+                buffer.return_prompts(prompts)
+                self.requeued += len(prompts)
+                continue
+            self.requeued += len(buffer.add_groups(result.groups + result.surplus + result.aborted))
             buffer.discard_groups(result.filtered)
             unused = _unused(prompts, result)
             if unused:
                 buffer.return_prompts(unused)
             groups += buffer.pop_groups(missing)
+        self.heal(probe=False)  # engines lost in the last round are back before the next weight update
         if not groups:
             raise RuntimeError(
                 f"step {step}: the rollout produced no trainable group (all filtered or aborted)"
             )
         return groups
+
+    def _round(self, tokenizer: Any, prompts: list[Any], **kwargs: Any) -> RolloutResult | None:
+        """One manager rollout, watched by the health monitor; None when it failed because engines did."""
+        if not self.health_checks:
+            return self._manager(tokenizer).rollout(prompts, **kwargs)
+        with self._monitor() as monitor:
+            try:
+                return self._manager(tokenizer).rollout(prompts, **kwargs)
+            except RolloutError:
+                if monitor.check_now() or self._failed:
+                    return None
+                raise
 
     def evaluate(self, items: list[Any], tokenizer: Any) -> list[Group]:
         from dataclasses import replace
@@ -83,21 +151,119 @@ class EngineGroup:
             temperature=self.cfg.eval_temperature,
             filter=None,
         )
+        self.heal(probe=True)
         return self._manager(tokenizer, cfg).rollout(items, step=0, seed=0, eval_mode=True).groups
 
-    def shutdown(self) -> None:
+    # ---- health -------------------------------------------------------------------------------------------
+    def _monitor(self) -> EngineMonitor:
+        """A monitor over the engines not fenced yet (indices are engine indices)."""
+        urls = list(self.urls)
+        checks = [None if i in self._failed else _process_check(a) for i, a in enumerate(self.actors)]
+        monitor = EngineMonitor(
+            urls,
+            timeout_s=self.cfg.health_timeout_s,
+            interval_s=self.cfg.health_check_interval_s,
+            on_failure=self._fence,
+            process_checks=checks,
+        )
+        monitor.failures.update(self._failed)  # already fenced: not probed again
+        return monitor
+
+    def _fence(self, failure: Failure) -> None:
+        """Take a failed engine out of service: out of the router, process and actor killed. Idempotent."""
         import ray
 
+        with self._fence_lock:
+            if failure.index in self._failed:
+                return
+            self._failed[failure.index] = failure
+        actor = self.actors[failure.index]
+        try:
+            tail = ray.get(actor.log_tail.remote(20), timeout=FENCE_STOP_S)
+            log.warning("%s; fencing it. Its log ends:\n%s", failure, tail)
+        except (ray.exceptions.RayError, TimeoutError):
+            log.warning("%s; fencing it (its log is unreachable)", failure)
+        if self.router is not None:
+            try:
+                self.router.remove_worker(failure.url)
+            except (RouterError, requests.RequestException) as exc:
+                log.warning("could not remove %s from the router: %s", failure.url, exc)
+        _kill(actor)
+        if self.restarts + len(self._replacements) < self.cfg.max_engine_restarts:
+            # Boot the replacement now, while the other engines finish the round; heal() waits for it.
+            self._replacements[failure.index] = self._start(failure.index)
+
+    def heal(self, probe: bool = True) -> int:
+        """Replace fenced engines (after probing every engine when ``probe``); returns how many were replaced."""
+        import ray
+
+        if not self.health_checks:
+            return 0
+        if probe:
+            monitor = self._monitor()
+            monitor.check_now()
+        failed = sorted(self._failed)
+        if not failed:
+            return 0
+        if self.restarts + len(failed) > self.cfg.max_engine_restarts:
+            causes = "; ".join(str(self._failed[i]) for i in failed)
+            raise EngineFailure(
+                f"{causes}. rollout.max_engine_restarts={self.cfg.max_engine_restarts} allows no more "
+                f"replacements ({self.restarts} done); raise it, or find the cause in the engine's log"
+            )
+        new = {i: self._replacements.pop(i) if i in self._replacements else self._start(i) for i in failed}
+        urls = dict(zip(new, ray.get([a.url.remote() for a in new.values()]), strict=True))
+        for i in failed:
+            self.actors[i], self.urls[i] = new[i], urls[i]
+        self.restarts += len(failed)
+        log.warning("replaced engine(s) %s: now at %s", failed, [urls[i] for i in failed])
+        if self.resync is not None:
+            self.resync(list(self.urls))  # the new engines get the trainer's weights before they serve
+        for i in failed:
+            self.router.add_worker(urls[i])
+            del self._failed[i]
+        return len(failed)
+
+    def shutdown(self) -> None:
         if self.router is not None:
             self.router.stop()
             self.router = None
-        for a in self.actors:
-            try:
-                ray.get(a.stop.remote(), timeout=60)
-            except (ray.exceptions.RayError, TimeoutError):
-                pass  # the actor is already gone; ray.kill below reaps it
-            ray.kill(a)
+        for a in self.actors + list(self._replacements.values()):
+            _kill(a, timeout_s=30)
         self.actors = []
+        self._replacements = {}
+
+
+def _process_check(actor: Any) -> Callable[[float], Verdict | None]:
+    """Health pre-check through the engine's Ray actor: is the actor alive, is its engine process running?"""
+
+    def check(timeout_s: float) -> Verdict | None:
+        import ray
+
+        try:
+            status = ray.get(actor.process_status.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            return Verdict("hung", f"its Ray actor did not answer within {timeout_s:g}s")
+        except ray.exceptions.RayError as exc:  # RayActorError / ActorUnavailableError: the actor is gone
+            return Verdict("dead", f"its Ray actor died ({str(exc).strip().splitlines()[0][:200]})")
+        if not status["alive"]:
+            return Verdict(
+                "dead", f"its process (pid {status['pid']}) exited with code {status['returncode']}"
+            )
+        return None
+
+    return check
+
+
+def _kill(actor: Any, timeout_s: float = FENCE_STOP_S) -> None:
+    """Stop the engine process through its actor (SIGTERM, SIGKILL after ``timeout_s``), then the actor."""
+    import ray
+
+    try:
+        ray.get(actor.stop.remote(timeout_s), timeout=timeout_s + 30)
+    except (ray.exceptions.RayError, TimeoutError):
+        pass  # the actor is already gone; ray.kill below reaps it
+    ray.kill(actor)
 
 
 def _unused(prompts: list[Any], result: Any) -> list[Any]:

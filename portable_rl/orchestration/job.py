@@ -3,6 +3,12 @@
 ``Job(recipe, run_dir)`` is a context manager; entering it starts everything, leaving it stops everything
 (also on errors). The training loop (portable_rl/train.py) only calls the methods below, which read the same
 on every platform: the platform object decides devices, env and collectives.
+
+Engine failures (see ``EngineGroup``): a replaced engine is re-synced by ``_resync_engines`` — weight sync
+reconnected to the new engine list (the broadcast group re-formed with the new engine), then the trainer's
+current weights pushed under the trainer's step as version — before it serves. ``sync_weights`` retries once
+after replacing engines when an update failed because an engine died. Its metrics carry ``engine_restarts``
+and ``prompts_requeued``, both counted over the whole run.
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ class Job:
                 self._actor_config(), r.train.world_size, self.plan, self.pg, self.platform
             )
             self.trainer.call("connect_weight_sync", self.engines.urls, r.weight_sync, r.run.mode)
+            self.engines.resync = self._resync_engines
             sync = {
                 "strategy": resolve_strategy(r.weight_sync, r.run.mode),
                 "backend": self.platform.dist_backend,
@@ -155,7 +162,28 @@ class Job:
         return self.trainer.first("compute_logprobs", TrainBatch.from_samples(flatten(groups)), "ref")
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        return self.trainer.first("sync_weights", version, self.recipe.run.check_weight_update)
+        from portable_rl.weight_sync import CollectiveTimeout, WeightSyncError
+
+        check = self.recipe.run.check_weight_update
+        try:
+            out = self.trainer.first("sync_weights", version, check)
+        except (WeightSyncError, CollectiveTimeout):  # Ray re-raises the actor's error as this type too
+            if not self.engines.heal(probe=True):
+                raise  # every engine is healthy: the failure is not an engine's death
+            out = self.trainer.first("sync_weights", version, check)
+        return {
+            **out,
+            "engine_restarts": float(self.engines.restarts),
+            "prompts_requeued": float(self.engines.requeued),
+        }
+
+    def _resync_engines(self, urls: list[str]) -> None:
+        """Reconnect weight sync to ``urls`` and push the trainer's current weights (replaced engines)."""
+        r = self.recipe
+        self.trainer.call("disconnect_weight_sync")
+        self.trainer.call("connect_weight_sync", urls, r.weight_sync, r.run.mode)
+        version = self.trainer.first("info")["step"]
+        self.trainer.first("sync_weights", version, r.run.check_weight_update)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_prompts is None:

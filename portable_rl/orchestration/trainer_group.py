@@ -5,10 +5,13 @@
   engines; every other rank still iterates the generator because the gathers inside it are collective.
 * ``TrainerGroup`` creates the ranks on their placement-group bundles (rank order == bundle order), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).
+  Calls are serialized: a call from another thread (an async rollout replacing an engine) waits for the one
+  running, so every rank sees the same call order.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +85,7 @@ class TrainerGroup:
         )
         env = {"env_vars": platform.worker_env(list(range(len(platform.devices))))}
         cls = ray.remote(TrainerWorker)
+        self._lock = threading.RLock()
         self.actors = []
         for rank, slot in enumerate(plan.trainer):
             opts = actor_options(plan, slot, pg)
@@ -95,7 +99,8 @@ class TrainerGroup:
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         import ray
 
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        with self._lock:
+            return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
     def first(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call on all ranks (collective) and return rank 0's result."""

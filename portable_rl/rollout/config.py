@@ -30,6 +30,12 @@ class RolloutConfig:
     num_engines, engine_tp_size, engine ("auto" | "cpu" | "sglang"), engine_args (--sglang-<name> pass-through)
     router_policy:        sglang-router load-balancing policy
     eval_samples_per_prompt, eval_temperature: sampling for evaluation rollouts
+    health_check_interval_s: during rollouts every engine is probed this often (0: no health checks; a dead
+                          engine then fails the run); a dead, hung or unhealthy engine is replaced, re-synced to
+                          the trainer's weights, and its unfinished groups are generated again
+    health_timeout_s:     an engine that does not answer a probe within this is hung (above SGLang's own
+                          20 s /health_generate limit)
+    max_engine_restarts:  engine replacements allowed in one run (0: the first failure ends the run)
     """
 
     prompts_per_step: int = 8
@@ -56,6 +62,9 @@ class RolloutConfig:
     router_policy: str = "round_robin"
     eval_samples_per_prompt: int = 1
     eval_temperature: float = 0.0
+    health_check_interval_s: float = 5.0
+    health_timeout_s: float = 60.0
+    max_engine_restarts: int = 3
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -73,6 +82,22 @@ class RolloutConfig:
             "eval_samples_per_prompt",
         ):
             positive_int(name)
+        r = self.max_engine_restarts
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"rollout.max_engine_restarts={r!r} must be an integer >= 0 (0: never restart)")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"rollout.{name}={value!r} must be a number of seconds")
+            return value
+
+        if not number("health_check_interval_s") >= 0:
+            raise ValueError(
+                f"rollout.health_check_interval_s={self.health_check_interval_s!r} must be >= 0 (0: no checks)"
+            )
+        if not number("health_timeout_s") > 0:
+            raise ValueError(f"rollout.health_timeout_s={self.health_timeout_s!r} must be > 0")
         for name in ("temperature", "eval_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:

@@ -49,11 +49,17 @@ Public interface
     For weight sync inside the actor process; collective over TP (and PP when ``all_stages``). Use it on the
     rank(s) where ``is_weight_source`` is true; the other ranks must still iterate it to take part.
 
+Collectives: the world group and Megatron's groups time out after ``parallel.collective_timeout_s``; a
+collective that times out or loses a peer inside one of the methods above raises ``CollectiveTimeout`` naming
+the trainer world, this rank and the ranks it waited for.
+
 ``remote_class(**ray_options)`` returns ``ray.remote(**ray_options)(MegatronActor)``.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +81,7 @@ from portable_rl.training.model_builder import (
     local_layer_range,
     transformer_config,
 )
+from portable_rl.weight_sync.process_group import collective_errors
 
 # Metrics train_step computes itself; loss_fn metrics with these names are reported as "loss_fn/<name>".
 _ACTOR_METRICS = frozenset(
@@ -89,11 +96,15 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     distributed_optimizer: bool = False
+    collective_timeout_s: float = 1800.0  # every trainer collective (world and Megatron groups)
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        t = self.collective_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"collective_timeout_s={t!r} must be a positive number of seconds")
 
 
 @dataclass
@@ -149,6 +160,17 @@ class ActorConfig:
             raise FileNotFoundError(f"hf_checkpoint={self.hf_checkpoint!r} has no config.json")
 
 
+def _names_collective_failures(method: Callable) -> Callable:
+    """A timed-out or peer-less collective inside ``method`` raises CollectiveTimeout naming rank and world."""
+
+    @functools.wraps(method)
+    def wrapper(self: MegatronActor, *args: Any, **kwargs: Any) -> Any:
+        with self._collectives(method.__name__):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class MegatronActor:
     def __init__(
         self,
@@ -174,12 +196,17 @@ class MegatronActor:
                 init_method=f"tcp://{master_addr}:{master_port}",
                 rank=rank,
                 world_size=world_size,
+                timeout=datetime.timedelta(seconds=config.parallel.collective_timeout_s),
             )
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                distributed_timeout_minutes=config.parallel.collective_timeout_s / 60,
+            )
         self.ps = ps
         torch.manual_seed(config.seed)
         model_parallel_cuda_manual_seed(config.seed)
@@ -268,6 +295,20 @@ class MegatronActor:
 
     def info(self) -> dict[str, Any]:
         return {"layout": self.layout, "step": self.step, "spec": self.spec, "device": str(self.device)}
+
+    def _collectives(self, what: str):
+        lay = self.layout
+        return collective_errors(
+            group=(
+                f"the trainer's world group (Megatron TP={lay.tensor_parallel} PP={lay.pipeline_parallel} "
+                f"DP={lay.data_parallel})"
+            ),
+            backend=self.platform.dist_backend,
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            timeout_s=self.config.parallel.collective_timeout_s,
+            what=what,
+        )
 
     # ---- forward/backward ----------------------------------------------------------------------------------
     def _seq_len(self, batch: TrainBatch) -> int:
@@ -362,6 +403,7 @@ class MegatronActor:
         self.optimizer.zero_grad()
         return self._run(self.ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
 
+    @_names_collective_failures
     def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
         lr = self.config.optim.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -406,6 +448,7 @@ class MegatronActor:
         return dict(out[0])
 
     @torch.no_grad()
+    @_names_collective_failures
     def compute_logprobs(self, batch: TrainBatch, model: str = "policy") -> list[list[float]]:
         self.platform.prepare_training_runtime()
         if model == "ref" and self.ref_model is None:
@@ -436,12 +479,14 @@ class MegatronActor:
         return [merged[i] for i in range(len(batch))]
 
     # ---- checkpoints and weights ---------------------------------------------------------------------------
+    @_names_collective_failures
     def save_checkpoint(self, path: str) -> str:
         self.platform.prepare_training_runtime()
         extra = {"hf_checkpoint": self.config.hf_checkpoint, "model_type": self.spec.model_type}
         save_checkpoint(path, self.model, self.optimizer, self.step, self.layout, extra)
         return str(path)
 
+    @_names_collective_failures
     def load_checkpoint(self, path: str) -> int:
         self.platform.prepare_training_runtime()
         meta = load_checkpoint(path, self.model, self.optimizer, self.layout)
@@ -450,7 +495,7 @@ class MegatronActor:
 
     def named_hf_weights(self, all_stages: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         self.platform.prepare_training_runtime()
-        return iter_hf_weights(
+        weights = iter_hf_weights(
             self.model,
             self.spec,
             self.layers.start,
@@ -458,7 +503,18 @@ class MegatronActor:
             pp_group=self.ps.get_pipeline_model_parallel_group(),
             all_stages=all_stages,
         )
+        return self._guarded(weights, "named_hf_weights")
 
+    def _guarded(self, items: Iterator[Any], what: str) -> Iterator[Any]:
+        while True:
+            with self._collectives(what):  # the gathers run inside next()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            yield item
+
+    @_names_collective_failures
     def export_hf(self, path: str, dtype: str | None = None) -> str:
         weights = self.named_hf_weights(all_stages=True)
         if dist.get_rank() == 0:

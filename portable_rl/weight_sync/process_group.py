@@ -12,6 +12,10 @@ Contract
   through ``broadcast``/``barrier`` and a failure or timeout raises ``CollectiveTimeout`` naming the group,
   this rank, the ranks it waited for and what it was doing. (gloo enforces the timeout per operation; NCCL and
   RCCL report timeouts through their watchdog, which the platform's comm env configures.)
+* ``collective_errors(group=, backend=, rank=, world_size=, timeout_s=, what=)`` is the same naming for any
+  other group (the trainer's torch.distributed world and Megatron's groups inside it): a collective that
+  times out or loses a peer inside the block becomes ``CollectiveTimeout`` naming the group, the backend,
+  this rank, the ranks it waited for, the timeout and what it was doing; other errors pass unchanged.
 * ``free_port()`` picks an unused TCP port; ``default_master_address()`` the address engines reach us on.
 """
 
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +62,40 @@ def _describe_ranks(ranks: list[int]) -> str:
     if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
         return f"{ranks[0]}..{ranks[-1]}"
     return ", ".join(str(r) for r in ranks)
+
+
+# Lower-case fragments of the errors a collective raises when a peer is missing (gloo: "Timed out waiting
+# 2000ms for recv operation"; a peer that died: "Connection closed by peer" / "Connection reset by peer").
+_PEER_FAILURE_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True for errors a collective raises when it times out or loses a peer."""
+    if isinstance(exc, CollectiveTimeout):
+        return False  # already named
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS)
+
+
+@contextmanager
+def collective_errors(
+    *, group: str, backend: str, rank: int, world_size: int, timeout_s: float, what: str
+) -> Iterator[None]:
+    """Re-raise a timed-out or peer-less collective in the block as CollectiveTimeout naming group and ranks."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        if not is_collective_failure(exc):
+            raise
+        others = [r for r in range(world_size) if r != rank]
+        verb = "timed out" if any(h in str(exc).lower() for h in ("timed out", "timeout")) else "lost a peer"
+        raise CollectiveTimeout(
+            f"{group} ({backend}, {world_size} ranks): rank {rank} {verb} in {what} waiting for rank(s) "
+            f"{_describe_ranks(others)} (collective timeout {timeout_s:g}s): {_first_line(exc)}. "
+            "A rank that stopped, died or runs a different step never joined the collective; its log says why."
+        ) from exc
 
 
 @dataclass

@@ -15,7 +15,8 @@ Contract
   or ``startup_timeout_s`` passes first, it is stopped and ``EngineStartError`` carries the log's last lines.
 * ``EngineProcess.stop(timeout_s)``: SIGTERM to the engine's process group, SIGKILL after ``timeout_s``.
 * ``EngineServerActor`` is the same as a Ray actor body: ``ray.remote(EngineServerActor).remote(spec)``
-  (see ``remote_engine_actor``) starts the engine where Ray placed the actor and exposes ``url()``.
+  (see ``remote_engine_actor``) starts the engine where Ray placed the actor and exposes ``url()``,
+  ``alive()``, ``process_status()`` (alive, exit code, pid), ``log_tail()`` and ``stop()``.
 """
 
 from __future__ import annotations
@@ -249,6 +250,15 @@ class EngineServerActor:
 
     def alive(self) -> bool:
         return self.engine.alive
+
+    def process_status(self) -> dict[str, Any]:
+        """``{"alive", "returncode", "pid"}`` of the engine process (for health checks)."""
+        proc = self.engine.proc
+        return {
+            "alive": self.engine.alive,
+            "returncode": None if proc is None else proc.poll(),
+            "pid": None if proc is None else proc.pid,
+        }
 
     def log_tail(self, lines: int = 50) -> str:
         return self.engine.log_tail(lines)
