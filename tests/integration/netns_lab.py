@@ -3,9 +3,11 @@
 ``NetnsLab.create(names)`` makes one namespace per name, each with a veth pair whose inside end is called
 ``IFNAME`` and carries its own 10.213.N.i/24 address, the outside ends enslaved to a bridge that holds
 10.213.N.254 (the host's address on that network), loopback up and a default route through the bridge
-(Ray picks a node's address from the route to the internet; no packet leaves: nothing forwards it).
+(Ray picks a node's address from its route to the internet, found by a UDP connect that sends nothing).
 ``probe()`` proves TCP works namespace -> namespace and host -> namespace. ``destroy()`` removes every
-namespace, veth and the bridge it made and is safe to call after a partial ``create``.
+namespace, veth and the bridge it made and is safe to call after a partial ``create``. A lab holds a lock on
+its subnet (a file in the temp dir) for its life, so labs built at once (parallel test runs) never share a
+subnet or a name; everything it creates is named ``prlN...`` after its subnet 10.213.N.
 
 Creating namespaces needs CAP_NET_ADMIN; ``NetnsUnavailable`` says which step the host refused and why, so
 a test can skip with that reason.
@@ -13,12 +15,15 @@ a test can skip with that reason.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 IFNAME = "prl0"  # the interface name inside every namespace
 _PREFIX = "10.213"
@@ -45,16 +50,17 @@ def _used_subnets() -> set[str]:
 
 @dataclass
 class NetnsLab:
-    tag: str  # short and unique per test process: names must fit IFNAMSIZ (15 characters)
-    subnet: str = ""
+    subnet: str = ""  # 10.213.N; N also names everything the lab makes (prlN-*, fits IFNAMSIZ)
+    tag: str = ""
     bridge: str = ""
     namespaces: dict[str, str] = field(default_factory=dict)  # node name -> namespace name
     addresses: dict[str, str] = field(default_factory=dict)  # node name -> address inside its namespace
     host_veths: dict[str, str] = field(default_factory=dict)  # node name -> outside end of its veth
+    _lock: IO[str] | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, names: list[str]) -> NetnsLab:
-        lab = cls(tag=str(os.getpid() % 100000))
+        lab = cls()
         try:
             lab._build(names)
             lab.probe()
@@ -75,21 +81,39 @@ class NetnsLab:
         """Bytes the host has received from node ``name`` over its veth (what the namespace sent)."""
         return int(Path("/sys/class/net", self.host_veths[name], "statistics", "rx_bytes").read_text())
 
+    def _claim(self, subnet: str) -> bool:
+        """Hold a lock on ``subnet`` for this lab's life (two labs building at once never share one)."""
+        handle = open(Path(tempfile.gettempdir(), f"prl-netns-{subnet}.lock"), "w")  # noqa: SIM115 - held
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._lock = handle
+        return True
+
     def _build(self, names: list[str]) -> None:
         used = _used_subnets()
-        candidates = (f"{_PREFIX}.{(int(self.tag) + k) % 230 + 20}" for k in range(230))
-        subnet = next((c for c in candidates if c not in used), None)
-        if subnet is None:
+        for k in range(230):
+            n = (os.getpid() + k) % 230 + 20
+            if f"{_PREFIX}.{n}" not in used and self._claim(f"{_PREFIX}.{n}"):
+                break
+        else:
             raise NetnsUnavailable(f"no free {_PREFIX}.N.0/24 subnet on this host")
-        self.subnet = subnet
+        self.subnet, self.tag = f"{_PREFIX}.{n}", str(n)
+        # Holding the subnet's lock means no live lab uses these names: anything left is a killed run's.
+        self._remove([f"prl{self.tag}-{name}" for name in names], [f"prl{self.tag}br"])
+        # Namespaces first: the step that needs CAP_NET_ADMIN, so a refusing host is named by it.
+        for name in names:
+            ns = f"prl{self.tag}-{name}"
+            _ip("netns", "add", ns, step="create a network namespace (needs CAP_NET_ADMIN)")
+            self.namespaces[name] = ns
         self.bridge = f"prl{self.tag}br"
         _ip("link", "add", self.bridge, "type", "bridge", step="create a bridge")
         _ip("addr", "add", f"{self.host_address}/24", "dev", self.bridge, step="address the bridge")
         _ip("link", "set", self.bridge, "up", step="bring the bridge up")
         for i, name in enumerate(names, start=1):
-            ns, veth = f"prl{self.tag}-{name}", f"prl{self.tag}v{i}"
-            _ip("netns", "add", ns, step="create a network namespace (needs CAP_NET_ADMIN)")
-            self.namespaces[name] = ns
+            ns, veth = self.namespaces[name], f"prl{self.tag}v{i}"
             _ip(
                 "link",
                 "add",
@@ -158,13 +182,19 @@ class NetnsLab:
                 server.kill()
                 server.wait()
 
+    @staticmethod
+    def _remove(namespaces: list[str], links: list[str]) -> None:
+        for ns in namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        for link in links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
+
     def destroy(self) -> None:
         """Remove what ``create`` made; errors are ignored so a partial setup is cleaned up too."""
-        for ns in self.namespaces.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        # The host ends vanish with their namespace once its last process is gone; do not wait for that.
-        for veth in self.host_veths.values():
-            subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=30)
-        if self.bridge:
-            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+        # A veth's host end vanishes with its namespace once the last process there is gone; delete it now.
+        links = [*self.host_veths.values(), *([self.bridge] if self.bridge else [])]
+        self._remove(list(self.namespaces.values()), links)
         self.namespaces, self.host_veths, self.bridge = {}, {}, ""
+        if self._lock is not None:
+            self._lock.close()  # releases the subnet
+            self._lock = None

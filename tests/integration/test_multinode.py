@@ -2,12 +2,13 @@
 
 The head and two workers are separate `portable-rl launch head|worker --block` processes (each execs
 `ray start`) with their own custom resources (``node_trainer``, ``node_engine``), ports and worker-port
-ranges, all under one temp dir of this test. Every test runs on two kinds of cluster:
+ranges, all under one temp dir of this test. There is one test per kind of cluster, which builds it once
+for all its checks (a module-scoped fixture would be built again in every `pytest -n` worker):
 
 * ``loopback``: all nodes on the host's own network stack (``--node-ip 127.0.0.1 --ifname lo``).
 * ``netns``: each node in its own network namespace, joined by veth pairs to a bridge, with its own 10.x
   address and ``--ifname`` naming its veth, so gloo and Ray traffic really crosses interfaces. Needs
-  CAP_NET_ADMIN; the fixture builds and probes the whole setup first and skips (marker ``netns``) with the
+  CAP_NET_ADMIN; the test builds and probes the whole setup first and skips (marker ``netns``) with the
   reason when the host refuses any step.
 
 Checks: every node carries the platform resource and its own resources; an actor on the trainer node and
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,12 +203,16 @@ def _netns_lab():
         )
 
 
-@pytest.fixture(scope="module", params=["loopback", pytest.param("netns", marks=pytest.mark.netns)])
-def cluster(request) -> Iterator[LocalCluster]:
-    """Head (no CPUs: schedules nothing), a 'trainer' node and an 'engine' node; this process reads state."""
+@contextmanager
+def running_cluster(kind: str) -> Iterator[LocalCluster]:
+    """Head (no CPUs: schedules nothing), a 'trainer' node and an 'engine' node; this process reads state.
+
+    One cluster serves every check of a test: under `pytest -n` a module-scoped fixture would be built once
+    per worker that runs one of its tests, so each kind of cluster is one test instead.
+    """
     import ray
 
-    lab = _netns_lab() if request.param == "netns" else None
+    lab = _netns_lab() if kind == "netns" else None
     temp_dir = tempfile.mkdtemp(prefix="prl", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
     if lab is None:
@@ -216,7 +222,7 @@ def cluster(request) -> Iterator[LocalCluster]:
 
         ips, ifname = dict(lab.addresses), IFNAME
     c = LocalCluster(
-        kind=request.param,
+        kind=kind,
         address=f"{ips['head']}:{port}",
         temp_dir=temp_dir,
         env=_cluster_env(),
@@ -328,10 +334,10 @@ def _drive(cluster: LocalCluster, action: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# ---- tests -------------------------------------------------------------------------------------------------
+# ---- checks ------------------------------------------------------------------------------------------------
 
 
-def test_nodes_carry_platform_and_own_resources(cluster: LocalCluster):
+def check_nodes_carry_platform_and_own_resources(cluster: LocalCluster) -> None:
     import ray
 
     from portable_rl.orchestration.cluster import check_cluster_platforms
@@ -355,7 +361,7 @@ def test_nodes_carry_platform_and_own_resources(cluster: LocalCluster):
     assert found.trainer_platform == "cpu" and len(found.nodes) == 3
 
 
-def test_gloo_broadcast_between_actors_on_two_nodes(cluster: LocalCluster):
+def check_gloo_broadcast_between_actors_on_two_nodes(cluster: LocalCluster) -> None:
     import ray
     import torch
 
@@ -381,7 +387,7 @@ def test_gloo_broadcast_between_actors_on_two_nodes(cluster: LocalCluster):
         assert cluster.lab.host_veth_bytes("trainer") - crossed_before >= BROADCAST_NUMEL * 4
 
 
-def test_launch_check_cli_accepts_the_cluster(cluster: LocalCluster):
+def check_launch_check_cli_accepts_the_cluster(cluster: LocalCluster) -> None:
     out = subprocess.run(
         [
             *cluster.on("head"),
@@ -428,9 +434,7 @@ def _live_placement_groups() -> list[str]:
     return [pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
 
 
-# Engines bind loopback, which another namespace cannot reach, so the recipe runs on the loopback cluster.
-@pytest.mark.parametrize("cluster", ["loopback"], indirect=True)
-def test_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster: LocalCluster, tmp_path: Path):
+def check_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
     import ray
 
     run_dir = tmp_path / "run"
@@ -465,6 +469,26 @@ def test_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster: LocalCluste
     # The job only disconnected its driver: the cluster is whole and holds none of the job's reservations.
     assert sum(1 for n in ray.nodes() if n["Alive"]) == 3
     assert _live_placement_groups() == []
+
+
+# ---- tests: one per kind of cluster --------------------------------------------------------------------------
+
+
+def test_loopback_cluster_runs_the_tiny_recipe_across_nodes(tmp_path: Path):
+    with running_cluster("loopback") as cluster:
+        check_nodes_carry_platform_and_own_resources(cluster)
+        check_gloo_broadcast_between_actors_on_two_nodes(cluster)
+        check_launch_check_cli_accepts_the_cluster(cluster)
+        check_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster, tmp_path)
+
+
+@pytest.mark.netns
+def test_netns_cluster_broadcasts_across_interfaces():
+    # No recipe here: engines listen on their node's loopback address, which another namespace cannot reach.
+    with running_cluster("netns") as cluster:
+        check_nodes_carry_platform_and_own_resources(cluster)
+        check_gloo_broadcast_between_actors_on_two_nodes(cluster)
+        check_launch_check_cli_accepts_the_cluster(cluster)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fake_hosts import simulate_rocm
 
@@ -15,6 +17,7 @@ from portable_rl.orchestration.placement import (
     check_pins,
     plan,
     reserve,
+    write_layout,
 )
 
 
@@ -159,7 +162,7 @@ def ray_local():
         ray.shutdown()
 
 
-def test_actors_land_on_their_bundles_in_rank_order(ray_local):
+def test_actors_land_on_their_bundles_in_rank_order(ray_local, tmp_path):
     ray = ray_local
     platform = plat.load("cpu")
     p = plan(
@@ -181,6 +184,17 @@ def test_actors_land_on_their_bundles_in_rank_order(ray_local):
     (t_pg, t_env), (e_pg, _) = ray.get([trainer.info.remote(), engine.info.remote()])
     assert t_pg == e_pg == pg.id.hex()
     assert t_env == "false"  # the platform's worker env reached the actor
+
+    # The layout record asks the actors where they run; one local node holds both bundles here.
+    here = ray.get_runtime_context().get_node_id()
+    record = write_layout(tmp_path / "layout.json", p, pg, [trainer], [engine], weight_sync={"strategy": "x"})
+    assert json.loads((tmp_path / "layout.json").read_text()) == record
+    assert record["strategy"] == "PACK" and record["weight_sync"] == {"strategy": "x"}
+    assert [b["node_id"] for b in record["bundles"]] == [here, here]
+    assert record["trainer"] == [
+        {"rank": 0, "bundle": 0, "node_id": here, "node_ip": record["trainer"][0]["node_ip"]}
+    ]
+    assert record["engines"][0]["bundles"] == [1] and record["engines"][0]["node_id"] == here
     ray.util.remove_placement_group(pg)
 
 
