@@ -111,6 +111,36 @@ def compare(
         engine.stop()
 
 
+def measure(
+    models: str = "tiny,small",
+    model_path: str | None = None,
+    batch_size: int = 16,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    runs: int = 3,
+    threads: int | None = None,
+) -> list[tuple[str, list[float], list[float]]]:
+    """[(model name, HF tokens/s per run, engine tokens/s per run)] for each model."""
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_path:
+            targets = [(Path(model_path).name, Path(model_path))]
+        else:
+            targets = [
+                (name, build_tiny_checkpoint(Path(tmp) / name, MODELS[name])) for name in models.split(",")
+            ]
+        for name, path in targets:
+            from transformers import AutoConfig
+
+            vocab = AutoConfig.from_pretrained(path).vocab_size
+            batch = prompts(vocab, batch_size, prompt_len)
+            hf, eng = compare(path, batch, new_tokens, runs, threads)
+            rows.append((name, hf, eng))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="tiny,small", help="comma list of: " + ", ".join(MODELS))
@@ -121,24 +151,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model_path:
-            targets = [(Path(args.model_path).name, Path(args.model_path))]
-        else:
-            targets = [
-                (name, build_tiny_checkpoint(Path(tmp) / name, MODELS[name]))
-                for name in args.models.split(",")
-            ]
-        for name, path in targets:
-            from transformers import AutoConfig
-
-            vocab = AutoConfig.from_pretrained(path).vocab_size
-            batch = prompts(vocab, args.batch, args.prompt_len)
-            hf, eng = compare(path, batch, args.new_tokens, args.runs, args.threads)
-            rows.append((name, hf, eng))
+    rows = measure(
+        args.models, args.model_path, args.batch, args.prompt_len, args.new_tokens, args.runs, args.threads
+    )
 
     print(
         f"\nbatch {args.batch} x {args.new_tokens} new tokens, prompt {args.prompt_len}, "

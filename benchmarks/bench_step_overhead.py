@@ -31,27 +31,41 @@ from portable_rl.platform import current_platform  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def measure(recipe: str, steps: int, overrides: list[str] | None = None) -> dict[str, float]:
+    """Median seconds of generate / train / sync / wall over steps 2..N, the raw broadcast, and model bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "portable_rl", "train", recipe, "--output-dir", str(run_dir)]
+        cmd += [f"run.steps={steps}", *(overrides or [])]
+        subprocess.run(
+            cmd, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL
+        )
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+        model_bytes = sum(p.stat().st_size for p in (run_dir / "hf").glob("*.safetensors"))
+    return {
+        "raw": statistics.median(time_raw_broadcast(model_bytes, 5, current_platform().dist_backend)),
+        "generate": statistics.median(r["time_generate_s"] for r in rows),
+        "train": statistics.median(r["time_train_s"] for r in rows),
+        "sync": statistics.median(r["time_sync_s"] for r in rows),
+        "wall": statistics.median(r["time_step_s"] for r in rows),
+        "model_bytes": float(model_bytes),
+        "steps_measured": float(len(rows)),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "examples" / "tiny_cpu.yaml"))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "portable_rl", "train", args.recipe, "--output-dir", str(run_dir)]
-        cmd += [f"run.steps={args.steps}", *args.overrides]
-        subprocess.run(
-            cmd, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL
-        )
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-        model_bytes = sum(p.stat().st_size for p in (run_dir / "hf").glob("*.safetensors"))
-    raw = statistics.median(time_raw_broadcast(model_bytes, 5, current_platform().dist_backend))
-    gen = statistics.median(r["time_generate_s"] for r in rows)
-    train = statistics.median(r["time_train_s"] for r in rows)
-    sync = statistics.median(r["time_sync_s"] for r in rows)
-    wall = statistics.median(r["time_step_s"] for r in rows)
-    print(f"recipe {Path(args.recipe).name}, {len(rows)} steps measured, model {model_bytes / 2**20:.1f} MiB")
+    m = measure(args.recipe, args.steps, args.overrides)
+    raw, gen, train, sync, wall = m["raw"], m["generate"], m["train"], m["sync"], m["wall"]
+    model_bytes = m["model_bytes"]
+    print(
+        f"recipe {Path(args.recipe).name}, {int(m['steps_measured'])} steps measured, "
+        f"model {model_bytes / 2**20:.1f} MiB"
+    )
     print(f"| {'piece':<34} | {'median s':>9} |")
     print(f"|{'-' * 36}|{'-' * 11}|")
     for name, value in (

@@ -223,6 +223,7 @@ class SideResult:
     completion_tokens: list[float]
     reward: list[float] = field(default_factory=list)
     breakdown_s: dict[str, float] = field(default_factory=dict)  # median seconds per part of a step, if known
+    notes: list[str] = field(default_factory=list)  # events that make the timing suspect (engine restarts)
     load_before: tuple[float, float, float] | None = None
     load_after: tuple[float, float, float] | None = None
 
@@ -354,11 +355,23 @@ def run_portable_rl(w: Workload, tmp: Path) -> SideResult:
         "OMP_NUM_THREADS": str(w.threads),
     }
     before = load_average()
-    subprocess.run(cmd + portable_rl_overrides(w), check=True, env=env, stdout=subprocess.DEVNULL)
+    log_path = tmp / "portable_rl.log"
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd + portable_rl_overrides(w), env=env, stdout=subprocess.DEVNULL, stderr=log)
+    log_text = log_path.read_text(errors="replace")
+    if proc.returncode:
+        sys.stderr.write(log_text[-4000:])
+        raise RuntimeError(f"portable-rl train exited with {proc.returncode} (its log's end is above)")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = portable_rl_steps(rows)
     result.load_before, result.load_after = before, load_average()
+    result.notes = log_events(log_text)
     return result
+
+
+def log_events(text: str) -> list[str]:
+    """Lines of a portable_rl log that mean the step times include recovery work (engine fenced/replaced)."""
+    return [line.strip() for line in text.splitlines() if "replaced engine" in line or "fencing it" in line]
 
 
 def run_trl(w: Workload, tmp: Path) -> SideResult:
@@ -463,6 +476,9 @@ def markdown_report(w: Workload, ours: SideResult, trl: SideResult, command: str
         "- portable_rl step parts (median s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in ours.breakdown_s.items())
         + ".",
+        "- portable_rl engine recoveries during the run (timings include them): "
+        + ("; ".join(ours.notes) if ours.notes else "none")
+        + ".",
         f"- Mean reward per measured step: portable_rl {[round(x, 3) for x in ours.reward]}, "
         f"TRL {[round(x, 3) for x in trl.reward]}.",
         "",
@@ -512,6 +528,8 @@ def main(argv: list[str] | None = None) -> None:
     ours, trl = measure(w, args.order)
     print(f"\nGRPO step throughput: {describe(w)}; medians over measured steps")
     print(format_table(ours, trl))
+    if ours.notes:
+        print(f"warning: portable_rl's engine was fenced/replaced during the run: {ours.notes}")
     print(
         f"load average before/after: TRL {trl.load_before}/{trl.load_after}, "
         f"portable_rl {ours.load_before}/{ours.load_after}"

@@ -128,37 +128,38 @@ def time_sync(
     return times[1:]
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size-mb", type=float, default=256.0, help="approximate checkpoint size (fp32)")
-    p.add_argument("--bucket-mb", type=float, default=64.0)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--engine", choices=["cpu", "sglang"], default="cpu")
-    p.add_argument("--python", default=sys.executable, help="interpreter with the engine installed")
-    args = p.parse_args(argv)
+def measure(
+    size_mb: float = 256.0,
+    bucket_mb: float = 64.0,
+    repeats: int = 5,
+    engine_kind: str = "cpu",
+    python: str = sys.executable,
+    log=print,
+) -> tuple[int, list[tuple[str, list[float]]]]:
+    """(bytes synced, [(label, seconds per timed run)]); the first row is the raw broadcast reference."""
     platform = current_platform()
     backend = platform.dist_backend
 
     with tempfile.TemporaryDirectory(prefix="bench-weight-sync-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        ckpt = build_checkpoint(root, args.size_mb)
+        ckpt = build_checkpoint(root, size_mb)
         weights = load_weights(ckpt)
         nbytes = sum(t.numel() * t.element_size() for _, t in weights)
-        print(
+        log(
             f"checkpoint: {len(weights)} tensors, {nbytes / 2**20:.1f} MiB, built in {time.perf_counter() - t0:.1f}s"
         )
         engine_args = (
             {"num_threads": 2}
-            if args.engine == "cpu"
+            if engine_kind == "cpu"
             else {"max_total_tokens": 4096, "skip_server_warmup": True}
         )
-        env = {"SGLANG_USE_CPU_ENGINE": "1"} if args.engine == "sglang" and platform.name == "cpu" else {}
+        env = {"SGLANG_USE_CPU_ENGINE": "1"} if engine_kind == "sglang" and platform.name == "cpu" else {}
         engine = launch_engine(
             EngineSpec(
                 model_path=str(ckpt),
-                kind=args.engine,
-                python=args.python,
+                kind=engine_kind,
+                python=python,
                 engine_args=engine_args,
                 env=env,
                 startup_timeout_s=900,
@@ -169,10 +170,10 @@ def main(argv: list[str] | None = None) -> None:
             all_mb = nbytes / 2**20 + 1
             cases = [
                 (
-                    f"broadcast sync, flattened {args.bucket_mb:g} MB buckets",
+                    f"broadcast sync, flattened {bucket_mb:g} MB buckets",
                     "disaggregated",
                     WeightSyncConfig(
-                        strategy="broadcast", bucket_mb=args.bucket_mb, flatten_buckets="on", **common
+                        strategy="broadcast", bucket_mb=bucket_mb, flatten_buckets="on", **common
                     ),
                 ),
                 (
@@ -181,16 +182,16 @@ def main(argv: list[str] | None = None) -> None:
                     WeightSyncConfig(strategy="broadcast", bucket_mb=all_mb, flatten_buckets="on", **common),
                 ),
                 (
-                    f"broadcast sync, per tensor ({args.bucket_mb:g} MB requests)",
+                    f"broadcast sync, per tensor ({bucket_mb:g} MB requests)",
                     "disaggregated",
                     WeightSyncConfig(
-                        strategy="broadcast", bucket_mb=args.bucket_mb, flatten_buckets="off", **common
+                        strategy="broadcast", bucket_mb=bucket_mb, flatten_buckets="off", **common
                     ),
                 ),
                 (
-                    f"shared-tensor sync ({platform.shared_tensor_transport}), {args.bucket_mb:g} MB",
+                    f"shared-tensor sync ({platform.shared_tensor_transport}), {bucket_mb:g} MB",
                     "colocated",
-                    WeightSyncConfig(strategy="shared_tensor", bucket_mb=args.bucket_mb, **common),
+                    WeightSyncConfig(strategy="shared_tensor", bucket_mb=bucket_mb, **common),
                 ),
                 (
                     "disk sync (safetensors)",
@@ -198,14 +199,27 @@ def main(argv: list[str] | None = None) -> None:
                     WeightSyncConfig(strategy="disk", disk_dir=str(root / "xfer"), **common),
                 ),
             ]
-            raw = time_raw_broadcast(nbytes, args.repeats, backend)
+            raw = time_raw_broadcast(nbytes, repeats, backend)
             rows = [(f"raw {backend} broadcast, 1 tensor, rank 0 -> 1 receiver", raw)]
             for i, (label, mode, cfg) in enumerate(cases):
-                rows.append((label, time_sync(engine.url, cfg, mode, weights, args.repeats, 1000 * (i + 1))))
+                rows.append((label, time_sync(engine.url, cfg, mode, weights, repeats, 1000 * (i + 1))))
         finally:
             engine.stop()
+    return nbytes, rows
 
-    raw_median = statistics.median(raw)
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size-mb", type=float, default=256.0, help="approximate checkpoint size (fp32)")
+    p.add_argument("--bucket-mb", type=float, default=64.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--engine", choices=["cpu", "sglang"], default="cpu")
+    p.add_argument("--python", default=sys.executable, help="interpreter with the engine installed")
+    args = p.parse_args(argv)
+    platform = current_platform()
+    backend = platform.dist_backend
+    nbytes, rows = measure(args.size_mb, args.bucket_mb, args.repeats, args.engine, args.python)
+    raw_median = statistics.median(rows[0][1])
     print(
         f"\nweight sync of {nbytes / 2**20:.1f} MiB to one {args.engine} engine on {platform.name} "
         f"({backend}); median of {args.repeats} runs after 1 warm-up"

@@ -161,3 +161,34 @@ def test_trl_rows_are_the_recipe_prompts_in_file_order(bench):
     rec = json.loads(first)
     assert rows[0] == {"prompt": [{"role": "user", "content": rec["prompt"]}], "label": rec["label"]}
     assert len(rows) == 512
+
+
+def test_engine_recoveries_in_the_log_are_reported(bench):
+    log = "\n".join(
+        [
+            "train:  20%|##| 1/5",
+            "engine 0 at http://127.0.0.1:1 is unhealthy: /health_generate answered HTTP 503; fencing it. Its log ends:",
+            "replaced engine(s) [0]: now at ['http://127.0.0.1:2']",
+            "request x failed: HTTP 503",
+        ]
+    )
+    events = bench.log_events(log)
+    assert len(events) == 2 and events[1].startswith("replaced engine(s) [0]")
+    assert bench.log_events("train: 100%") == []
+
+
+def test_run_all_rejects_unknown_benchmarks_and_marks_failures(bench):
+    spec = importlib.util.spec_from_file_location("bench_run_all", ROOT / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run_all"] = run_all  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(run_all)
+    finally:
+        sys.modules.pop("bench_run_all", None)
+    assert run_all.parse_only("engine, vs_trl") == ["engine", "vs_trl"]
+    with pytest.raises(ValueError, match="wieght_sync"):
+        run_all.parse_only("wieght_sync")
+    table = run_all.format_table(
+        [run_all.Row("engine", "a / b", 0.5, "1 / 2"), run_all.Row("vs_trl", "(failed)", None, "boom")]
+    )
+    assert "| engine | a / b | 0.50 | 1 / 2 |" in table and "| vs_trl | (failed) | failed | boom |" in table
