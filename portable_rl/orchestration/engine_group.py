@@ -1,8 +1,9 @@
 """The rollout side of a job: engine actors on their placement slots, the router in front, the manager.
 
-* ``EngineGroup(cfg, model_dir, plan, pg, platform)`` starts ``cfg.num_engines`` engine servers (SGLang on
-  GPUs, the CPU engine on the CPU platform: ``EngineSpec.kind="auto"``), each inside a Ray actor placed on its
-  bundle, then the real sglang-router over them.
+* ``EngineGroup(cfg, model_dir, plan, pg, platform, api_key)`` starts ``cfg.num_engines`` engine servers
+  (SGLang on GPUs, the CPU engine on the CPU platform: ``EngineSpec.kind="auto"``), each inside a Ray actor
+  placed on its bundle, then the real sglang-router over them. With ``api_key`` (the job passes one per run)
+  engines and router refuse requests without ``Authorization: Bearer <key>``; every client here sends it.
 * ``rollout(buffer, step, seed, tokenizer)`` takes prompts from the data buffer, generates through the router,
   hands finished groups back to the buffer (aborted ones are re-queued there, filtered ones discarded) and
   returns exactly ``prompts_per_step`` groups (fewer only if the filter keeps too few; see the manager).
@@ -55,10 +56,19 @@ class EngineFailure(RuntimeError):
 
 
 class EngineGroup:
-    def __init__(self, cfg: RolloutConfig, model_dir: Path, plan: Plan, pg: Any, platform: Platform):
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_dir: Path,
+        plan: Plan,
+        pg: Any,
+        platform: Platform,
+        api_key: str | None = None,
+    ):
         import ray
 
         self.cfg = cfg
+        self.api_key = api_key
         self.actors: list[Any] = []
         self.router: Router | None = None
         self.resync: Callable[[list[str]], None] | None = None
@@ -75,15 +85,17 @@ class EngineGroup:
                     EngineSpec(
                         model_path=str(model_dir),
                         kind=cfg.engine,
-                        engine_args=dict(cfg.engine_args),
+                        # the key travels as ``api_key`` (env for the CPU engine, off its command line)
+                        engine_args={k: v for k, v in cfg.engine_args.items() if k != "api_key"},
                         devices=[s.bundle for s in slots] if platform.ray_resource else [],
                         startup_timeout_s=cfg.engine_startup_timeout_s,
+                        api_key=api_key,
                     )
                 )
                 self.options.append(actor_options(plan, slots[0], pg))
                 self.actors.append(self._start(len(self.specs) - 1))
             self.urls: list[str] = ray.get([a.url.remote() for a in self.actors])
-            self.router = Router(RouterConfig(policy=cfg.router_policy)).start(self.urls)
+            self.router = Router(RouterConfig(policy=cfg.router_policy, api_key=api_key)).start(self.urls)
         except BaseException:
             self.shutdown()
             raise
@@ -97,7 +109,9 @@ class EngineGroup:
         return self.cfg.health_check_interval_s > 0
 
     def _manager(self, tokenizer: Any, cfg: RolloutConfig | None = None) -> RolloutManager:
-        return RolloutManager(cfg or self.cfg, self.router.url, tokenizer, engine_urls=self.urls)
+        return RolloutManager(
+            cfg or self.cfg, self.router.url, tokenizer, engine_urls=self.urls, api_key=self.api_key
+        )
 
     # ---- rollout ------------------------------------------------------------------------------------------
     def rollout(self, buffer: DataBuffer, *, step: int, seed: int, tokenizer: Any) -> list[Group]:
@@ -165,6 +179,7 @@ class EngineGroup:
             interval_s=self.cfg.health_check_interval_s,
             on_failure=self._fence,
             process_checks=checks,
+            api_key=self.api_key,
         )
         monitor.failures.update(self._failed)  # already fenced: not probed again
         return monitor

@@ -56,14 +56,17 @@ def probe_engine(
     url: str,
     timeout_s: float,
     process_check: ProcessCheck | None = None,
+    api_key: str | None = None,
 ) -> Verdict | None:
     """``None`` when the engine at ``url`` is healthy, else why not (see module docstring)."""
+    # The probe paths are open on portable_rl's engine; the key is sent anyway for servers that guard them.
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if process_check is not None:
         verdict = process_check(timeout_s)
         if verdict is not None:
             return verdict
     try:
-        resp = requests.get(f"{url.rstrip('/')}{HEALTH_ENDPOINT}", timeout=timeout_s)
+        resp = requests.get(f"{url.rstrip('/')}{HEALTH_ENDPOINT}", headers=headers, timeout=timeout_s)
     except requests.ConnectionError as exc:
         if isinstance(exc, requests.ConnectTimeout):
             return Verdict("hung", f"no connection to {HEALTH_ENDPOINT} within {timeout_s:g}s")
@@ -93,6 +96,7 @@ class EngineMonitor:
         interval_s: float,
         on_failure: Callable[[Failure], None] | None = None,
         process_checks: Sequence[ProcessCheck | None] | None = None,
+        api_key: str | None = None,
     ) -> None:
         if not timeout_s > 0 or not interval_s > 0:
             raise ValueError(f"health timeout_s={timeout_s!r} and interval_s={interval_s!r} must be > 0")
@@ -100,6 +104,7 @@ class EngineMonitor:
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self.on_failure = on_failure
+        self.api_key = api_key
         self.process_checks = list(process_checks) if process_checks is not None else [None] * len(urls)
         if len(self.process_checks) != len(self.urls):
             raise ValueError(f"{len(self.process_checks)} process checks for {len(self.urls)} engines")
@@ -117,7 +122,9 @@ class EngineMonitor:
             with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="health-probe") as pool:
                 verdicts = list(
                     pool.map(
-                        lambda i: probe_engine(self.urls[i], self.timeout_s, self.process_checks[i]),
+                        lambda i: probe_engine(
+                            self.urls[i], self.timeout_s, self.process_checks[i], self.api_key
+                        ),
                         todo,
                     )
                 )

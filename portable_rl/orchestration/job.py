@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ class Job:
 
         r = self.recipe
         self.platform.prepare_process_env()
+        # Engines and router accept requests only with this run's key (the user's --sglang-api-key, else a
+        # fresh one), so another process on the host cannot generate on them or overwrite their weights.
+        self.api_key = r.rollout.engine_args.get("api_key") or secrets.token_urlsafe(32)
         self.model_dir = resolve_model(r, self.run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.prompts = PromptSource(r.data.train, self.tokenizer)
@@ -102,11 +106,15 @@ class Job:
         self.plan = plan(pcfg, self.platform)
         try:
             self.pg = reserve(self.plan)
-            self.engines = EngineGroup(r.rollout, self.model_dir, self.plan, self.pg, self.platform)
+            self.engines = EngineGroup(
+                r.rollout, self.model_dir, self.plan, self.pg, self.platform, api_key=self.api_key
+            )
             self.trainer = TrainerGroup(
                 self._actor_config(), r.train.world_size, self.plan, self.pg, self.platform
             )
-            self.trainer.call("connect_weight_sync", self.engines.urls, r.weight_sync, r.run.mode)
+            self.trainer.call(
+                "connect_weight_sync", self.engines.urls, r.weight_sync, r.run.mode, self.api_key
+            )
             self.engines.resync = self._resync_engines
             sync = {
                 "strategy": resolve_strategy(r.weight_sync, r.run.mode),
@@ -181,7 +189,7 @@ class Job:
         """Reconnect weight sync to ``urls`` and push the trainer's current weights (replaced engines)."""
         r = self.recipe
         self.trainer.call("disconnect_weight_sync")
-        self.trainer.call("connect_weight_sync", urls, r.weight_sync, r.run.mode)
+        self.trainer.call("connect_weight_sync", urls, r.weight_sync, r.run.mode, self.api_key)
         version = self.trainer.first("info")["step"]
         self.trainer.first("sync_weights", version, r.run.check_weight_update)
 

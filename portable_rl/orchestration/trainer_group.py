@@ -27,10 +27,14 @@ class TrainerWorker(MegatronActor):
 
     _sync = None
 
-    def connect_weight_sync(self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str) -> None:
+    def connect_weight_sync(
+        self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
+    ) -> None:
         if self.is_weight_source:
+            from portable_rl.rollout.engines.client import EngineClient
+
             self._sync = make_weight_sync(cfg, mode, self.platform)
-            self._sync.connect(list(engine_urls))
+            self._sync.connect([EngineClient(url, api_key=api_key) for url in engine_urls])
 
     def sync_weights(self, version: int, check: bool = False) -> dict[str, float]:
         """Push the current weights to every engine as ``version``; returns timing (and check) metrics."""

@@ -30,7 +30,11 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "tiny_cpu.yaml"
 STEPS, PROMPTS = 4, 8
+KEY = "fault-test-key"  # the user's --sglang-api-key; without one the job makes a random key per run
+AUTH = {"Authorization": f"Bearer {KEY}"}
 ARGS = [
+    "--sglang-api-key",
+    KEY,
     "run.mode=disaggregated",
     "rollout.num_engines=2",
     f"run.steps={STEPS}",
@@ -75,7 +79,7 @@ def _wait(what: str, cond, proc: subprocess.Popen, timeout_s: float = 300, poll_
 
 def _generating(port: int) -> bool:
     try:
-        info = requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).json()
+        info = requests.get(f"http://127.0.0.1:{port}/server_info", headers=AUTH, timeout=2).json()
     except (requests.RequestException, ValueError):
         return False
     return info["internal_states"][0]["running"] > 0
@@ -97,6 +101,9 @@ def _strike_during_rollout(proc, run_dir: Path, after_step: int, everyone: bool,
         120,
     )
     assert not any(r["step"] == after_step + 1 for r in _lines(rollouts)), "too late: the step already ended"
+    port = next(port for p, port in engines.values() if p is busy)
+    unauthenticated = requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2)
+    assert unauthenticated.status_code == 401, "the run's engines must refuse requests without its key"
     victims = [p for p, _ in engines.values()] if everyone else [busy]
     for victim in victims:
         victim.send_signal(sig)
