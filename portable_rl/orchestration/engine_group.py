@@ -4,6 +4,8 @@
   (SGLang on GPUs, the CPU engine on the CPU platform: ``EngineSpec.kind="auto"``), each inside a Ray actor
   placed on its bundle, then the real sglang-router over them. With ``api_key`` (the job passes one per run)
   engines and router refuse requests without ``Authorization: Bearer <key>``; every client here sends it.
+  ``host``: what engines bind — loopback for a job on one machine, ``NODE_HOST`` (the Ray node's address) for
+  a job on a multi-node cluster, where the router on the driver's node must reach them.
 * ``rollout(buffer, step, seed, tokenizer)`` takes prompts from the data buffer, generates through the router,
   hands finished groups back to the buffer (aborted ones are re-queued there, filtered ones discarded) and
   returns exactly ``prompts_per_step`` groups (fewer only if the filter keeps too few; see the manager).
@@ -64,6 +66,7 @@ class EngineGroup:
         pg: Any,
         platform: Platform,
         api_key: str | None = None,
+        host: str = "127.0.0.1",
     ):
         import ray
 
@@ -90,6 +93,7 @@ class EngineGroup:
                         devices=[s.bundle for s in slots] if platform.ray_resource else [],
                         startup_timeout_s=cfg.engine_startup_timeout_s,
                         api_key=api_key,
+                        host=host,
                     )
                 )
                 self.options.append(actor_options(plan, slots[0], pg))

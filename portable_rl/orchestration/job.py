@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from portable_rl.orchestration.trainer_group import TrainerGroup
 from portable_rl.platform import current_platform
 from portable_rl.recipe import Recipe
 from portable_rl.rl_batch import flatten
+from portable_rl.rollout.engines.launcher import NODE_HOST
 from portable_rl.run_dir import RunDir
 from portable_rl.training.actor import ActorConfig
 from portable_rl.weight_sync.config import resolve_strategy
+from portable_rl.weight_sync.process_group import NODE_ADDRESS
 
 
 def resolve_model(recipe: Recipe, run_dir: RunDir) -> Path:
@@ -56,6 +59,7 @@ class Job:
         self.run_dir = run_dir
         self.platform = current_platform()
         self._started_ray = False
+        self._multi_node = False  # joined a cluster: engines and the sync rendezvous use node addresses
         self.trainer: TrainerGroup | None = None
         self.engines: EngineGroup | None = None
 
@@ -80,6 +84,7 @@ class Job:
                 from portable_rl.orchestration.cluster import check_live_cluster
 
                 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+                self._multi_node = True
                 check_live_cluster(r.weight_sync.strategy, default_platform=self.platform.name)
             else:
                 # A private single-node cluster on loopback: token auth only adds a warning here.
@@ -107,13 +112,19 @@ class Job:
         try:
             self.pg = reserve(self.plan)
             self.engines = EngineGroup(
-                r.rollout, self.model_dir, self.plan, self.pg, self.platform, api_key=self.api_key
+                r.rollout,
+                self.model_dir,
+                self.plan,
+                self.pg,
+                self.platform,
+                api_key=self.api_key,
+                host=NODE_HOST if self._multi_node else "127.0.0.1",
             )
             self.trainer = TrainerGroup(
                 self._actor_config(), r.train.world_size, self.plan, self.pg, self.platform
             )
             self.trainer.call(
-                "connect_weight_sync", self.engines.urls, r.weight_sync, r.run.mode, self.api_key
+                "connect_weight_sync", self.engines.urls, self._weight_sync_config(), r.run.mode, self.api_key
             )
             self.engines.resync = self._resync_engines
             sync = {
@@ -185,11 +196,18 @@ class Job:
             "prompts_requeued": float(self.engines.requeued),
         }
 
+    def _weight_sync_config(self):
+        """The recipe's weight sync; on a multi-node cluster the rendezvous is the weight source's node address."""
+        ws = self.recipe.weight_sync
+        if self._multi_node and ws.master_address is None:
+            return replace(ws, master_address=NODE_ADDRESS)
+        return ws
+
     def _resync_engines(self, urls: list[str]) -> None:
         """Reconnect weight sync to ``urls`` and push the trainer's current weights (replaced engines)."""
         r = self.recipe
         self.trainer.call("disconnect_weight_sync")
-        self.trainer.call("connect_weight_sync", urls, r.weight_sync, r.run.mode, self.api_key)
+        self.trainer.call("connect_weight_sync", urls, self._weight_sync_config(), r.run.mode, self.api_key)
         version = self.trainer.first("info")["step"]
         self.trainer.first("sync_weights", version, r.run.check_weight_update)
 

@@ -47,9 +47,9 @@ from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.process_group import (
     CollectiveTimeout,
     WeightUpdateGroup,
-    default_master_address,
     free_port,
     init_weight_update_group,
+    resolve_master_address,
 )
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class BroadcastWeightSync:
             self.rank_offsets.append(offset)
             offset += engine.tp_size
         world_size = offset
-        address = self.cfg.master_address or default_master_address()
+        address = resolve_master_address(self.cfg.master_address)
         port = self.cfg.master_port or free_port()
         backend = self.platform.dist_backend
         name = self.cfg.group_name

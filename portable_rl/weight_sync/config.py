@@ -32,7 +32,8 @@ class WeightSyncConfig:
                      load_format="flattened_bucket"); "auto" does so only where every engine declares support,
                      otherwise one broadcast per tensor (the format every SGLang release accepts)
     group_name:      name of the trainer->engine process group
-    master_address:  address engines use to reach the trainer's rendezvous (None: this host's address)
+    master_address:  address engines use to reach the trainer's rendezvous (None: this host's address;
+                     "node": its Ray node address, what a job on a multi-node cluster uses)
     master_port:     rendezvous port (0: pick a free one)
     verify_version:  after each sync read the engines' weight version back and fail if it did not move
     manage_session:  wrap every update() in pause/flush/begin/end/resume/version check (False: the caller does,

@@ -16,7 +16,8 @@ Contract
   other group (the trainer's torch.distributed world and Megatron's groups inside it): a collective that
   times out or loses a peer inside the block becomes ``CollectiveTimeout`` naming the group, the backend,
   this rank, the ranks it waited for, the timeout and what it was doing; other errors pass unchanged.
-* ``free_port()`` picks an unused TCP port; ``default_master_address()`` the address engines reach us on.
+* ``free_port()`` picks an unused TCP port; ``default_master_address()`` the address engines reach us on;
+  ``resolve_master_address(cfg value)`` also understands "node" (the Ray node's address, for multi-node jobs).
 """
 
 from __future__ import annotations
@@ -40,6 +41,20 @@ def free_port(host: str = "") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+NODE_ADDRESS = "node"  # master_address value: the Ray node address of the process hosting the rendezvous
+
+
+def resolve_master_address(value: str | None) -> str:
+    """The rendezvous address for a configured ``master_address`` (None: this host; "node": its Ray node)."""
+    if value == NODE_ADDRESS:
+        import ray
+
+        # The address the node was started with (`ray start --node-ip-address`), which other nodes reach;
+        # the host name may resolve to loopback (127.0.1.1 on Debian-style hosts).
+        return ray.util.get_node_ip_address()
+    return value or default_master_address()
 
 
 def default_master_address() -> str:

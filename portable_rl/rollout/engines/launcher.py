@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +61,15 @@ class EngineStartError(RuntimeError):
     """The engine process did not become healthy; the message ends with the tail of its log."""
 
 
+# Bind the Ray node's own address: engines of a multi-node job must be reachable from the driver's node.
+NODE_HOST = "node"
+
+
 @dataclass
 class EngineSpec:
     model_path: str
     kind: str = "auto"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # NODE_HOST: the address of the Ray node the engine actor runs on
     port: int = 0  # 0: pick a free port
     api_key: str | None = None
     engine_args: dict[str, Any] = field(
@@ -241,6 +245,8 @@ class EngineServerActor:
 
     def __init__(self, spec: EngineSpec) -> None:
         current_platform().prepare_process_env()
+        if spec.host == NODE_HOST:
+            spec = replace(spec, host=_node_address())
         self.engine = launch_engine(spec)
 
     def url(self) -> str:
