@@ -242,6 +242,14 @@ class SideResult:
         return statistics.median(n / t for n, t in zip(self.samples, self.step_s, strict=True))
 
     @property
+    def best_step_s(self) -> float:
+        return min(self.step_s)
+
+    @property
+    def best_samples_per_s(self) -> float:
+        return max(n / t for n, t in zip(self.samples, self.step_s, strict=True))
+
+    @property
     def tokens_per_s(self) -> float:
         return statistics.median(
             n * m / t for n, m, t in zip(self.samples, self.completion_tokens, self.step_s, strict=True)
@@ -287,16 +295,19 @@ def trl_steps(
 
 
 def format_table(ours: SideResult, trl: SideResult) -> str:
+    """Medians, the fastest step (on a shared machine the least disturbed one) and ratios portable_rl / TRL."""
     head = (
         f"| {'side':<12} | {'median step s':>13} | {'samples/s':>9} | {'mean compl. tokens':>18} "
-        f"| {'tokens/s':>8} | {'steps':>5} | {'ratio samples/s':>15} | {'ratio tokens/s':>14} |"
+        f"| {'tokens/s':>8} | {'steps':>5} | {'ratio samples/s':>15} | {'ratio tokens/s':>14} "
+        f"| {'best step s':>11} | {'ratio best samples/s':>20} |"
     )
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in (ours, trl):
         lines.append(
             f"| {r.side:<12} | {r.median_step_s:>13.2f} | {r.samples_per_s:>9.3f} "
             f"| {r.mean_completion_tokens:>18.1f} | {r.tokens_per_s:>8.1f} | {len(r.step_s):>5} "
-            f"| {r.samples_per_s / trl.samples_per_s:>15.2f} | {r.tokens_per_s / trl.tokens_per_s:>14.2f} |"
+            f"| {r.samples_per_s / trl.samples_per_s:>15.2f} | {r.tokens_per_s / trl.tokens_per_s:>14.2f} "
+            f"| {r.best_step_s:>11.2f} | {r.best_samples_per_s / trl.best_samples_per_s:>20.2f} |"
         )
     return "\n".join(lines)
 

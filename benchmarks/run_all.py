@@ -1,6 +1,6 @@
 """Every benchmark in quick settings, one run, one table of ratios (medians).
 
-Run: ``python benchmarks/run_all.py [--only weight_sync,engine,step_overhead,vs_trl] [--markdown OUT.md]``
+Run: ``python benchmarks/run_all.py [--only weight_sync,engine,step_overhead,vs_trl] [--results-dir DIR]``
 (``make bench`` installs the ``bench`` extra, which brings TRL, and runs this).
 
 Each row is one ratio from one benchmark script, measured in this process run on this machine:
@@ -42,6 +42,7 @@ BENCHMARKS = ("weight_sync", "engine", "step_overhead", "vs_trl")
 WEIGHT_SYNC = {"size_mb": 64.0, "bucket_mb": 16.0, "repeats": 3}
 ENGINE = {"models": "tiny", "batch_size": 16, "prompt_len": 32, "new_tokens": 32, "runs": 3}
 STEP_OVERHEAD = {"recipe": str(ROOT / "examples" / "tiny_cpu.yaml"), "steps": 5}
+TRL_RESULT: dict = {}  # the vs_trl run's workload and per-side results, for its own results file
 
 
 @dataclass
@@ -115,6 +116,7 @@ def run_vs_trl() -> list[Row]:
         raise RuntimeError("trl is not installed; run `pip install -e .[bench]` (or `make bench`)")
     w = bench_vs_trl.workload_from_args(bench_vs_trl.build_parser().parse_args(["--quick"]))
     ours, trl = bench_vs_trl.measure(w)
+    TRL_RESULT.update(workload=w, ours=ours, trl=trl)
     n = f"{len(ours.step_s)} + {len(trl.step_s)} steps"
     if ours.notes:
         n += f"; portable_rl's engine was fenced/replaced {len(ours.notes)} time(s) mid-run"
@@ -124,7 +126,8 @@ def run_vs_trl() -> list[Row]:
             "GRPO samples/s, portable_rl / TRL GRPOTrainer",
             ours.samples_per_s / trl.samples_per_s,
             f"{ours.samples_per_s:.3f} / {trl.samples_per_s:.3f} samples/s "
-            f"(step {ours.median_step_s:.1f} s / {trl.median_step_s:.1f} s), {n}",
+            f"(step {ours.median_step_s:.1f} s / {trl.median_step_s:.1f} s; fastest steps "
+            f"{ours.best_step_s:.1f} s / {trl.best_step_s:.1f} s), {n}",
         ),
         Row(
             "vs_trl",
@@ -165,7 +168,11 @@ def parse_only(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(BENCHMARKS), help="comma list of: " + ", ".join(BENCHMARKS))
-    ap.add_argument("--markdown", default=None, help="also write the table and machine facts to this file")
+    ap.add_argument(
+        "--results-dir",
+        default=None,
+        help="also write summary_cpu.md (this table, command, machine facts) and, with vs_trl, trl_grpo_cpu.md here",
+    )
     args = ap.parse_args(argv)
     try:
         names = parse_only(args.only)
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     load_line = "; ".join(f"{n} {a} -> {b} ({s:.0f} s)" for n, (a, b, s) in loads.items())
     print(f"load average (1/5/15 min) before -> after each benchmark: {load_line}")
-    if args.markdown:
+    if args.results_dir:
         facts = bench_vs_trl.machine_facts()
         command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
         text = "\n".join(
@@ -213,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                 "",
             ]
         )
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+        out = Path(args.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary_cpu.md").write_text(text)
+        if TRL_RESULT:
+            r = TRL_RESULT
+            (out / "trl_grpo_cpu.md").write_text(
+                bench_vs_trl.markdown_report(r["workload"], r["ours"], r["trl"], command)
+            )
     return 1 if any(r.ratio is None for r in rows) else 0
 
 

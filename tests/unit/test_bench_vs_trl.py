@@ -135,12 +135,13 @@ def test_trl_steps_from_timestamps_and_logs(bench):
 
 
 def test_table_ratio_is_portable_rl_over_trl(bench):
-    ours = bench.SideResult("portable_rl", [2.0, 2.0], [8.0, 8.0], [10.0, 10.0])
+    ours = bench.SideResult("portable_rl", [2.0, 3.0, 2.0], [8.0, 8.0, 8.0], [10.0, 10.0, 10.0])
     trl = bench.SideResult("TRL", [4.0, 4.0], [8.0, 8.0], [20.0, 20.0])
     table = bench.format_table(ours, trl)
     row = next(line for line in table.splitlines() if line.startswith("| portable_rl"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == "4.000" and cells[-2] == "2.00" and cells[-1] == "1.00"  # 4/2 samples/s, 40/40 tok/s
+    assert cells[2] == "4.000" and cells[6] == "2.00" and cells[7] == "1.00"  # 4/2 samples/s, 40/40 tok/s
+    assert cells[8] == "2.00" and cells[9] == "2.00"  # fastest steps 2 s vs 4 s
 
 
 def test_trl_reward_scores_like_the_recipe_reward(bench):
