@@ -133,7 +133,13 @@ class Job:
             }
             layout_path = self.run_dir.path / "layout.json"  # where every rank and engine ran
             write_layout(
-                layout_path, self.plan, self.pg, self.trainer.actors, self.engines.actors, weight_sync=sync
+                layout_path,
+                self.plan,
+                self.pg,
+                self.trainer.actors,
+                self.engines.actors,
+                engine_urls=self.engines.urls,
+                weight_sync=sync,
             )
         except BaseException:
             self.__exit__(None, None, None)

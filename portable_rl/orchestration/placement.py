@@ -15,9 +15,10 @@ Contract
 * ``reserve(plan)`` refuses a pin resource no alive node advertises, then creates one placement group with
   the PACK strategy (Ray fills as few nodes as the bundles' resources allow, one node when everything fits
   there) and returns it; bundle index order == rank order.
-* ``layout(plan, pg, trainer_actors, engine_actors)`` reads back where every worker actually runs (node id and
-  address, asked of the actor itself); ``write_layout`` adds the job's extras (weight-sync strategy) and
-  writes it as JSON — the job's ``layout.json`` in the run directory.
+* ``layout(plan, pg, trainer_actors, engine_actors, engine_urls=None)`` reads back where every worker actually
+  runs (node id and address, asked of the actor itself) and, given ``engine_urls``, the URL each engine serves
+  on; ``write_layout`` adds the job's extras (weight-sync strategy) and writes it as JSON — the job's
+  ``layout.json`` in the run directory.
 * Worker env comes from ``platform.worker_env`` — this module never names a vendor.
 """
 
@@ -236,11 +237,17 @@ def _where_am_i(actor_self: Any) -> dict[str, str]:
 
 
 def layout(
-    p: Plan, pg: Any, trainer_actors: Sequence[Any], engine_actors: Sequence[Any], timeout_s: float = 60.0
+    p: Plan,
+    pg: Any,
+    trainer_actors: Sequence[Any],
+    engine_actors: Sequence[Any],
+    timeout_s: float = 60.0,
+    engine_urls: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Where the job runs: per trainer rank and engine its bundle(s), node id and node address.
+    """Where the job runs: per trainer rank and engine its bundle(s), node id and node address (and URL).
 
     Node ids come from the actors themselves (not from the plan), so the record shows where work really ran.
+    ``engine_urls`` (one per engine, in order) adds each engine's ``url``: the address its clients dial.
     """
     import ray
     from ray.util.placement_group import placement_group_table
@@ -248,6 +255,11 @@ def layout(
     trainer_where = ray.get([a.__ray_call__.remote(_where_am_i) for a in trainer_actors], timeout=timeout_s)
     engine_where = ray.get([a.__ray_call__.remote(_where_am_i) for a in engine_actors], timeout=timeout_s)
     bundle_nodes = placement_group_table(pg).get("bundles_to_node_id", {})
+    if engine_urls is not None and len(engine_urls) != len(engine_actors):
+        raise ValueError(
+            f"{len(engine_urls)} engine URLs for {len(engine_actors)} engines; pass one per engine"
+        )
+    urls = [{"url": u} for u in engine_urls] if engine_urls is not None else [{} for _ in engine_actors]
     return {
         "strategy": p.strategy,
         "pins": dict(p.pins),
@@ -259,8 +271,8 @@ def layout(
             for r, (s, w) in enumerate(zip(p.trainer, trainer_where, strict=True))
         ],
         "engines": [
-            {"index": e, "bundles": [s.bundle for s in slots], **w}
-            for e, (slots, w) in enumerate(zip(p.engines, engine_where, strict=True))
+            {"index": e, "bundles": [s.bundle for s in slots], **w, **u}
+            for e, (slots, w, u) in enumerate(zip(p.engines, engine_where, urls, strict=True))
         ],
     }
 
@@ -271,9 +283,10 @@ def write_layout(
     pg: Any,
     trainer_actors: Sequence[Any],
     engine_actors: Sequence[Any],
+    engine_urls: Sequence[str] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """``layout(...)`` plus ``extra`` (e.g. the weight-sync strategy), written to ``path`` as JSON."""
-    record = {**layout(p, pg, trainer_actors, engine_actors), **extra}
+    record = {**layout(p, pg, trainer_actors, engine_actors, engine_urls=engine_urls), **extra}
     Path(path).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record

@@ -13,10 +13,15 @@ for all its checks (a module-scoped fixture would be built again in every `pytes
 
 Checks: every node carries the platform resource and its own resources; an actor on the trainer node and
 one on the engine node broadcast a tensor over gloo (rendezvous at the sender node's address) and the
-receiver's copy equals the sender's; `launch check` accepts the cluster; and (loopback) the tiny recipe runs
+receiver's copy equals the sender's; `launch check` accepts the cluster; and the tiny recipe runs
 disaggregated with its trainer pinned to the trainer node and its engine to the engine node, syncing weights
-by gloo broadcast between them. Work that owns actors runs in a driver process on the head's network (this
-file run as a script, inside the head's namespace for ``netns``); this process only reads cluster state.
+by gloo broadcast between them with nothing set by hand: the job itself binds engines to their node's
+address and puts the weight-sync rendezvous at the trainer node's address. Under ``netns`` that means the
+router and rollout traffic (driver in the head's namespace -> engine namespace), the weights (trainer
+namespace -> engine namespace) and the checksums all cross veths; the test reads that from layout.json
+(namespace addresses, the engine's URL) and the trainer veth's byte counter. Work that owns actors runs in a
+driver process on the head's network (this file run as a script, or `portable-rl train`, inside the head's
+namespace for ``netns``); this process only reads cluster state.
 
 The cluster is torn down by killing exactly the processes this test started and their descendants:
 `ray stop` would kill every Ray process on the host, so it is never used here.
@@ -438,6 +443,7 @@ def check_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster: LocalClust
     import ray
 
     run_dir = tmp_path / "run"
+    crossed_before = cluster.lab.host_veth_bytes("trainer") if cluster.lab is not None else 0
     out = run_recipe_across_nodes(
         RECIPE,
         cluster,
@@ -465,6 +471,17 @@ def check_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster: LocalClust
     assert trainer_nodes and engine_nodes and not trainer_nodes & engine_nodes
     assert all("node_trainer" in node_resources[n] for n in trainer_nodes)
     assert all("node_engine" in node_resources[n] for n in engine_nodes)
+    # Clients dial each engine at its own node's address (a multi-node job never binds loopback).
+    for engine in layout["engines"]:
+        assert engine["url"].startswith(f"http://{engine['node_ip']}:"), engine
+    if cluster.lab is not None:
+        assert {r["node_ip"] for r in layout["trainer"]} == {cluster.node_ips["trainer"]}
+        assert {e["node_ip"] for e in layout["engines"]} == {cluster.node_ips["engine"]}
+        # Every step's broadcast sent the whole model out of the trainer's namespace through its veth.
+        model_bytes = sum(f.stat().st_size for f in (run_dir / "model").glob("*.safetensors"))
+        crossed = cluster.lab.host_veth_bytes("trainer") - crossed_before
+        print(f"trainer veth sent {crossed} bytes; model {model_bytes} bytes")
+        assert model_bytes > 0 and crossed >= len(rows) * model_bytes
 
     # The job only disconnected its driver: the cluster is whole and holds none of the job's reservations.
     assert sum(1 for n in ray.nodes() if n["Alive"]) == 3
@@ -483,12 +500,12 @@ def test_loopback_cluster_runs_the_tiny_recipe_across_nodes(tmp_path: Path):
 
 
 @pytest.mark.netns
-def test_netns_cluster_broadcasts_across_interfaces():
-    # No recipe here: engines listen on their node's loopback address, which another namespace cannot reach.
+def test_netns_cluster_runs_the_tiny_recipe_across_interfaces(tmp_path: Path):
     with running_cluster("netns") as cluster:
         check_nodes_carry_platform_and_own_resources(cluster)
         check_gloo_broadcast_between_actors_on_two_nodes(cluster)
         check_launch_check_cli_accepts_the_cluster(cluster)
+        check_tiny_recipe_trainer_and_engines_on_their_own_nodes(cluster, tmp_path)
 
 
 if __name__ == "__main__":
