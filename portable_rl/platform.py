@@ -142,6 +142,14 @@ class Platform:
         env.update({k: "1" for k in self.ray_noset_env})
         return env
 
+    def compute_threads_env(self, threads: int) -> dict[str, str]:
+        """Env giving a worker ``threads`` intra-op compute threads, where the platform computes on cores.
+
+        Ray starts actors with a fractional CPU share at OMP_NUM_THREADS=1; GPU workers keep that (their
+        compute is on the device), the CPU platform overrides it.
+        """
+        return {}
+
     def prepare_process_env(self, env: MutableMapping[str, str] | None = None) -> dict[str, str]:
         """Normalise ``env`` (default os.environ) in place for this platform; return what changed."""
         target = os.environ if env is None else env

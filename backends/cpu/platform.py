@@ -21,7 +21,6 @@ class CpuPlatform(Platform):
     visible_devices_env: ClassVar[tuple[str, ...]] = ()
     ray_resource: ClassVar[str | None] = None
     ray_noset_env: ClassVar[tuple[str, ...]] = ()
-    # Keep each worker to its share of the cores; torch otherwise spawns a thread per core in every actor.
     comm_env_defaults: ClassVar[dict[str, str]] = {}
     runtime_env_defaults: ClassVar[dict[str, str]] = {"TOKENIZERS_PARALLELISM": "false"}
     megatron_attention_backend: ClassVar[str] = "local"
@@ -59,6 +58,11 @@ class CpuPlatform(Platform):
         # The CPU SGLang path needs fp32 and the pure-torch sampler; grammar backends pull GPU kernels.
         args.update({"sampling_backend": "pytorch", "dtype": "float32", "grammar_backend": "none"})
         return args
+
+    def compute_threads_env(self, threads: int) -> dict[str, str]:
+        # torch sizes its intra-op pool from OMP_NUM_THREADS at import; Ray's default of 1 for a fractional
+        # CPU share would leave every other core idle while the trainer or an engine computes.
+        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def megatron_overrides(self) -> dict[str, Any]:
         return {"use_cpu_initialization": True, "gradient_accumulation_fusion": False, "bf16": False}

@@ -67,6 +67,7 @@ class EngineGroup:
         platform: Platform,
         api_key: str | None = None,
         host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
     ):
         import ray
 
@@ -94,6 +95,7 @@ class EngineGroup:
                         startup_timeout_s=cfg.engine_startup_timeout_s,
                         api_key=api_key,
                         host=host,
+                        env=dict(env or {}),
                     )
                 )
                 self.options.append(actor_options(plan, slots[0], pg))

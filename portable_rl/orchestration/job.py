@@ -24,7 +24,13 @@ from typing import Any
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
 from portable_rl.orchestration.engine_group import EngineGroup
-from portable_rl.orchestration.placement import PlacementConfig, plan, reserve, write_layout
+from portable_rl.orchestration.placement import (
+    PlacementConfig,
+    compute_threads,
+    plan,
+    reserve,
+    write_layout,
+)
 from portable_rl.orchestration.trainer_group import TrainerGroup
 from portable_rl.platform import current_platform
 from portable_rl.recipe import Recipe
@@ -72,7 +78,8 @@ class Job:
         self.platform.prepare_process_env()
         # Engines and router accept requests only with this run's key (the user's --sglang-api-key, else a
         # fresh one), so another process on the host cannot generate on them or overwrite their weights.
-        self.api_key = r.rollout.engine_args.get("api_key") or secrets.token_urlsafe(32)
+        # Hex, because a key starting with "-" would read as a flag on the router's command line.
+        self.api_key = r.rollout.engine_args.get("api_key") or secrets.token_hex(24)
         self.model_dir = resolve_model(r, self.run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.prompts = PromptSource(r.data.train, self.tokenizer)
@@ -109,6 +116,12 @@ class Job:
             engine_resource=r.placement.engine_resource,
         )
         self.plan = plan(pcfg, self.platform)
+        # Threads from this machine's cores; on a cluster the driver's cores say nothing about the workers'
+        # nodes, so Ray's default stays.
+        threads = None if self._multi_node else compute_threads(pcfg, r.run.num_cpus or os.cpu_count() or 1)
+        trainer_env, engine_env = (
+            ({}, {}) if threads is None else tuple(self.platform.compute_threads_env(n) for n in threads)
+        )
         try:
             self.pg = reserve(self.plan)
             self.engines = EngineGroup(
@@ -119,9 +132,15 @@ class Job:
                 self.platform,
                 api_key=self.api_key,
                 host=NODE_HOST if self._multi_node else "127.0.0.1",
+                env=engine_env,
             )
             self.trainer = TrainerGroup(
-                self._actor_config(), r.train.world_size, self.plan, self.pg, self.platform
+                self._actor_config(),
+                r.train.world_size,
+                self.plan,
+                self.pg,
+                self.platform,
+                extra_env=trainer_env,
             )
             self.trainer.call(
                 "connect_weight_sync", self.engines.urls, self._weight_sync_config(), r.run.mode, self.api_key

@@ -19,12 +19,15 @@ Contract
   runs (node id and address, asked of the actor itself) and, given ``engine_urls``, the URL each engine serves
   on; ``write_layout`` adds the job's extras (weight-sync strategy) and writes it as JSON — the job's
   ``layout.json`` in the run directory.
+* ``compute_threads(cfg, cores)`` sizes each worker's intra-op thread pool (applied through
+  ``platform.compute_threads_env``, which only the CPU platform fills).
 * Worker env comes from ``platform.worker_env`` — this module never names a vendor.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +126,20 @@ class PlacementConfig:
         if self.mode == "colocated":
             return self.trainer_ranks
         return self.trainer_ranks + engine_devices
+
+
+def compute_threads(cfg: PlacementConfig, cores: int) -> tuple[int, int]:
+    """Compute threads for (each trainer rank, each engine) on a machine of ``cores`` cores.
+
+    Co-located workers take turns (generate, then train), so each side may use every core while it runs;
+    disaggregated workers run at the same time and split the cores between them.
+    """
+    if cores < 1:
+        raise ValueError(f"cores={cores} must be >= 1")
+    if cfg.mode == "colocated":
+        return max(1, cores // cfg.trainer_ranks), max(1, cores // cfg.num_engines)
+    each = max(1, cores // (cfg.trainer_ranks + cfg.num_engines))
+    return each, each
 
 
 @dataclass(frozen=True)
@@ -229,11 +246,17 @@ def reserve(p: Plan, timeout_s: float = 60.0) -> Any:
     return pg
 
 
-def _where_am_i(actor_self: Any) -> dict[str, str]:
+def _where_am_i(actor_self: Any, threads: bool = False) -> dict[str, Any]:
     """Run inside an actor through ``__ray_call__``: the node this actor process runs on."""
     import ray
 
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    where: dict[str, Any] = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+    }
+    if threads and "torch" in sys.modules:  # a worker computing in this process: its intra-op threads
+        where["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return where
 
 
 def layout(
@@ -252,7 +275,9 @@ def layout(
     import ray
     from ray.util.placement_group import placement_group_table
 
-    trainer_where = ray.get([a.__ray_call__.remote(_where_am_i) for a in trainer_actors], timeout=timeout_s)
+    trainer_where = ray.get(
+        [a.__ray_call__.remote(_where_am_i, True) for a in trainer_actors], timeout=timeout_s
+    )
     engine_where = ray.get([a.__ray_call__.remote(_where_am_i) for a in engine_actors], timeout=timeout_s)
     bundle_nodes = placement_group_table(pg).get("bundles_to_node_id", {})
     if engine_urls is not None and len(engine_urls) != len(engine_actors):

@@ -76,7 +76,15 @@ def _rendezvous():
 
 
 class TrainerGroup:
-    def __init__(self, cfg: ActorConfig, world_size: int, plan: Plan, pg: Any, platform: Platform):
+    def __init__(
+        self,
+        cfg: ActorConfig,
+        world_size: int,
+        plan: Plan,
+        pg: Any,
+        platform: Platform,
+        extra_env: dict[str, str] | None = None,
+    ):
         import ray
 
         if world_size != len(plan.trainer):
@@ -87,7 +95,7 @@ class TrainerGroup:
             .options(num_cpus=0, scheduling_strategy=first["scheduling_strategy"])
             .remote()
         )
-        env = {"env_vars": platform.worker_env(list(range(len(platform.devices))))}
+        env = {"env_vars": {**platform.worker_env(list(range(len(platform.devices)))), **(extra_env or {})}}
         cls = ray.remote(TrainerWorker)
         self._lock = threading.RLock()
         self.actors = []

@@ -102,6 +102,12 @@ def test_killed_run_resumes_exactly(tmp_path):
                 assert g[key] == pytest.approx(value, abs=1e-5), key
             else:
                 assert g[key] == value, f"step {w['step']} {key}: {g[key]} != {value}"
+    # The trainer computes with the machine's cores, not Ray's one thread for a fractional CPU share.
+    from portable_rl.orchestration.placement import PlacementConfig, compute_threads
+
+    want_threads = compute_threads(PlacementConfig(mode="colocated"), os.cpu_count())[0]
+    layout = json.loads((full / "layout.json").read_text())
+    assert [r["torch_threads"] for r in layout["trainer"]] == [want_threads]
     # No prompt skipped or repeated: the same prompts, in the same steps, as the uninterrupted run.
     assert _rollouts(part) == _rollouts(full)
     assert len({index for _, index in _rollouts(full)}) == 4 * 2

@@ -330,3 +330,19 @@ def test_async_client_reads_the_protocol(engine):
     assert len(out.output_ids) == len(out.output_logprobs) == 5
     assert out.finish_reason == "length" and out.weight_version == version == "default"
     assert info["tp_size"] == 1 and "flattened_bucket" in info["weight_update_load_formats"]
+
+
+def test_engine_threads_follow_its_env(engine, tiny_llama):
+    """The job sizes an engine's compute threads through EngineSpec.env (Ray's actor default is 1)."""
+    info = requests.get(f"{engine.url}/server_info", headers=AUTH, timeout=30).json()
+    assert info["num_threads"] == 1  # the explicit engine arg
+    proc = launch_engine(
+        EngineSpec(
+            model_path=str(tiny_llama), kind="cpu", env={"OMP_NUM_THREADS": "2"}, startup_timeout_s=300
+        )
+    )
+    try:
+        info = requests.get(f"{proc.url}/server_info", timeout=30).json()
+    finally:
+        proc.stop()
+    assert info["num_threads"] == 2

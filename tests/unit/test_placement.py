@@ -214,3 +214,28 @@ def test_reserve_refuses_a_pin_no_node_has(ray_local):
     with pytest.raises(PlacementError, match="no_such_node"):
         reserve(p, timeout_s=2)
     assert _live_pgs(ray_local) == before, "a refused plan must not leave a placement group behind"
+
+
+@pytest.mark.parametrize(
+    "mode, ranks, engines, cores, want",
+    [
+        ("colocated", 1, 1, 2, (2, 2)),  # they take turns: each uses both cores
+        ("colocated", 2, 1, 8, (4, 8)),
+        ("disaggregated", 1, 1, 2, (1, 1)),  # they run at once: the cores are split
+        ("disaggregated", 2, 2, 16, (4, 4)),
+        ("disaggregated", 3, 2, 2, (1, 1)),  # never fewer than one
+    ],
+)
+def test_compute_threads(mode, ranks, engines, cores, want):
+    from portable_rl.orchestration.placement import compute_threads
+
+    cfg = PlacementConfig(mode=mode, trainer_ranks=ranks, num_engines=engines)
+    assert compute_threads(cfg, cores) == want
+
+
+def test_compute_threads_env_is_a_platform_fact():
+    cpu = plat.platform_class("cpu")
+    assert cpu.compute_threads_env(object.__new__(cpu), 3)["OMP_NUM_THREADS"] == "3"
+    for name in ("cuda", "rocm"):  # device compute: Ray's default of one host thread stays
+        cls = plat.platform_class(name)
+        assert cls.compute_threads_env(object.__new__(cls), 3) == {}

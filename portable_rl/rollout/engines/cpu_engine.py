@@ -102,7 +102,7 @@ class CpuEngine:
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self._num_threads = torch.get_num_threads()
+        self.num_threads = torch.get_num_threads()
         self.model_path = cfg.model_path
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
@@ -215,7 +215,7 @@ class CpuEngine:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        torch.set_num_threads(self._num_threads)  # OpenMP thread counts are per calling thread
+        torch.set_num_threads(self.num_threads)  # OpenMP thread counts are per calling thread
         while True:
             with self._cv:
                 while not self._stop and not self._has_work():

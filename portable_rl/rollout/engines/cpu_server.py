@@ -266,6 +266,7 @@ class Server:
                 "tp_size": 1,
                 "dp_size": 1,
                 "dtype": engine.cfg.dtype,
+                "num_threads": engine.num_threads,
                 "context_length": engine.context_length,
                 "max_running_requests": engine.cfg.max_running_requests,
                 "weight_update_load_formats": LOAD_FORMATS,
