@@ -32,6 +32,7 @@ import requests
 
 from portable_rl.rollout.engines.launcher import _free_port, redact, to_cli
 from portable_rl.rollout.subprocess_stop import stop_process_group
+from portable_rl.rollout.tied import tied_command
 
 log = logging.getLogger(__name__)
 POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
@@ -118,7 +119,7 @@ class Router:
         )
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                command, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+                tied_command(command), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while True:
@@ -137,7 +138,11 @@ class Router:
                     f"sglang-router at {self.url} did not answer within {self.cfg.startup_timeout_s:g}s"
                 )
             time.sleep(0.3)
-        self._wait_for(urls, present=True, deadline=deadline)
+        try:
+            self._wait_for(urls, present=True, deadline=deadline)
+        except BaseException:
+            self.stop()  # the caller never gets this Router, so nobody else would stop it
+            raise
         return self
 
     def stop(self, timeout_s: float = 15.0) -> None:

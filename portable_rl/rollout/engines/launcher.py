@@ -37,6 +37,7 @@ import requests
 
 from portable_rl.platform import Platform, current_platform
 from portable_rl.rollout.subprocess_stop import stop_process_group
+from portable_rl.rollout.tied import tied_command
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "cpu", "sglang")
@@ -189,7 +190,11 @@ class EngineProcess:
         )
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                self.command, stdout=logf, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+                tied_command(self.command),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,
             )
         return self
 
