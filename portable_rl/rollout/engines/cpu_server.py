@@ -229,8 +229,11 @@ class Server:
         async def health_generate():
             if not engine.alive:
                 return Response(status_code=503)
-            if engine.paused or engine.load()["running"]:
-                return Response(status_code=200)  # busy engines are healthy, as in SGLang
+            load = engine.load()
+            if engine.paused or load["running"] or load["waiting"]:
+                # Busy engines are healthy, as in SGLang: a probe queued behind a long prefill on a loaded
+                # machine could otherwise time out and get a working engine replaced.
+                return Response(status_code=200)
             probe = GenRequest(
                 rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
                 input_ids=[0],
