@@ -22,11 +22,10 @@ from portable_rl.platform import Platform
 
 
 def _ray(ctx: Context):
+    """A local Ray for the visibility checks; started again if something shut it down between checks."""
     import ray
 
-    def start():
-        if ray.is_initialized():
-            return ray
+    if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
             num_cpus=2,
@@ -34,10 +33,8 @@ def _ray(ctx: Context):
             include_dashboard=False,
             log_to_driver=False,
         )
-        ctx.finalizers.append(ray.shutdown)
-        return ray
-
-    return ctx.memo("ray", start)
+        ctx.memo("ray-finalizer", lambda: ctx.finalizers.append(ray.shutdown))
+    return ray
 
 
 def _probe_actor(ray):

@@ -294,6 +294,8 @@ def test_ray_actors_drive_training(tmp_path):
         kl = ((logp - mb["ref_logprobs"]) * mask).sum() / mask.sum()
         return -(logp * mb["advantages"] * mask).sum() / mask.sum(), {"kl": kl.detach()}
 
+    if ray.is_initialized():  # another module of this xdist worker left its Ray up
+        ray.shutdown()
     ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
     try:
         port = _port()  # every rank gets the same rendezvous port

@@ -239,6 +239,8 @@ def running_cluster(kind: str) -> Iterator[LocalCluster]:
         _start_node(c, "head", ["head", "--port", str(port)], NODES["head"], cpus=0)
         _wait_port(c, port)
         # Reading cluster state from here is GCS traffic only, which reaches a head in a namespace too.
+        if ray.is_initialized():  # another module of this xdist worker left its local Ray up
+            ray.shutdown()
         ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
         _join(c, "trainer", alive_after=2)
         _join(c, "engine", alive_after=3)
