@@ -157,3 +157,20 @@ def send_in_buckets(
         sent += 1
     if not sent:
         raise ValueError("update() got no tensors; pass the model's named weights")
+
+
+def update_in_buckets(
+    engines: Sequence[EngineOps],
+    cfg: Any,
+    staging: Any,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    version: int,
+    send_bucket: Callable[[list[tuple[str, torch.Tensor]], str | None, bool], None],
+) -> None:
+    """One bucketed update inside ``update_session``; staging buffers are released unless ``cfg.keep_staging``."""
+    try:
+        with update_session(engines, version, verify_version=cfg.verify_version, enabled=cfg.manage_session):
+            send_in_buckets(named_tensors, cfg.bucket_bytes, version, send_bucket)
+    finally:
+        if not cfg.keep_staging:
+            staging.release()

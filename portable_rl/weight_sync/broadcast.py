@@ -37,8 +37,7 @@ from portable_rl.weight_sync.base import (
     as_engine_ops,
     close_all,
     fan_out,
-    send_in_buckets,
-    update_session,
+    update_in_buckets,
     wait_all,
 )
 from portable_rl.weight_sync.buckets import NamedTensor, Staging, dtype_name, flatten, nbytes
@@ -165,14 +164,7 @@ class BroadcastWeightSync:
                 f"the weight-update group is unusable after a failed sync ({self.broken}); "
                 "call disconnect() and connect() again"
             )
-        try:
-            with update_session(
-                self.engines, version, verify_version=self.cfg.verify_version, enabled=self.cfg.manage_session
-            ):
-                send_in_buckets(named_tensors, self.cfg.bucket_bytes, version, self._send_bucket)
-        finally:
-            if not self.cfg.keep_staging:
-                self.staging.release()
+        update_in_buckets(self.engines, self.cfg, self.staging, named_tensors, version, self._send_bucket)
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         assert self.group is not None

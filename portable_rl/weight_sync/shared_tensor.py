@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from portable_rl.platform import Platform, current_platform
-from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, send_in_buckets, update_session
+from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, update_in_buckets
 from portable_rl.weight_sync.buckets import NamedTensor, Staging, flatten, nbytes, unflatten
 from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
@@ -65,14 +65,7 @@ class SharedTensorWeightSync:
             raise RuntimeError(
                 "SharedTensorWeightSync.update() before connect(); call connect(engines) first"
             )
-        try:
-            with update_session(
-                self.engines, version, verify_version=self.cfg.verify_version, enabled=self.cfg.manage_session
-            ):
-                send_in_buckets(named_tensors, self.cfg.bucket_bytes, version, self._send_bucket)
-        finally:
-            if not self.cfg.keep_staging:
-                self.staging.release()
+        update_in_buckets(self.engines, self.cfg, self.staging, named_tensors, version, self._send_bucket)
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         size = sum(nbytes(t) for _, t in bucket)
