@@ -13,6 +13,7 @@ import sys
 from typing import NoReturn
 
 from portable_rl import __version__
+from portable_rl.errors import UserError
 
 # Sub-command modules, in the order `--help` lists them.
 COMMANDS = (
@@ -22,10 +23,6 @@ COMMANDS = (
     "portable_rl.commands.launch",
     "portable_rl.commands.image",
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit code 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -108,7 +105,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # Run as `python -m portable_rl.cli`: use the package's module so commands raise the same UserError class.
-    from portable_rl.cli import main as _main
-
-    sys.exit(_main())
+    # UserError lives in portable_rl.errors, so running this file as __main__ catches the class commands raise.
+    sys.exit(main())

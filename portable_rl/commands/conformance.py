@@ -30,10 +30,10 @@ def _list(checks) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from portable_rl.cli import UserError
     from portable_rl.conformance import Context, select, summary
     from portable_rl.conformance import run as run_checks
     from portable_rl.conformance.report import format_table, write_reports
+    from portable_rl.errors import UserError
     from portable_rl.platform import PLATFORM_ENV, current_platform, reset_current_platform
 
     try:

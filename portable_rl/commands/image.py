@@ -35,7 +35,7 @@ def _owner_of(variant: str, variants_by_platform: dict[str, tuple[str, ...]]) ->
 def resolve(platform: str, variant: str | None, version: str | None) -> dict[str, Any]:
     """Everything `image` prints, for ``platform`` ("auto" detects) and an optional variant/version."""
     from portable_rl.backends import versions
-    from portable_rl.cli import UserError
+    from portable_rl.errors import UserError
     from portable_rl.platform import current_platform, platform_class
 
     if version is not None and not TAG_PART.match(version):

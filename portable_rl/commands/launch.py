@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from portable_rl.cli import UserError
+from portable_rl.errors import UserError
 
 DEFAULT_PORT = 6379
 DEFAULT_EXCLUDES = (".git", ".venv", "runs", "__pycache__")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from portable_rl.cli import UserError
+from portable_rl.errors import UserError
 
 # Cores that make one "device" on the CPU platform; the job's placement reads the same variable.
 CPUS_PER_DEVICE_ENV = "PORTABLE_RL_CPUS_PER_DEVICE"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portable_rl.cli import UserError
+from portable_rl.errors import UserError
 from portable_rl.platform import PLATFORM_ENV, Platform
 
 PLATFORM_RESOURCE_PREFIX = "portable_rl_platform:"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from portable_rl.cli import UserError
+from portable_rl.errors import UserError
 from portable_rl.platform import Platform
 
 Mode = Literal["colocated", "disaggregated"]

@@ -32,9 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-class CollectiveTimeout(RuntimeError):
-    """A weight-sync collective or rendezvous failed or ran past its timeout; the message names group and ranks."""
+from portable_rl.errors import CollectiveTimeout
 
 
 def free_port(host: str = "") -> int:

@@ -369,8 +369,8 @@ def test_wait_for_port_gives_up_with_one_line():
     import socket
     import time
 
-    from portable_rl.cli import UserError
     from portable_rl.commands.launch import wait_for_port
+    from portable_rl.errors import UserError
 
     with socket.socket() as s:  # a port nobody listens on: bound, never listening
         s.bind(("127.0.0.1", 0))
