@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from portable_rl.algo.config import AlgoConfig
+from portable_rl.config.rollout import RolloutConfig
+from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
 from portable_rl.data.prompts import PromptConfig
 from portable_rl.orchestration.placement import NodePlacementConfig
-from portable_rl.rollout.config import RolloutConfig
 from portable_rl.training.actor import OptimConfig, ParallelConfig
-from portable_rl.weight_sync.config import WeightSyncConfig
 
 MODES = ("colocated", "disaggregated")
 

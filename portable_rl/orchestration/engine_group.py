@@ -37,12 +37,12 @@ from typing import Any
 
 import requests
 
+from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.types import Group
 from portable_rl.orchestration.health import EngineMonitor, Failure, Verdict
 from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform
-from portable_rl.rollout.config import RolloutConfig
 from portable_rl.rollout.engines.launcher import EngineSpec, remote_engine_actor
 from portable_rl.rollout.manager import RolloutError, RolloutManager, RolloutResult
 from portable_rl.rollout.router import Router, RouterConfig, RouterError

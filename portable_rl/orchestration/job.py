@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from portable_rl.config.weight_sync import resolve_strategy
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
 from portable_rl.orchestration.engine_group import EngineGroup
@@ -38,7 +39,6 @@ from portable_rl.rl_batch import flatten
 from portable_rl.rollout.engines.launcher import NODE_HOST
 from portable_rl.run_dir import RunDir
 from portable_rl.training.actor import ActorConfig
-from portable_rl.weight_sync.config import resolve_strategy
 from portable_rl.weight_sync.process_group import NODE_ADDRESS
 
 

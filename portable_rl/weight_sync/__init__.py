@@ -12,6 +12,7 @@ mode and config with ``make_weight_sync(cfg, mode)``:
 
 from __future__ import annotations
 
+from portable_rl.config.weight_sync import WeightSyncConfig, resolve_strategy
 from portable_rl.platform import Platform
 from portable_rl.weight_sync.base import WeightSync, WeightSyncError, update_session
 from portable_rl.weight_sync.checksum import (
@@ -20,7 +21,6 @@ from portable_rl.weight_sync.checksum import (
     check_weights,
     tensor_checksum,
 )
-from portable_rl.weight_sync.config import WeightSyncConfig, resolve_strategy
 from portable_rl.weight_sync.engine_ops import EngineCallError
 from portable_rl.weight_sync.process_group import CollectiveTimeout
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.platform import Platform, current_platform
 from portable_rl.weight_sync.base import (
     WeightSyncError,
@@ -41,7 +42,6 @@ from portable_rl.weight_sync.base import (
     wait_all,
 )
 from portable_rl.weight_sync.buckets import NamedTensor, Staging, dtype_name, flatten, nbytes
-from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.process_group import (
     CollectiveTimeout,

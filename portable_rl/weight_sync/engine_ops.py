@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from portable_rl.config.weight_sync import PAUSE_MODES
 from portable_rl.rollout.engines.client import EngineClient, EngineError
-from portable_rl.weight_sync.config import PAUSE_MODES
 
 T = TypeVar("T")
 EngineCallError = EngineError

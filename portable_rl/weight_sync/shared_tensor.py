@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.platform import Platform, current_platform
 from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, update_in_buckets
 from portable_rl.weight_sync.buckets import NamedTensor, Staging, flatten, nbytes, unflatten
-from portable_rl.weight_sync.config import WeightSyncConfig
 from portable_rl.weight_sync.engine_ops import EngineOps
 from portable_rl.weight_sync.tensor_codec import flattened_payload, serialize_tensors, share_memory_buffer
 

@@ -6,8 +6,8 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
+from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.types import SampleStatus
-from portable_rl.rollout.config import RolloutConfig
 from portable_rl.rollout.engines.launcher import EngineProcess, EngineSpec
 from portable_rl.rollout.manager import RolloutManager
 from portable_rl.rollout.rewards import MathReward

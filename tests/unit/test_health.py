@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from portable_rl.config.rollout import RolloutConfig
 from portable_rl.orchestration.health import HEALTH_ENDPOINT, EngineMonitor, Verdict, probe_engine
-from portable_rl.rollout.config import RolloutConfig
 
 
 class _Server:

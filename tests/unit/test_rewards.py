@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
+from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.types import Group, Sample
-from portable_rl.rollout.config import RolloutConfig
 from portable_rl.rollout.filters import keep_all, load_filter, nonzero_reward_std
 from portable_rl.rollout.rewards import (
     MathReward,
