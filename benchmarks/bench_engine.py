@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
-from portable_rl.rollout.engines.client import EngineClient
+from portable_rl.protocol.client import EngineClient
 from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 
 MODELS = {

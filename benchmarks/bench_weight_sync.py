@@ -30,16 +30,16 @@ import torch.distributed as dist
 
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 from portable_rl.platform import current_platform
+from portable_rl.protocol.process_group import free_port, init_weight_update_group
 from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 from portable_rl.weight_sync import WeightSyncConfig, make_weight_sync
-from portable_rl.weight_sync.process_group import free_port, init_weight_update_group
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 1024, 2816, 16, 8
 
 RAW_RECEIVER = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
-    from portable_rl.weight_sync.process_group import init_weight_update_group
+    from portable_rl.protocol.process_group import init_weight_update_group
     port, nbytes, rounds, backend = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     g = init_weight_update_group(master_address="127.0.0.1", master_port=port, rank=1, world_size=2,
                                  group_name="bench_raw", backend=backend, timeout_s=600)

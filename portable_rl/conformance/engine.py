@@ -23,7 +23,7 @@ from typing import Any
 
 from portable_rl.conformance.registry import Context, Measurement, register
 
-ENGINE_MODULES = ("portable_rl.rollout.engines.launcher", "portable_rl.rollout.engines.client")
+ENGINE_MODULES = ("portable_rl.rollout.engines.launcher", "portable_rl.protocol.client")
 SYNC_MODULES = ("portable_rl.weight_sync",)
 NEW_TOKENS = 24
 PROMPT_LEN = 6
@@ -37,7 +37,7 @@ def engine_prompts(vocab_size: int) -> list[list[int]]:
 
 
 async def _sample(url: str, prompts: list[list[int]]) -> list[dict[str, Any]]:
-    from portable_rl.rollout.engines.client import EngineClient
+    from portable_rl.protocol.client import EngineClient
 
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True}
     async with EngineClient(url, timeout_s=300) as client:

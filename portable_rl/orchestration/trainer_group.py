@@ -31,7 +31,7 @@ class TrainerWorker(MegatronActor):
         self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
     ) -> None:
         if self.is_weight_source:
-            from portable_rl.rollout.engines.client import EngineClient
+            from portable_rl.protocol.client import EngineClient
 
             self._sync = make_weight_sync(cfg, mode, self.platform)
             self._sync.connect([EngineClient(url, api_key=api_key) for url in engine_urls])

@@ -35,7 +35,7 @@ from typing import Any
 
 from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.types import Group, Sample, SampleStatus
-from portable_rl.rollout.engines.client import EngineClient, EngineError, GenerateOutput
+from portable_rl.protocol.client import EngineClient, EngineError, GenerateOutput
 from portable_rl.rollout.filters import GroupFilter, keep_all, load_filter
 from portable_rl.rollout.rewards import RewardFn, call_reward, load_reward_fn
 

@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 
 from portable_rl.platform import current_platform
+from portable_rl.protocol.process_group import collective_errors
 from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch
 from portable_rl.training.checkpoint import Layout, iter_hf_weights, load_checkpoint, save_checkpoint
 from portable_rl.training.convert import HFWeights, load_hf_into_model, save_hf_checkpoint
@@ -81,7 +82,6 @@ from portable_rl.training.model_builder import (
     local_layer_range,
     transformer_config,
 )
-from portable_rl.weight_sync.process_group import collective_errors
 
 # Metrics train_step computes itself; loss_fn metrics with these names are reported as "loss_fn/<name>".
 _ACTOR_METRICS = frozenset(

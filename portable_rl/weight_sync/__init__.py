@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from portable_rl.config.weight_sync import WeightSyncConfig, resolve_strategy
 from portable_rl.platform import Platform
-from portable_rl.weight_sync.base import WeightSync, WeightSyncError, update_session
-from portable_rl.weight_sync.checksum import (
+from portable_rl.protocol.checksum import (
     WeightCheckReport,
     WeightMismatch,
     check_weights,
     tensor_checksum,
 )
-from portable_rl.weight_sync.engine_ops import EngineCallError
-from portable_rl.weight_sync.process_group import CollectiveTimeout
+from portable_rl.protocol.engine_ops import EngineCallError
+from portable_rl.protocol.process_group import CollectiveTimeout
+from portable_rl.weight_sync.base import WeightSync, WeightSyncError, update_session
 
 
 def make_weight_sync(cfg: WeightSyncConfig, mode: str, platform: Platform | None = None) -> WeightSync:

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from portable_rl.weight_sync.engine_ops import EngineCallError, EngineOps
+from portable_rl.protocol.engine_ops import EngineCallError, EngineOps
 
 T = TypeVar("T")
 
@@ -149,7 +149,7 @@ def send_in_buckets(
     send_bucket: Callable[[list[tuple[str, torch.Tensor]], str | None, bool], None],
 ) -> None:
     """Cut ``named_tensors`` into buckets and send each; only the last carries the version and flushes the cache."""
-    from portable_rl.weight_sync.buckets import iter_buckets
+    from portable_rl.protocol.buckets import iter_buckets
 
     sent = 0
     for bucket, last in mark_last(iter_buckets(named_tensors, bucket_bytes)):

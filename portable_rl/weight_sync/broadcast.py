@@ -33,6 +33,15 @@ import torch
 
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.platform import Platform, current_platform
+from portable_rl.protocol.buckets import NamedTensor, Staging, dtype_name, flatten, nbytes
+from portable_rl.protocol.engine_ops import EngineOps
+from portable_rl.protocol.process_group import (
+    CollectiveTimeout,
+    WeightUpdateGroup,
+    free_port,
+    init_weight_update_group,
+    resolve_master_address,
+)
 from portable_rl.weight_sync.base import (
     WeightSyncError,
     as_engine_ops,
@@ -40,15 +49,6 @@ from portable_rl.weight_sync.base import (
     fan_out,
     update_in_buckets,
     wait_all,
-)
-from portable_rl.weight_sync.buckets import NamedTensor, Staging, dtype_name, flatten, nbytes
-from portable_rl.weight_sync.engine_ops import EngineOps
-from portable_rl.weight_sync.process_group import (
-    CollectiveTimeout,
-    WeightUpdateGroup,
-    free_port,
-    init_weight_update_group,
-    resolve_master_address,
 )
 
 log = logging.getLogger(__name__)

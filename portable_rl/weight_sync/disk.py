@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.platform import Platform, current_platform
+from portable_rl.protocol.buckets import NamedTensor, nbytes
+from portable_rl.protocol.engine_ops import EngineOps
 from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, update_session
-from portable_rl.weight_sync.buckets import NamedTensor, nbytes
-from portable_rl.weight_sync.engine_ops import EngineOps
 
 INDEX_NAME = "model.safetensors.index.json"
 

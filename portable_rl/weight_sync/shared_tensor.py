@@ -26,10 +26,10 @@ import torch
 
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.platform import Platform, current_platform
+from portable_rl.protocol.buckets import NamedTensor, Staging, flatten, nbytes, unflatten
+from portable_rl.protocol.engine_ops import EngineOps
+from portable_rl.protocol.tensor_codec import flattened_payload, serialize_tensors, share_memory_buffer
 from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, update_in_buckets
-from portable_rl.weight_sync.buckets import NamedTensor, Staging, flatten, nbytes, unflatten
-from portable_rl.weight_sync.engine_ops import EngineOps
-from portable_rl.weight_sync.tensor_codec import flattened_payload, serialize_tensors, share_memory_buffer
 
 
 class SharedTensorWeightSync:

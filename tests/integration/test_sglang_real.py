@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
-from portable_rl.rollout.engines.client import EngineClient, EngineError
+from portable_rl.protocol.client import EngineClient, EngineError
 from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 from portable_rl.weight_sync import WeightSyncConfig, make_weight_sync
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from portable_rl.rollout.engines.client import EngineClient
+from portable_rl.protocol.client import EngineClient
 from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 from portable_rl.weight_sync import (
     CollectiveTimeout,
@@ -196,7 +196,7 @@ def test_engine_that_never_joins_times_out_naming_group_and_ranks(cpu_engines):
         WeightSyncConfig(strategy="broadcast", timeout_s=5, master_address="127.0.0.1", group_name="stalled"),
         "disaggregated",
     )
-    from portable_rl.weight_sync.engine_ops import EngineOps
+    from portable_rl.protocol.engine_ops import EngineOps
 
     ops = [EngineOps(u, timeout_s=5) for u in urls]
     assert [o.tp_size for o in ops] == [1, 1]

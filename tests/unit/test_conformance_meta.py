@@ -453,7 +453,7 @@ class _StandInEngine:
     def check(self, urls, named):
         import torch
 
-        from portable_rl.weight_sync.checksum import EngineCheck, WeightCheckReport
+        from portable_rl.protocol.checksum import EngineCheck, WeightCheckReport
 
         rep = EngineCheck(engine="stand-in")
         for name, t in named:

@@ -8,13 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from portable_rl.weight_sync import (
-    WeightSyncConfig,
-    make_weight_sync,
-    resolve_strategy,
-    tensor_checksum,
-)
-from portable_rl.weight_sync.buckets import (
+from portable_rl.protocol.buckets import (
     dtype_from_name,
     dtype_name,
     flatten,
@@ -22,7 +16,13 @@ from portable_rl.weight_sync.buckets import (
     metas_from_lists,
     unflatten,
 )
-from portable_rl.weight_sync.checksum import EngineCheck, WeightCheckReport, WeightMismatch
+from portable_rl.protocol.checksum import EngineCheck, WeightCheckReport, WeightMismatch
+from portable_rl.weight_sync import (
+    WeightSyncConfig,
+    make_weight_sync,
+    resolve_strategy,
+    tensor_checksum,
+)
 from portable_rl.weight_sync.disk import INDEX_NAME, write_safetensors_dir
 
 

@@ -13,23 +13,23 @@ import time
 import pytest
 import torch
 
-from portable_rl.weight_sync import CollectiveTimeout, tensor_checksum
-from portable_rl.weight_sync.buckets import flatten
-from portable_rl.weight_sync.process_group import free_port, init_weight_update_group
-from portable_rl.weight_sync.tensor_codec import (
+from portable_rl.protocol.buckets import flatten
+from portable_rl.protocol.process_group import free_port, init_weight_update_group
+from portable_rl.protocol.tensor_codec import (
     deserialize_tensors,
     flattened_payload,
     named_tensors_from_payload,
     serialize_tensors,
     share_memory_buffer,
 )
+from portable_rl.weight_sync import CollectiveTimeout, tensor_checksum
 
 RECEIVER = textwrap.dedent(
     """
     import json, sys, time
-    from portable_rl.weight_sync.buckets import metas_from_lists, empty_flat, unflatten
-    from portable_rl.weight_sync.checksum import tensor_checksum
-    from portable_rl.weight_sync.process_group import init_weight_update_group
+    from portable_rl.protocol.buckets import metas_from_lists, empty_flat, unflatten
+    from portable_rl.protocol.checksum import tensor_checksum
+    from portable_rl.protocol.process_group import init_weight_update_group
     port, mode, spec = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     group = init_weight_update_group(master_address="127.0.0.1", master_port=port, rank=1, world_size=2,
                                      group_name="unit_group", backend="gloo", timeout_s=20)
@@ -137,8 +137,8 @@ def test_broadcast_to_a_rank_that_never_receives_times_out_naming_group_and_rank
 IMPORTER = textwrap.dedent(
     """
     import json, sys
-    from portable_rl.weight_sync.checksum import tensor_checksum
-    from portable_rl.weight_sync.tensor_codec import deserialize_tensors, named_tensors_from_payload
+    from portable_rl.protocol.checksum import tensor_checksum
+    from portable_rl.protocol.tensor_codec import deserialize_tensors, named_tensors_from_payload
     for line, fmt in zip(sys.stdin.read().split(), ["flattened_bucket", "none"]):
         obj = deserialize_tensors(line)
         pairs = named_tensors_from_payload(obj, None if fmt == "none" else fmt)

@@ -19,6 +19,8 @@ import pytest
 import requests
 import torch
 
+from portable_rl.protocol.engine_ops import EngineOps
+from portable_rl.protocol.process_group import free_port
 from portable_rl.weight_sync import (
     CollectiveTimeout,
     WeightSyncConfig,
@@ -27,8 +29,6 @@ from portable_rl.weight_sync import (
     make_weight_sync,
 )
 from portable_rl.weight_sync.base import update_session
-from portable_rl.weight_sync.engine_ops import EngineOps
-from portable_rl.weight_sync.process_group import free_port
 
 STAND_IN = textwrap.dedent(
     r"""
@@ -37,10 +37,10 @@ STAND_IN = textwrap.dedent(
     import torch
     from safetensors.torch import load_file
     from pathlib import Path
-    from portable_rl.weight_sync.buckets import empty_flat, metas_from_lists, unflatten, dtype_from_name
-    from portable_rl.weight_sync.checksum import tensor_checksum
-    from portable_rl.weight_sync.process_group import init_weight_update_group
-    from portable_rl.weight_sync.tensor_codec import deserialize_tensors, named_tensors_from_payload
+    from portable_rl.protocol.buckets import empty_flat, metas_from_lists, unflatten, dtype_from_name
+    from portable_rl.protocol.checksum import tensor_checksum
+    from portable_rl.protocol.process_group import init_weight_update_group
+    from portable_rl.protocol.tensor_codec import deserialize_tensors, named_tensors_from_payload
 
     port = int(sys.argv[1])
     state = {"weights": {}, "version": "0", "session": False, "groups": {}, "calls": [], "formats": []}

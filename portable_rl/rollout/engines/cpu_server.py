@@ -21,7 +21,7 @@ Endpoints, request fields and response shapes follow SGLang 0.5.23, so one clien
 As in SGLang 0.5.23, tensor and distributed updates must sit between /begin_weight_update and
 /end_weight_update, and an update that arrives while requests run (generation not paused) waits for them.
 
-Tensor updates use the payload of ``portable_rl.weight_sync.tensor_codec``: per TP rank a base64
+Tensor updates use the payload of ``portable_rl.protocol.tensor_codec``: per TP rank a base64
 ``ForkingPickler`` pickle of handles, on CPU named shared-memory segments (torch's ``file_system`` sharing
 strategy), opened here with an allow-list unpickler; the engine copies the tensors into its weights before it
 answers, so the sender may free them afterwards.
@@ -348,7 +348,7 @@ class Server:
 
         @app.post("/init_weights_update_group")
         async def init_weights_update_group(request: Request):
-            from portable_rl.weight_sync.process_group import CollectiveTimeout, init_weight_update_group
+            from portable_rl.protocol.process_group import CollectiveTimeout, init_weight_update_group
 
             body = await _body(request)
             try:
@@ -403,7 +403,7 @@ class Server:
 
         @app.post("/update_weights_from_tensor")
         async def update_weights_from_tensor(request: Request):
-            from portable_rl.weight_sync.tensor_codec import deserialize_tensors, named_tensors_from_payload
+            from portable_rl.protocol.tensor_codec import deserialize_tensors, named_tensors_from_payload
 
             body = await _body(request)
             payloads = body.get("serialized_named_tensors")

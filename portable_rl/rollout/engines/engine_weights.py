@@ -7,7 +7,7 @@ Every function runs on the engine thread (no forward pass is in flight while wei
   * ``read_checkpoint_dir(path)``: every tensor of a HF safetensors directory (what /update_weights_from_disk
     loads); ``receive_distributed(...)``: the tensors one /update_weights_from_distributed request announces,
     received from rank 0 of the weight-update group (one broadcast per tensor, or one flat uint8 broadcast
-    for ``load_format="flattened_bucket"``, the layout of ``portable_rl.weight_sync.buckets``);
+    for ``load_format="flattened_bucket"``, the layout of ``portable_rl.protocol.buckets``);
   * ``checksums`` / ``weight_by_name``: read-back for bit-exact verification.
 """
 
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from portable_rl.weight_sync.buckets import (
+from portable_rl.protocol.buckets import (
     NamedTensor,
     dtype_from_name,
     empty_flat,
     metas_from_lists,
     unflatten,
 )
-from portable_rl.weight_sync.checksum import tensor_checksum
-from portable_rl.weight_sync.process_group import WeightUpdateGroup
+from portable_rl.protocol.checksum import tensor_checksum
+from portable_rl.protocol.process_group import WeightUpdateGroup
 
 
 def named_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from portable_rl.config.weight_sync import PAUSE_MODES
-from portable_rl.rollout.engines.client import EngineClient, EngineError
+from portable_rl.protocol.client import EngineClient, EngineError
 
 T = TypeVar("T")
 EngineCallError = EngineError

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from portable_rl.weight_sync.buckets import NamedTensor, dtype_name
-from portable_rl.weight_sync.engine_ops import EngineCallError, EngineOps
+from portable_rl.protocol.buckets import NamedTensor, dtype_name
+from portable_rl.protocol.engine_ops import EngineCallError, EngineOps
 
 CHECKSUM_ALGORITHM = "sha256(dtype|shape|bytes)"
 

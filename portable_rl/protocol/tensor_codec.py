@@ -38,7 +38,7 @@ import torch.multiprocessing as torch_mp
 from torch.multiprocessing import reductions
 
 from portable_rl.platform import Platform, current_platform
-from portable_rl.weight_sync.buckets import NamedTensor, TensorMeta
+from portable_rl.protocol.buckets import NamedTensor, TensorMeta
 
 _DEVICE_ARG = 6  # position of the storage device in the argument tuple of torch's GPU tensor rebuild function
 
