@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from portable_rl.distributed import free_port
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 from portable_rl.platform import current_platform
-from portable_rl.protocol.process_group import free_port, init_weight_update_group
+from portable_rl.protocol.process_group import init_weight_update_group
 from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 from portable_rl.weight_sync import WeightSyncConfig, make_weight_sync
 

@@ -15,23 +15,17 @@ platforms (hence ``min_devices=2`` there). ``run_workers`` is the one seam a met
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from portable_rl.conformance.registry import Context, Measurement, register
+from portable_rl.distributed import free_port
 
 WORLD = 2
 EXACT_LEN = 4099  # odd, so no backend can hide an off-by-one behind a power-of-two chunking
 DETERMINISM_LEN = 1 << 22
 COLLECTIVE_DTYPES = ("float32", "bfloat16")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_inputs(rank: int) -> dict[str, Any]:
@@ -104,7 +98,7 @@ def run_workers(platform_name: str, out_dir: Path) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
     mp.start_processes(
         _worker,
         args=(platform_name, init_method, str(out_dir)),

@@ -22,31 +22,19 @@ check is skipped (``min_devices=2``).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from portable_rl.conformance.engine import ENGINE_MODULES
 from portable_rl.conformance.registry import Context, Measurement, _module_exists, register
+from portable_rl.distributed import free_ports
 
 ARCHS = ("llama", "qwen2", "qwen3")
 TRAINER_MODULE = "portable_rl.training.actor"
 PROMPT, RESPONSE = 4, 28
 LR = 1e-3
 SEED = 1234
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def fixed_tokens(vocab_size: int) -> list[list[int]]:
@@ -181,7 +169,7 @@ def run_trainer_workers(ctx: Context) -> dict[str, Any]:
             samples = engine_samples(ctx)  # scored by the trainer for rollout.engine_vs_trainer_logprobs
         except Exception:  # noqa: BLE001 - the rollout checks report the engine's failure themselves
             samples = None
-    ports = _free_ports(8)
+    ports = free_ports(8, "127.0.0.1")
     mp.start_processes(
         _worker,
         args=(world, ctx.platform.name, ckpts, ports, str(out), samples),

@@ -24,6 +24,7 @@ from typing import Any
 from portable_rl.config.weight_sync import resolve_strategy
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
+from portable_rl.distributed import NODE_ADDRESS
 from portable_rl.orchestration.engine_group import EngineGroup
 from portable_rl.orchestration.placement import (
     PlacementConfig,
@@ -34,7 +35,6 @@ from portable_rl.orchestration.placement import (
 )
 from portable_rl.orchestration.trainer_group import TrainerGroup
 from portable_rl.platform import current_platform
-from portable_rl.protocol.process_group import NODE_ADDRESS
 from portable_rl.recipe import Recipe
 from portable_rl.rl_batch import flatten
 from portable_rl.rollout.engines.launcher import NODE_HOST

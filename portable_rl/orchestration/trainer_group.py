@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from portable_rl.distributed import free_port
 from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform
 from portable_rl.training.actor import ActorConfig, MegatronActor
@@ -65,14 +66,9 @@ class TrainerWorker(MegatronActor):
 
 def _rendezvous():
     """(ip, free port) on the node this task runs on: rank 0's node."""
-    import socket
-
     import ray
 
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return ray.util.get_node_ip_address(), free_port()
 
 
 class TrainerGroup:

@@ -12,103 +12,21 @@ Contract
   through ``broadcast``/``barrier`` and a failure or timeout raises ``CollectiveTimeout`` naming the group,
   this rank, the ranks it waited for and what it was doing. (gloo enforces the timeout per operation; NCCL and
   RCCL report timeouts through their watchdog, which the platform's comm env configures.)
-* ``collective_errors(group=, backend=, rank=, world_size=, timeout_s=, what=)`` is the same naming for any
-  other group (the trainer's torch.distributed world and Megatron's groups inside it): a collective that
-  times out or loses a peer inside the block becomes ``CollectiveTimeout`` naming the group, the backend,
-  this rank, the ranks it waited for, the timeout and what it was doing; other errors pass unchanged.
-* ``free_port()`` picks an unused TCP port; ``default_master_address()`` the address engines reach us on;
-  ``resolve_master_address(cfg value)`` also understands "node" (the Ray node's address, for multi-node jobs).
+* The same naming for any other group (``collective_errors``), free ports and the rendezvous address
+  (``free_port``, ``resolve_master_address``) live in ``portable_rl.distributed``.
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from portable_rl.distributed import describe_ranks, first_line
 from portable_rl.errors import CollectiveTimeout
-
-
-def free_port(host: str = "") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-NODE_ADDRESS = "node"  # master_address value: the Ray node address of the process hosting the rendezvous
-
-
-def resolve_master_address(value: str | None) -> str:
-    """The rendezvous address for a configured ``master_address`` (None: this host; "node": its Ray node)."""
-    if value == NODE_ADDRESS:
-        import ray
-
-        # The address the node was started with (`ray start --node-ip-address`), which other nodes reach;
-        # the host name may resolve to loopback (127.0.1.1 on Debian-style hosts).
-        return ray.util.get_node_ip_address()
-    return value or default_master_address()
-
-
-def default_master_address() -> str:
-    """This host's address as other hosts see it (loopback when the host has no routable name)."""
-    try:
-        address = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
-    return address or "127.0.0.1"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
-
-
-def _describe_ranks(ranks: list[int]) -> str:
-    if not ranks:
-        return "none"
-    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
-        return f"{ranks[0]}..{ranks[-1]}"
-    return ", ".join(str(r) for r in ranks)
-
-
-# Lower-case fragments of the errors a collective raises when a peer is missing (gloo: "Timed out waiting
-# 2000ms for recv operation"; a peer that died: "Connection closed by peer" / "Connection reset by peer").
-_PEER_FAILURE_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
-
-
-def is_collective_failure(exc: BaseException) -> bool:
-    """True for errors a collective raises when it times out or loses a peer."""
-    if isinstance(exc, CollectiveTimeout):
-        return False  # already named
-    if isinstance(exc, dist.DistError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS)
-
-
-@contextmanager
-def collective_errors(
-    *, group: str, backend: str, rank: int, world_size: int, timeout_s: float, what: str
-) -> Iterator[None]:
-    """Re-raise a timed-out or peer-less collective in the block as CollectiveTimeout naming group and ranks."""
-    try:
-        yield
-    except (RuntimeError, dist.DistError) as exc:
-        if not is_collective_failure(exc):
-            raise
-        others = [r for r in range(world_size) if r != rank]
-        verb = "timed out" if any(h in str(exc).lower() for h in ("timed out", "timeout")) else "lost a peer"
-        raise CollectiveTimeout(
-            f"{group} ({backend}, {world_size} ranks): rank {rank} {verb} in {what} waiting for rank(s) "
-            f"{_describe_ranks(others)} (collective timeout {timeout_s:g}s): {_first_line(exc)}. "
-            "A rank that stopped, died or runs a different step never joined the collective; its log says why."
-        ) from exc
 
 
 @dataclass
@@ -130,8 +48,8 @@ class WeightUpdateGroup:
     def _fail(self, what: str, exc: BaseException) -> CollectiveTimeout:
         return CollectiveTimeout(
             f"weight-update group {self.group_name!r} ({self.backend}, {self.master}): rank {self.rank} of "
-            f"{self.world_size} {what} did not complete with ranks {_describe_ranks(self.peer_ranks)} within "
-            f"{self.timeout_s:g}s: {_first_line(exc)}. "
+            f"{self.world_size} {what} did not complete with ranks {describe_ranks(self.peer_ranks)} within "
+            f"{self.timeout_s:g}s: {first_line(exc)}. "
             "Check that every engine received the matching /update_weights_from_distributed request and is alive."
         )
 
@@ -207,8 +125,8 @@ def init_weight_update_group(
         waited_for = "engine ranks" if rank == 0 else "ranks"
         raise CollectiveTimeout(
             f"weight-update group {group_name!r} ({backend}, {master}): rank {rank} of {world_size} could not "
-            f"form the group with {waited_for} {_describe_ranks(others)} within {join_s:g}s: "
-            f"{_first_line(exc)}. "
+            f"form the group with {waited_for} {describe_ranks(others)} within {join_s:g}s: "
+            f"{first_line(exc)}. "
             "An engine that never joins is unreachable, stalled, or was given another address/port."
         ) from exc
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}

@@ -30,7 +30,8 @@ from typing import Any
 
 import requests
 
-from portable_rl.rollout.engines.launcher import _free_port, redact, to_cli
+from portable_rl.distributed import free_port
+from portable_rl.rollout.engines.launcher import redact, to_cli
 from portable_rl.rollout.subprocess_stop import stop_process_group
 from portable_rl.rollout.tied import tied_command
 
@@ -69,7 +70,7 @@ class RouterConfig:
 class Router:
     def __init__(self, cfg: RouterConfig | None = None) -> None:
         self.cfg = cfg or RouterConfig()
-        self.port = self.cfg.port or _free_port(self.cfg.host)
+        self.port = self.cfg.port or free_port(self.cfg.host)
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host
         self.url = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -99,7 +100,7 @@ class Router:
             "log_level": "warn",
             # the metrics exporter's fixed default port (29000) collides when two routers share a host
             "prometheus_host": "127.0.0.1",
-            "prometheus_port": _free_port("127.0.0.1"),
+            "prometheus_port": free_port("127.0.0.1"),
             **self.cfg.extra_args,
         }
         if self.cfg.api_key:

@@ -69,8 +69,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from portable_rl.distributed import collective_errors
 from portable_rl.platform import current_platform
-from portable_rl.protocol.process_group import collective_errors
 from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch
 from portable_rl.training.checkpoint import Layout, iter_hf_weights, load_checkpoint, save_checkpoint
 from portable_rl.training.convert import HFWeights, load_hf_into_model, save_hf_checkpoint

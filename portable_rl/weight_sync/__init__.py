@@ -13,6 +13,7 @@ mode and config with ``make_weight_sync(cfg, mode)``:
 from __future__ import annotations
 
 from portable_rl.config.weight_sync import WeightSyncConfig, resolve_strategy
+from portable_rl.errors import CollectiveTimeout
 from portable_rl.platform import Platform
 from portable_rl.protocol.checksum import (
     WeightCheckReport,
@@ -21,7 +22,6 @@ from portable_rl.protocol.checksum import (
     tensor_checksum,
 )
 from portable_rl.protocol.engine_ops import EngineCallError
-from portable_rl.protocol.process_group import CollectiveTimeout
 from portable_rl.weight_sync.base import WeightSync, WeightSyncError, update_session
 
 

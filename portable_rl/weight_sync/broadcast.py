@@ -32,16 +32,12 @@ from typing import Any
 import torch
 
 from portable_rl.config.weight_sync import WeightSyncConfig
+from portable_rl.distributed import free_port, resolve_master_address
+from portable_rl.errors import CollectiveTimeout
 from portable_rl.platform import Platform, current_platform
 from portable_rl.protocol.buckets import NamedTensor, Staging, dtype_name, flatten, nbytes
 from portable_rl.protocol.engine_ops import EngineOps
-from portable_rl.protocol.process_group import (
-    CollectiveTimeout,
-    WeightUpdateGroup,
-    free_port,
-    init_weight_update_group,
-    resolve_master_address,
-)
+from portable_rl.protocol.process_group import WeightUpdateGroup, init_weight_update_group
 from portable_rl.weight_sync.base import (
     WeightSyncError,
     as_engine_ops,

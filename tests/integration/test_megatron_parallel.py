@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from megatron_jobs import ENTROPY_COEF, LR
 
+from portable_rl.distributed import free_port
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 from portable_rl.training.batch import TrainBatch
 from portable_rl.training.convert import HFWeights
@@ -30,12 +30,6 @@ ARCHS = ("llama", "qwen2", "qwen3")
 STEPS = 2
 LOGIT_ATOL = 1e-4
 LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(vocab: int) -> TrainBatch:
@@ -156,7 +150,7 @@ def _run_everything(root: Path) -> dict:
     out2.mkdir()
     from megatron_jobs import run_jobs
 
-    port1, port2 = _port(), _port()
+    port1, port2 = free_port("127.0.0.1"), free_port("127.0.0.1")
     procs = [ctx.Process(target=run_jobs, args=(0, 1, port1, single, str(out1)))]
     procs += [ctx.Process(target=run_jobs, args=(r, 2, port2, pair, str(out2))) for r in range(2)]
     for p in procs:
@@ -298,7 +292,7 @@ def test_ray_actors_drive_training(tmp_path):
         ray.shutdown()
     ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False)
     try:
-        port = _port()  # every rank gets the same rendezvous port
+        port = free_port("127.0.0.1")  # every rank gets the same rendezvous port
         actors = [remote_class(num_cpus=1).remote(config, r, 2, "127.0.0.1", port) for r in range(2)]
         policy = ray.get([a.compute_logprobs.remote(batch) for a in actors])
         ref = ray.get([a.compute_logprobs.remote(batch, "ref") for a in actors])

@@ -46,6 +46,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from portable_rl.distributed import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,12 +56,6 @@ NODES = {"head": {}, "trainer": {"node_trainer": 1}, "engine": {"node_engine": 1
 OBJECT_STORE_BYTES = 80 * 1024**2
 START_TIMEOUT_S = 120.0
 BROADCAST_NUMEL, BROADCAST_SEED = 1 << 18, 1234  # 1 MiB of float32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -123,14 +119,14 @@ def _start_node(cluster: LocalCluster, name: str, action_args: list[str], resour
         "--include-log-monitor",
         "false",
         "--dashboard-agent-listen-port",
-        str(_free_port()),
+        str(free_port("127.0.0.1")),
         "--min-worker-port",
         str(worker_port),
         "--max-worker-port",
         str(worker_port + 60),
     ]
     if action_args[0] == "head":
-        argv += ["--include-dashboard", "false", "--ray-client-server-port", str(_free_port())]
+        argv += ["--include-dashboard", "false", "--ray-client-server-port", str(free_port("127.0.0.1"))]
     log = open(Path(cluster.temp_dir, f"{name}.log"), "w", encoding="utf-8")  # noqa: SIM115 - kept by Popen
     cluster.procs.append(
         subprocess.Popen(argv, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -219,7 +215,7 @@ def running_cluster(kind: str) -> Iterator[LocalCluster]:
 
     lab = _netns_lab() if kind == "netns" else None
     temp_dir = tempfile.mkdtemp(prefix="prl", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
+    port = free_port("127.0.0.1")
     if lab is None:
         ips, ifname = dict.fromkeys(NODES, "127.0.0.1"), "lo"
     else:

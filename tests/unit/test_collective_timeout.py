@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from portable_rl.protocol.process_group import collective_errors, free_port
+from portable_rl.distributed import collective_errors, free_port
 from portable_rl.training.actor import MegatronActor, ParallelConfig, _names_collective_failures
 from portable_rl.weight_sync import CollectiveTimeout
 
@@ -21,7 +21,7 @@ RANK = textwrap.dedent(
     import datetime, os, sys, time
     import torch, torch.distributed as dist
     from portable_rl.weight_sync import CollectiveTimeout
-    from portable_rl.protocol.process_group import collective_errors
+    from portable_rl.distributed import collective_errors
     rank, port, peer = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=1.5))

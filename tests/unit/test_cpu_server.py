@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from portable_rl.distributed import free_port
 from portable_rl.protocol.checksum import tensor_checksum
 from portable_rl.protocol.client import EngineClient
-from portable_rl.protocol.process_group import free_port, init_weight_update_group
+from portable_rl.protocol.process_group import init_weight_update_group
 from portable_rl.protocol.tensor_codec import serialize_tensors
 from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 

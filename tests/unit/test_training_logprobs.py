@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from portable_rl.distributed import free_port
 from portable_rl.training.batch import TrainBatch, to_micro_batch
 from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
 
@@ -57,16 +57,10 @@ def _tp_worker(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_tp_ranks_match_the_full_vocabulary():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port("127.0.0.1")
     procs = [ctx.Process(target=_tp_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 
+from portable_rl.distributed import free_port
 from portable_rl.protocol.buckets import flatten
-from portable_rl.protocol.process_group import free_port, init_weight_update_group
+from portable_rl.protocol.process_group import init_weight_update_group
 from portable_rl.protocol.tensor_codec import (
     deserialize_tensors,
     flattened_payload,

@@ -19,8 +19,8 @@ import pytest
 import requests
 import torch
 
+from portable_rl.distributed import free_port
 from portable_rl.protocol.engine_ops import EngineOps
-from portable_rl.protocol.process_group import free_port
 from portable_rl.weight_sync import (
     CollectiveTimeout,
     WeightSyncConfig,

@@ -348,7 +348,8 @@ class Server:
 
         @app.post("/init_weights_update_group")
         async def init_weights_update_group(request: Request):
-            from portable_rl.protocol.process_group import CollectiveTimeout, init_weight_update_group
+            from portable_rl.errors import CollectiveTimeout
+            from portable_rl.protocol.process_group import init_weight_update_group
 
             body = await _body(request)
             try:

@@ -35,6 +35,7 @@ from typing import Any
 
 import requests
 
+from portable_rl.distributed import free_port
 from portable_rl.platform import Platform, current_platform
 from portable_rl.rollout.subprocess_stop import stop_process_group
 from portable_rl.rollout.tied import tied_command
@@ -101,12 +102,6 @@ def resolve_kind(spec: EngineSpec, platform: Platform) -> str:
     return "cpu" if platform.torch_device_type == "cpu" else "sglang"
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host if host not in ("0.0.0.0", "") else "", 0))
-        return s.getsockname()[1]
-
-
 def to_cli(args: dict[str, Any]) -> list[str]:
     """``{"attention_backend": "x", "enable_metrics": True}`` -> ``--attention-backend x --enable-metrics``."""
     out: list[str] = []
@@ -154,7 +149,7 @@ class EngineProcess:
         self.spec = spec
         self.platform = platform or current_platform()
         self.kind = resolve_kind(spec, self.platform)
-        self.port = spec.port or _free_port(spec.host)
+        self.port = spec.port or free_port(spec.host)
         connect_host = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host
         self.url = f"http://{connect_host}:{self.port}"
         self.command = engine_command(spec, self.port, self.platform)

@@ -1,0 +1,126 @@
+"""Small torch.distributed and networking helpers every layer may use (no portable_rl imports but errors).
+
+Contract
+--------
+* ``free_port(host="")`` / ``free_ports(n, host="")``: unused TCP ports on ``host`` ("" or "0.0.0.0": every
+  interface). ``free_ports`` holds all n sockets open while it picks, so the n ports differ.
+* ``NODE_ADDRESS`` / ``resolve_master_address(value)`` / ``default_master_address()``: the address other
+  processes reach a rendezvous on (None: this host; "node": its Ray node's address, for multi-node jobs).
+* ``collective_errors(group=, backend=, rank=, world_size=, timeout_s=, what=)``: a collective that times out or
+  loses a peer inside the block becomes ``CollectiveTimeout`` naming the group, the backend, this rank, the
+  ranks it waited for, the timeout and what it was doing; other errors pass unchanged. Used for the trainer's
+  world and Megatron's groups; the weight-update group (``portable_rl.protocol.process_group``) names its own.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from portable_rl.errors import CollectiveTimeout
+
+__all__ = [
+    "NODE_ADDRESS",
+    "CollectiveTimeout",
+    "collective_errors",
+    "default_master_address",
+    "describe_ranks",
+    "first_line",
+    "free_port",
+    "free_ports",
+    "is_collective_failure",
+    "resolve_master_address",
+]
+
+
+def free_ports(n: int, host: str = "") -> list[int]:
+    """``n`` distinct unused TCP ports on ``host``; the sockets stay bound until all are picked."""
+    bind_host = "" if host in ("", "0.0.0.0") else host
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((bind_host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "") -> int:
+    """One unused TCP port on ``host`` ("" or "0.0.0.0": every interface)."""
+    return free_ports(1, host)[0]
+
+
+NODE_ADDRESS = "node"  # master_address value: the Ray node address of the process hosting the rendezvous
+
+
+def resolve_master_address(value: str | None) -> str:
+    """The rendezvous address for a configured ``master_address`` (None: this host; "node": its Ray node)."""
+    if value == NODE_ADDRESS:
+        import ray
+
+        # The address the node was started with (`ray start --node-ip-address`), which other nodes reach;
+        # the host name may resolve to loopback (127.0.1.1 on Debian-style hosts).
+        return ray.util.get_node_ip_address()
+    return value or default_master_address()
+
+
+def default_master_address() -> str:
+    """This host's address as other hosts see it (loopback when the host has no routable name)."""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+    return address or "127.0.0.1"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def describe_ranks(ranks: list[int]) -> str:
+    if not ranks:
+        return "none"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
+        return f"{ranks[0]}..{ranks[-1]}"
+    return ", ".join(str(r) for r in ranks)
+
+
+# Lower-case fragments of the errors a collective raises when a peer is missing (gloo: "Timed out waiting
+# 2000ms for recv operation"; a peer that died: "Connection closed by peer" / "Connection reset by peer").
+_PEER_FAILURE_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True for errors a collective raises when it times out or loses a peer."""
+    import torch.distributed as dist  # here, not at import: launchers and the CLI import this module
+
+    if isinstance(exc, CollectiveTimeout):
+        return False  # already named
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS)
+
+
+@contextmanager
+def collective_errors(
+    *, group: str, backend: str, rank: int, world_size: int, timeout_s: float, what: str
+) -> Iterator[None]:
+    """Re-raise a timed-out or peer-less collective in the block as CollectiveTimeout naming group and ranks."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistError is a RuntimeError
+        if not is_collective_failure(exc):
+            raise
+        others = [r for r in range(world_size) if r != rank]
+        verb = "timed out" if any(h in str(exc).lower() for h in ("timed out", "timeout")) else "lost a peer"
+        raise CollectiveTimeout(
+            f"{group} ({backend}, {world_size} ranks): rank {rank} {verb} in {what} waiting for rank(s) "
+            f"{describe_ranks(others)} (collective timeout {timeout_s:g}s): {first_line(exc)}. "
+            "A rank that stopped, died or runs a different step never joined the collective; its log says why."
+        ) from exc
