@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portable_rl.algo.config import AlgoConfig
+from portable_rl.config.algo import AlgoConfig
 from portable_rl.config.rollout import RolloutConfig
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml

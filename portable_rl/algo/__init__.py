@@ -3,7 +3,7 @@
 Entry points for the trainer: ``AlgoConfig``, ``compute_advantages`` and ``compute_policy_loss``.
 """
 
-from portable_rl.algo.config import AlgoConfig
 from portable_rl.algo.objective import compute_advantages, compute_policy_loss
+from portable_rl.config.algo import AlgoConfig
 
 __all__ = ["AlgoConfig", "compute_advantages", "compute_policy_loss"]

@@ -23,12 +23,19 @@ Sequences with no masked token count as sequences (they add 0) in the seq-* mode
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAgg)
+from portable_rl.config.algo import LOSS_AGG_MODES, LossAgg
+
+__all__ = [
+    "LOSS_AGG_MODES",
+    "LossAgg",
+    "aggregate_loss",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+]
 
 
 def _as_float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

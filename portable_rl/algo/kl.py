@@ -16,12 +16,9 @@ policy loss. Outputs are ``[B, T]`` like the inputs; padded positions hold value
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 
-KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
-KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+from portable_rl.config.algo import KL_ESTIMATORS
 
 
 def kl_estimate(

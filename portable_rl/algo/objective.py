@@ -12,11 +12,11 @@ import torch
 
 from portable_rl.algo import advantages as adv_mod
 from portable_rl.algo.aggregation import aggregate_loss, masked_mean
-from portable_rl.algo.config import GROUPED_ESTIMATORS, AlgoConfig
 from portable_rl.algo.entropy import entropy_bonus
 from portable_rl.algo.kl import kl_estimate, kl_penalty_rewards
 from portable_rl.algo.policy_loss import ppo_policy_loss
 from portable_rl.algo.tis import tis_weights
+from portable_rl.config.algo import GROUPED_ESTIMATORS, AlgoConfig
 
 
 def compute_advantages(

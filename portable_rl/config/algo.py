@@ -1,4 +1,4 @@
-"""``AlgoConfig``: the ``algo:`` section of a recipe. The functions that use it are in ``portable_rl.algo.objective``.
+"""``AlgoConfig``: the ``algo:`` section of a recipe. The functions that use it are in ``portable_rl.algo``.
 
 Recipes (section ``algo``):
 
@@ -18,14 +18,16 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from portable_rl.algo.aggregation import LOSS_AGG_MODES, LossAgg
-from portable_rl.algo.kl import KL_ESTIMATORS, KLEstimator
-
 AdvantageEstimator = Literal["grpo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae"]
 ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
 KLMode = Literal["loss", "reward"]
 KL_MODES: tuple[str, ...] = get_args(KLMode)
 GROUPED_ESTIMATORS = ("grpo", "reinforce_plus_plus_baseline")
+# How per-token losses become one number (portable_rl.algo.aggregation) and the KL estimators (algo.kl).
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAgg)
+KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 
 def _number(name: str, value: object) -> float:
