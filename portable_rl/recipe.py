@@ -1,15 +1,16 @@
 """The training recipe: one YAML file, one typed config tree, identical on every platform.
 
-Sections and their owners::
+Sections and where their dataclasses live (every one under ``portable_rl.config`` or here, so the recipe
+imports no runtime code)::
 
     model:        ModelConfig (here)                      which checkpoint: tiny | smollm2 | a HF dir
-    data:         DataConfig (here) of PromptConfig        train / eval prompt files (portable_rl.data.prompts)
-    rollout:      RolloutConfig (portable_rl.rollout)      samples per prompt, sampling, engines, rewards
-    train:        TrainConfig (here) of Parallel/OptimConfig  Megatron parallelism, optimizer, micro-batches
-    algo:         AlgoConfig (portable_rl.algo)            advantages, losses, KL, TIS
-    weight_sync:  WeightSyncConfig (portable_rl.weight_sync)
+    data:         DataConfig (here) of PromptConfig        train / eval prompt files (config.data)
+    rollout:      RolloutConfig (config.rollout)           samples per prompt, sampling, engines, rewards
+    train:        TrainConfig (here) of Parallel/OptimConfig (config.training)  parallelism, optimizer
+    algo:         AlgoConfig (config.algo)                 advantages, losses, KL, TIS
+    weight_sync:  WeightSyncConfig (config.weight_sync)
     run:          RunConfig (here)                          steps, mode, async, eval/save cadence, output dir
-    placement:    NodePlacementConfig (orchestration)       which cluster nodes host the trainer / the engines
+    placement:    NodePlacementConfig (config.placement)   which cluster nodes host the trainer / the engines
 
 ``load_recipe(path, overrides)`` reads the YAML, applies ``section.key=value`` and ``--sglang-*`` /
 ``--megatron-*`` overrides, builds the tree with type checks and "did you mean" errors, and runs the
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from portable_rl.config.algo import AlgoConfig
+from portable_rl.config.data import PromptConfig
+from portable_rl.config.placement import NodePlacementConfig
 from portable_rl.config.rollout import RolloutConfig
+from portable_rl.config.training import OptimConfig, ParallelConfig
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
-from portable_rl.data.prompts import PromptConfig
-from portable_rl.orchestration.placement import NodePlacementConfig
-from portable_rl.training.actor import OptimConfig, ParallelConfig
 
 MODES = ("colocated", "disaggregated")
 

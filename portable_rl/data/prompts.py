@@ -30,34 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from portable_rl.config.data import PromptConfig
+
 
 class PromptFileError(ValueError):
     """The prompt file or its use is invalid; the message is one line naming the file, line and fix."""
-
-
-@dataclass
-class PromptConfig:
-    path: str = ""
-    prompt_key: str = "prompt"
-    label_key: str = "label"
-    shuffle: bool = True
-    seed: int = 0
-    apply_chat_template: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_key", "label_key"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"data.{name}={value!r} must be a non-empty field name")
-        if self.prompt_key == self.label_key:
-            raise ValueError(
-                f"data.prompt_key and data.label_key are both {self.prompt_key!r}; use two fields"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"data.seed={self.seed!r} must be an integer >= 0")
-        for name in ("shuffle", "apply_chat_template"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"data.{name}={getattr(self, name)!r} must be true or false")
 
 
 @dataclass

@@ -69,6 +69,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from portable_rl.config.training import OptimConfig, ParallelConfig
 from portable_rl.distributed import collective_errors
 from portable_rl.platform import current_platform
 from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch
@@ -89,46 +90,6 @@ _ACTOR_METRICS = frozenset(
 )
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    distributed_optimizer: bool = False
-    collective_timeout_s: float = 1800.0  # every trainer collective (world and Megatron groups)
-
-    def __post_init__(self) -> None:
-        for name in ("tensor_parallel", "pipeline_parallel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        t = self.collective_timeout_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise ValueError(f"collective_timeout_s={t!r} must be a positive number of seconds")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if self.clip_grad < 0:
-            raise ValueError(f"clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
-
-    def lr_at(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        return self.lr
 
 
 @dataclass

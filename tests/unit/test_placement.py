@@ -8,10 +8,9 @@ import pytest
 from fake_hosts import simulate_rocm
 
 from portable_rl import platform as plat
+from portable_rl.config.placement import NodePlacementConfig, PlacementConfig
 from portable_rl.orchestration.placement import (
     PIN_AMOUNT,
-    NodePlacementConfig,
-    PlacementConfig,
     PlacementError,
     actor_options,
     check_pins,

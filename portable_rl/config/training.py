@@ -1,0 +1,62 @@
+"""Trainer configuration: Megatron parallelism and the optimizer (recipe section ``train``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallelism of the trainer (recipe ``train.parallel``).
+
+    tensor_parallel:        tensor-parallel size
+    pipeline_parallel:      pipeline-parallel size
+    distributed_optimizer:  shard optimizer state across data-parallel ranks
+    collective_timeout_s:   timeout of every trainer collective (world and Megatron groups)
+    """
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    distributed_optimizer: bool = False
+    collective_timeout_s: float = 1800.0  # every trainer collective (world and Megatron groups)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        t = self.collective_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"collective_timeout_s={t!r} must be a positive number of seconds")
+
+
+@dataclass
+class OptimConfig:
+    """Adam optimizer and learning-rate schedule of the trainer (recipe ``train.optim``).
+
+    lr:                   peak learning rate
+    weight_decay:         decoupled weight decay
+    adam_beta1 / adam_beta2 / adam_eps: Adam's coefficients
+    clip_grad:            global gradient-norm clip (0 disables clipping)
+    warmup_steps:         linear warm-up steps to ``lr``
+    """
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr
