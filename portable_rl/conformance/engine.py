@@ -18,62 +18,12 @@ does nothing cannot pass) through ``make_weight_sync`` — flattened buckets and
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
+from portable_rl.conformance.engine_fixture import ENGINE_MODULES, NEW_TOKENS, running_engine
 from portable_rl.conformance.registry import Context, Measurement, register
 
-ENGINE_MODULES = ("portable_rl.rollout.engines.launcher", "portable_rl.protocol.client")
 SYNC_MODULES = ("portable_rl.weight_sync",)
-NEW_TOKENS = 24
-PROMPT_LEN = 6
-
-
-def engine_prompts(vocab_size: int) -> list[list[int]]:
-    import torch
-
-    gen = torch.Generator().manual_seed(5)
-    return torch.randint(3, vocab_size, (2, PROMPT_LEN), generator=gen).tolist()
-
-
-async def _sample(url: str, prompts: list[list[int]]) -> list[dict[str, Any]]:
-    from portable_rl.protocol.client import EngineClient
-
-    params = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True}
-    async with EngineClient(url, timeout_s=300) as client:
-        outs = await asyncio.gather(*(client.generate(p, params, return_logprob=True) for p in prompts))
-    return [
-        {"prompt": p, "response": o.output_ids, "logprobs": o.output_logprobs}
-        for p, o in zip(prompts, outs, strict=True)
-    ]
-
-
-def start_engine(ctx: Context) -> dict[str, Any]:
-    """Launch the engine, sample from it at the checkpoint's weights, and register its shutdown."""
-    import json
-
-    from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
-
-    ckpt = ctx.tiny_checkpoint("llama")
-    devices = [0] if ctx.platform.devices else []
-    engine = launch_engine(
-        EngineSpec(model_path=str(ckpt), kind="auto", devices=devices, startup_timeout_s=600), ctx.platform
-    )
-    ctx.finalizers.append(engine.stop)
-    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-    samples = asyncio.run(_sample(engine.url, engine_prompts(vocab)))
-    return {"engine": engine, "url": engine.url, "kind": engine.kind, "samples": samples}
-
-
-def _engine(ctx: Context) -> dict[str, Any]:
-    import portable_rl.conformance.engine as this  # through the module: meta-tests patch start_engine
-
-    return ctx.memo("engine", lambda: this.start_engine(ctx))
-
-
-def engine_samples(ctx: Context) -> list[dict[str, Any]]:
-    """The engine's samples at the checkpoint's weights (starts the engine on first use)."""
-    return _engine(ctx)["samples"]
 
 
 def _max_abs_rows(got: list[list[float]], want: list[list[float]]) -> float:
@@ -110,7 +60,7 @@ def hf_logprobs(ctx: Context, samples: list[dict[str, Any]]) -> list[list[float]
     depends_on="the rollout engine launcher and client",
 )
 def check_engine_vs_hf(ctx: Context, dtype: str | None) -> Measurement:
-    eng = _engine(ctx)
+    eng = running_engine(ctx)
     samples = eng["samples"]
     err = _max_abs_rows([s["logprobs"] for s in samples], hf_logprobs(ctx, samples))
     return Measurement(err, f"{eng['kind']} engine, {len(samples)} x {NEW_TOKENS} sampled tokens")
@@ -128,7 +78,7 @@ def check_engine_vs_trainer(ctx: Context, dtype: str | None) -> Measurement:
 
     rec = trainer_record(ctx)
     if "llama/tp1/engine_logprobs" not in rec:
-        _engine(ctx)  # re-raises why the engine could not sample
+        running_engine(ctx)  # re-raises why the engine could not sample
         raise RuntimeError("the trainer spawn ran without the engine's samples")
     # The samples the trainer scored (a parallel test worker's engine may have made them).
     samples = rec["llama/tp1/engine_samples"]
@@ -163,7 +113,7 @@ def sync_and_compare(ctx: Context, strategy: str, seed: int) -> tuple[int, list[
     """Run every variant of ``strategy``; return (tensors not bit-equal, notes)."""
     from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync
 
-    url = _engine(ctx)["url"]
+    url = running_engine(ctx)["url"]
     bad, notes = 0, []
     for i, (mode, extra) in enumerate(VARIANTS[strategy]):
         version = seed * 10 + i

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portable_rl.conformance.engine import ENGINE_MODULES
+from portable_rl.conformance.engine_fixture import ENGINE_MODULES
 from portable_rl.conformance.registry import Context, Measurement, _module_exists, register
 from portable_rl.distributed import free_ports
 
@@ -163,7 +163,7 @@ def run_trainer_workers(ctx: Context) -> dict[str, Any]:
     world = trainer_world(ctx)
     samples = None
     if all(_module_exists(m) for m in ENGINE_MODULES):
-        from portable_rl.conformance.engine import engine_samples
+        from portable_rl.conformance.engine_fixture import engine_samples
 
         try:
             samples = engine_samples(ctx)  # scored by the trainer for rollout.engine_vs_trainer_logprobs

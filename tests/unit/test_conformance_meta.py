@@ -402,7 +402,7 @@ def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, t
     reason="the rollout engine is not available",
 )
 def test_engine_logprobs_off_by_a_little_fail(ctx, monkeypatch):
-    from portable_rl.conformance import engine
+    from portable_rl.conformance import engine, engine_fixture
 
     def fake_start(c, shift=0.0):
         samples = [
@@ -413,9 +413,9 @@ def test_engine_logprobs_off_by_a_little_fail(ctx, monkeypatch):
             s["logprobs"] = [x + shift for x in row]
         return {"engine": None, "url": "http://unused", "kind": "stand-in", "samples": samples}
 
-    monkeypatch.setattr(engine, "start_engine", fake_start)
+    monkeypatch.setattr(engine_fixture, "start_engine", fake_start)
     assert verdicts("rollout.engine_vs_hf_logprobs", ctx) == {None: "pass"}
-    monkeypatch.setattr(engine, "start_engine", lambda c: fake_start(c, shift=1e-3))
+    monkeypatch.setattr(engine_fixture, "start_engine", lambda c: fake_start(c, shift=1e-3))
     fresh = Context(load("cpu"), workdir=ctx.workdir / "fresh")
     assert verdicts("rollout.engine_vs_hf_logprobs", fresh) == {None: "fail"}
 
@@ -477,7 +477,7 @@ def test_weight_sync_check_counts_what_the_engine_lacks(corrupt, expected, ctx, 
     from portable_rl.conformance import engine
 
     stand_in = _StandInEngine()
-    monkeypatch.setattr(engine, "_engine", lambda c: {"url": "http://unused"})
+    monkeypatch.setattr(engine, "running_engine", lambda c: {"url": "http://unused"})
     monkeypatch.setattr(ws, "make_weight_sync", stand_in.make_sync(corrupt))
     monkeypatch.setattr(ws, "check_weights", stand_in.check)
     if corrupt == "noop":  # the engine already holds what is synced: the check must not pass vacuously
