@@ -22,7 +22,7 @@ from tqdm import tqdm
 from portable_rl.metrics import MetricsLogger
 from portable_rl.orchestration.job import Job
 from portable_rl.recipe import Recipe
-from portable_rl.rl_batch import build_train_batch, make_loss_fn, rollout_metrics
+from portable_rl.rollout_to_train import build_train_batch, make_loss_fn, rollout_metrics
 from portable_rl.run_dir import RunDir
 
 

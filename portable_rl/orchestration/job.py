@@ -36,8 +36,8 @@ from portable_rl.orchestration.placement import (
 from portable_rl.orchestration.trainer_group import TrainerGroup
 from portable_rl.platform import current_platform
 from portable_rl.recipe import Recipe
-from portable_rl.rl_batch import flatten
 from portable_rl.rollout.engines.launcher import NODE_HOST
+from portable_rl.rollout_to_train import flatten
 from portable_rl.run_dir import RunDir
 from portable_rl.training.actor import ActorConfig
 

@@ -16,7 +16,7 @@ from portable_rl.algo.advantages import (
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
 )
-from portable_rl.algo.batch import group_index, pad_sequences
+from portable_rl.algo.padding import group_index, pad_sequences
 
 
 def test_grpo_one_group_hand_values():

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from portable_rl.algo.batch import group_index, pad_sequences
 from portable_rl.algo.objective import compute_advantages, compute_policy_loss
+from portable_rl.algo.padding import group_index, pad_sequences
 from portable_rl.config.algo import AlgoConfig
 from portable_rl.data.types import Group, Sample, SampleStatus
 from portable_rl.training.batch import TrainBatch
