@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 PLATFORM_ENV = "PORTABLE_RL_PLATFORM"
@@ -88,11 +88,9 @@ class Platform:
     sglang_attention_backend: ClassVar[str]  # SGLang --attention-backend
     sglang_device: ClassVar[str]  # SGLang --device
     supports_numa_affinity: ClassVar[bool]  # NVML-style CPU affinity for a device
-    pinned_memory_fork_safe: ClassVar[bool]  # non_blocking pinned copies are safe in forked writers
     ipc_handle_carries_device: ClassVar[bool]  # IPC handle embeds the exporter's device ordinal
     memory_saver_supported: ClassVar[bool]  # SGLang release/resume_memory_occupation works
     shared_tensor_transport: ClassVar[str]  # co-located weight hand-off: "shared_memory" | "cuda_ipc"
-    image_repo: ClassVar[str]
     default_fp8_dtype: ClassVar[str | None]
     # Cluster facts (templates and `portable-rl launch`); CPU-only hosts keep these base defaults.
     k8s_gpu_resource: ClassVar[str | None] = None  # Kubernetes extended resource of one device
@@ -101,7 +99,6 @@ class Platform:
 
     devices: tuple[DeviceInfo, ...] = ()
     reason: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
 
     # ---- detection -------------------------------------------------------------------------------------
     @classmethod
@@ -225,7 +222,6 @@ class Platform:
             "sglang_attention_backend": self.sglang_attention_backend,
             "sglang_device": self.sglang_device,
             "supports_numa_affinity": self.supports_numa_affinity,
-            "pinned_memory_fork_safe": self.pinned_memory_fork_safe,
             "ipc_handle_carries_device": self.ipc_handle_carries_device,
             "memory_saver_supported": self.memory_saver_supported,
             "shared_tensor_transport": self.shared_tensor_transport,

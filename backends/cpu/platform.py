@@ -27,11 +27,9 @@ class CpuPlatform(Platform):
     sglang_attention_backend: ClassVar[str] = "torch_native"
     sglang_device: ClassVar[str] = "cpu"
     supports_numa_affinity: ClassVar[bool] = False
-    pinned_memory_fork_safe: ClassVar[bool] = True
     ipc_handle_carries_device: ClassVar[bool] = False
     memory_saver_supported: ClassVar[bool] = False
     shared_tensor_transport: ClassVar[str] = "shared_memory"
-    image_repo: ClassVar[str] = "cpu"
     default_fp8_dtype: ClassVar[str | None] = None
 
     @classmethod

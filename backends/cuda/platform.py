@@ -85,11 +85,9 @@ class CudaPlatform(TorchGpuPlatform):
     sglang_attention_backend: ClassVar[str] = "flashinfer"
     sglang_device: ClassVar[str] = "cuda"
     supports_numa_affinity: ClassVar[bool] = True
-    pinned_memory_fork_safe: ClassVar[bool] = True
     ipc_handle_carries_device: ClassVar[bool] = True
     memory_saver_supported: ClassVar[bool] = True
     shared_tensor_transport: ClassVar[str] = "cuda_ipc"
-    image_repo: ClassVar[str] = "cuda"
     peak_flops_table: ClassVar[dict[str, dict[str, float]]] = PEAK_FLOPS
     default_fp8_dtype: ClassVar[str | None] = "float8_e4m3fn"
     k8s_gpu_resource: ClassVar[str | None] = "nvidia.com/gpu"  # the vendor device plugin's resource name

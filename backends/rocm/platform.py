@@ -125,11 +125,9 @@ class RocmPlatform(TorchGpuPlatform):
     supports_numa_affinity: ClassVar[bool] = (
         False  # NVML's CPU-affinity query has no amdsmi equivalent used here
     )
-    pinned_memory_fork_safe: ClassVar[bool] = False  # pinned non_blocking copies + fork segfault on ROCm
     ipc_handle_carries_device: ClassVar[bool] = True  # HIP IPC handle names the exporter's device ordinal
     memory_saver_supported: ClassVar[bool] = False
     shared_tensor_transport: ClassVar[str] = "cuda_ipc"
-    image_repo: ClassVar[str] = "rocm"
     peak_flops_table: ClassVar[dict[str, dict[str, float]]] = PEAK_FLOPS
     default_fp8_dtype: ClassVar[str | None] = "float8_e4m3fnuz"
     k8s_gpu_resource: ClassVar[str | None] = "amd.com/gpu"  # the vendor device plugin's resource name

@@ -8,6 +8,9 @@ Contract
   CPU and Megatron-tracker RNG states, Python/NumPy RNG state and ``step``. Rank 0 writes ``meta.json`` last,
   after a barrier: a directory without it is incomplete and is refused on load. Files are written to a
   temporary name and renamed, so an interrupted save never corrupts an earlier checkpoint of the same name.
+  Saves are synchronous in the trainer's process (blocking device-to-host copies, no forked writer, no pinned
+  staging buffers), so the segfault some GPU runtimes show for non_blocking pinned copies in forked writers
+  cannot occur; an asynchronous writer would need a platform fact saying where that is safe.
 * ``load_checkpoint(path, model, optimizer, layout)`` is collective and restores all of the above; the
   parallel layout (TP, PP, DP, distributed optimizer) must equal the saved one (``CheckpointError`` names the
   difference; to change layout, export HF weights and start from them). On CPU the restored run continues

@@ -42,7 +42,7 @@ def test_rocm_host_gfx942(monkeypatch):
         "RAY_EXPERIMENTAL_NOSET_HIP_VISIBLE_DEVICES",
         "RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES",
     }
-    assert not p.supports_numa_affinity and not p.pinned_memory_fork_safe
+    assert not p.supports_numa_affinity
     assert p.ipc_handle_carries_device
     # amd-aiter is absent on this host, so SGLang falls back to triton attention
     assert p.sglang_server_args()["attention_backend"] == "triton"
