@@ -132,6 +132,14 @@ class Platform:
             )
         return visible.index(physical_index)
 
+    def check_ray_compatible(self, env: Mapping[str, str] | None = None) -> None:
+        """Raise VisibilityError naming the fix when Ray would refuse ``env`` (default os.environ).
+
+        Called before every ``ray.init`` / ``ray start`` of the project, after ``prepare_process_env``: Ray's
+        accelerator manager otherwise fails inside Ray with a message that does not say what to change.
+        The base has no rule; backends whose Ray accelerator manager has one override it.
+        """
+
     def worker_env(self, physical_devices: list[int]) -> dict[str, str]:
         """Env a worker placed on ``physical_devices`` must start with (masks, NOSET flags, comm env)."""
         env = dict(self.comm_env_defaults)

@@ -95,6 +95,7 @@ def node_start(args: argparse.Namespace, base_env: Mapping[str, str] | None = No
     platform = current_platform()
     env = dict(os.environ if base_env is None else base_env)
     platform.prepare_process_env(env)  # folds device masks, sets NOSET flags and collective defaults
+    platform.check_ray_compatible(env)
     ifname, explicit = _resolve_ifname(args.ifname, env)
     devices = args.num_gpus
     if devices is None:
@@ -270,7 +271,9 @@ def run_check(args: argparse.Namespace) -> int:
     import ray
 
     from portable_rl.orchestration.cluster import check_cluster_platforms
+    from portable_rl.platform import current_platform
 
+    current_platform().check_ray_compatible()  # before Ray starts in this process
     deadline = time.monotonic() + args.timeout
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not address:

@@ -26,6 +26,7 @@ def _ray(ctx: Context):
     import ray
 
     if not ray.is_initialized():
+        ctx.platform.check_ray_compatible()
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
             num_cpus=2,

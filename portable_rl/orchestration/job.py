@@ -86,6 +86,7 @@ class Job:
         self.buffer = DataBuffer(self.prompts)
         self.eval_prompts = PromptSource(r.data.eval, self.tokenizer) if r.data.eval else None
         if not ray.is_initialized():
+            self.platform.check_ray_compatible()
             if os.environ.get("RAY_ADDRESS"):
                 # Joining a cluster started by `portable-rl launch`: resources are the nodes' own.
                 from portable_rl.orchestration.cluster import check_live_cluster

@@ -151,3 +151,42 @@ def test_cpu_worker_env_has_no_masks():
     target: dict[str, str] = {}
     changes = p.prepare_process_env(target)
     assert changes == target  # only additions, all reported
+
+
+def _refuse_ray_start(monkeypatch):
+    import ray
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started with an env it refuses")
+
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
+def test_launch_check_names_the_mask_fix_before_ray_starts(monkeypatch, capsys):
+    from portable_rl.cli import main
+
+    simulate_rocm(monkeypatch, ["gfx942"] * 8)
+    monkeypatch.setenv("PORTABLE_RL_PLATFORM", "rocm")
+    monkeypatch.setenv(ROCR, "0,1")
+    monkeypatch.delenv(HIP, raising=False)
+    _refuse_ray_start(monkeypatch)
+    assert main(["launch", "check", "--address", "127.0.0.1:1", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert HIP in err and "prepare_process_env" in err and "\n" not in err
+
+
+def test_conformance_ray_checks_refuse_the_env_before_ray_starts(monkeypatch, rocm8, tmp_path):
+    from portable_rl.conformance.ray_visibility import _ray
+    from portable_rl.conformance.registry import Context
+
+    monkeypatch.setenv(ROCR, "2")
+    monkeypatch.delenv(HIP, raising=False)
+    _refuse_ray_start(monkeypatch)
+    with pytest.raises(VisibilityError, match=HIP):
+        _ray(Context(rocm8, workdir=tmp_path))
+
+
+def test_platforms_without_a_ray_rule_accept_any_env(cuda8):
+    cuda8.check_ray_compatible({CUDA: "3", ROCR: "0"})
+    plat.load("cpu").check_ray_compatible({})
