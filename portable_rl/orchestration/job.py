@@ -9,6 +9,10 @@ reconnected to the new engine list (the broadcast group re-formed with the new e
 current weights pushed under the trainer's step as version — before it serves. ``sync_weights`` retries once
 after replacing engines when an update failed because an engine died. Its metrics carry ``engine_restarts``
 and ``prompts_requeued``, both counted over the whole run.
+
+Co-located SGLang engines on a platform with ``memory_saver_supported`` free their KV cache while the trainer
+computes (``EngineMemorySaver``): released once before the trainer is built and after every rollout, resumed
+before anything generates or weights are pushed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
 from portable_rl.distributed import NODE_ADDRESS
 from portable_rl.orchestration.engine_group import EngineGroup
+from portable_rl.orchestration.memory_saver import EngineMemorySaver
 from portable_rl.orchestration.placement import (
     PlacementConfig,
     compute_threads,
@@ -36,7 +41,7 @@ from portable_rl.orchestration.placement import (
 from portable_rl.orchestration.trainer_group import TrainerGroup
 from portable_rl.platform import current_platform
 from portable_rl.recipe import Recipe
-from portable_rl.rollout.engines.launcher import NODE_HOST
+from portable_rl.rollout.engines.launcher import NODE_HOST, engine_kind
 from portable_rl.rollout_to_train import flatten
 from portable_rl.run_dir import RunDir
 from portable_rl.training.actor import ActorConfig
@@ -80,6 +85,8 @@ class Job:
         # fresh one), so another process on the host cannot generate on them or overwrite their weights.
         # Hex, because a key starting with "-" would read as a flag on the router's command line.
         self.api_key = r.rollout.engine_args.get("api_key") or secrets.token_hex(24)
+        engines = engine_kind(r.rollout.engine, self.platform)
+        self.memory_saver = EngineMemorySaver(self.platform, r.run.mode, engines, self.api_key)
         self.model_dir = resolve_model(r, self.run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.prompts = PromptSource(r.data.train, self.tokenizer)
@@ -126,7 +133,7 @@ class Job:
         try:
             self.pg = reserve(self.plan)
             self.engines = EngineGroup(
-                r.rollout,
+                replace(r.rollout, engine_args=self.memory_saver.engine_args(r.rollout.engine_args)),
                 self.model_dir,
                 self.plan,
                 self.pg,
@@ -135,6 +142,9 @@ class Job:
                 host=NODE_HOST if self._multi_node else "127.0.0.1",
                 env=engine_env,
             )
+            self.memory_saver.release(
+                self.engines.urls
+            )  # co-located: the trainer builds in the KV cache's memory
             self.trainer = TrainerGroup(
                 self._actor_config(),
                 r.train.world_size,
@@ -199,7 +209,10 @@ class Job:
     def rollout(self, step: int):
         """Groups for ``step``: prompts from the buffer, sampled on the engines, rewarded, filtered."""
         r = self.recipe
-        return self.engines.rollout(self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer)
+        self.memory_saver.resume(self.engines.urls)
+        groups = self.engines.rollout(self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer)
+        self.memory_saver.release(self.engines.urls)  # co-located: the trainer computes next
+        return groups
 
     def reference_logprobs(self, groups) -> list[list[float]]:
         from portable_rl.training.batch import TrainBatch
@@ -210,6 +223,7 @@ class Job:
         from portable_rl.weight_sync import CollectiveTimeout, WeightSyncError
 
         check = self.recipe.run.check_weight_update
+        self.memory_saver.resume(self.engines.urls)
         try:
             out = self.trainer.first("sync_weights", version, check)
         except (WeightSyncError, CollectiveTimeout):  # Ray re-raises the actor's error as this type too
@@ -240,6 +254,7 @@ class Job:
     def evaluate(self) -> dict[str, float]:
         if self.eval_prompts is None:
             return {}
+        self.memory_saver.resume(self.engines.urls)
         items = [
             self.eval_prompts.make_item(i, 0)
             for i in range(min(self.recipe.data.eval_size, len(self.eval_prompts)))

@@ -195,6 +195,14 @@ class EngineClient:
     async def flush_cache(self) -> None:
         await self.post("/flush_cache")
 
+    # ---- memory saver (SGLang started with --enable-memory-saver) ------------------------------------------
+    async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Free the engine's device memory for ``tags`` ("weights", "kv_cache", "cuda_graph"; None: all)."""
+        await self.post("/release_memory_occupation", {"tags": tags})
+
+    async def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        await self.post("/resume_memory_occupation", {"tags": tags})
+
     # ---- health and info --------------------------------------------------------------------------------
     async def health(self, timeout_s: float = 5.0) -> bool:
         try:

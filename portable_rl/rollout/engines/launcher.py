@@ -97,8 +97,13 @@ class EngineSpec:
 
 
 def resolve_kind(spec: EngineSpec, platform: Platform) -> str:
-    if spec.kind != "auto":
-        return spec.kind
+    return engine_kind(spec.kind, platform)
+
+
+def engine_kind(kind: str, platform: Platform) -> str:
+    """The engine an ``EngineSpec.kind`` runs on ``platform``: "auto" is the CPU engine on CPU, else SGLang."""
+    if kind != "auto":
+        return kind
     return "cpu" if platform.torch_device_type == "cpu" else "sglang"
 
 
