@@ -178,6 +178,13 @@ def test_the_cycle_finder_finds_a_circle():
     assert module_cycles(graph) == [["a.engine", "a.trainer"]]
 
 
+def test_the_readme_draws_the_same_layers_in_order():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| layer | modules") :].split("\n\n", 1)[0].splitlines()[2:]
+    drawn = [row.split("|")[1].strip() for row in table]
+    assert drawn == [name for name, _ in reversed(LAYERS)]
+
+
 def test_every_unit_of_the_table_exists():
     missing = [unit for unit in LAYER_OF if not _is_module(unit)]
     assert not missing, f"LAYERS names units that are not modules or packages: {missing}"
@@ -222,3 +229,15 @@ def test_the_checker_allows_imports_down_and_inside_a_unit():
     )
     assert violations("from portable_rl.rollout.filters import keep_all", "portable_rl.rollout.manager") == []
     assert violations("from portable_rl.errors import UserError", "portable_rl.orchestration.placement") == []
+
+
+def test_pyproject_lists_every_package_and_no_missing_data_folder():
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    on_disk = {module_name(p) for d in ("portable_rl", "backends") for p in (ROOT / d).rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk
+    for package, patterns in setuptools.get("package-data", {}).items():
+        folder = ROOT / Path(*package.split("."))
+        for pattern in patterns:
+            assert list(folder.glob(pattern)), f"package-data {package}: {pattern} matches no file"
