@@ -2,7 +2,8 @@
 
 Contract
 --------
-* ``PlacementConfig`` says how many trainer ranks and engines there are, how many devices each uses, whether
+* ``PlacementConfig`` and ``NodePlacementConfig`` are defined in ``portable_rl.config.placement``.
+  ``PlacementConfig`` says how many trainer ranks and engines there are, how many devices each uses, whether
   they share devices (``colocated``) or not (``disaggregated``), and optionally which nodes each side may use.
 * ``NodePlacementConfig`` is the recipe's ``placement:`` section: the custom Ray resource a node must advertise
   to host trainer bundles (``trainer_resource``) or engine bundles (``engine_resource``). Nodes advertise one
