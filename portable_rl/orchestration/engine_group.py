@@ -1,8 +1,10 @@
 """The rollout side of a job: engine actors on their placement slots, the router in front, the manager.
 
-* ``EngineGroup(cfg, model_dir, plan, pg, platform, api_key)`` starts ``cfg.num_engines`` engine servers
-  (SGLang on GPUs, the CPU engine on the CPU platform: ``EngineSpec.kind="auto"``), each inside a Ray actor
-  placed on its bundle, then the real sglang-router over them. With ``api_key`` (the job passes one per run)
+* ``EngineGroup(cfg, model_dir, plan, pg, platform, api_key, devices=)`` starts ``cfg.num_engines`` engine
+  servers (SGLang on GPUs, the CPU engine on the CPU platform: ``EngineSpec.kind="auto"``), each inside a Ray
+  actor placed on its bundle with the physical devices Ray reserved for its bundles (``devices[e]``, from
+  ``orchestration.devices.engine_devices``; none on the CPU platform) as its device mask, then the real
+  sglang-router over them. With ``api_key`` (the job passes one per run)
   engines and router refuse requests without ``Authorization: Bearer <key>``; every client here sends it.
   ``host``: what engines bind — loopback for a job on one machine, ``NODE_HOST`` (the Ray node's address) for
   a job on a multi-node cluster, where the router on the driver's node must reach them.
@@ -87,19 +89,23 @@ class EngineGroup:
         api_key: str | None = None,
         host: str = "127.0.0.1",
         env: dict[str, str] | None = None,
+        devices: list[list[int]] | None = None,
     ):
         import ray
 
         self._init_state(cfg, api_key)
         try:
-            for slots in plan.engines:
+            devices = devices if devices is not None else [[] for _ in plan.engines]
+            if len(devices) != len(plan.engines):
+                raise ValueError(f"{len(devices)} device lists for {len(plan.engines)} engines")
+            for slots, engine_devices in zip(plan.engines, devices, strict=True):
                 self.specs.append(
                     EngineSpec(
                         model_path=str(model_dir),
                         kind=cfg.engine,
                         # the key travels as ``api_key`` (env for the CPU engine, off its command line)
                         engine_args={k: v for k, v in cfg.engine_args.items() if k != "api_key"},
-                        devices=[s.bundle for s in slots] if platform.ray_resource else [],
+                        devices=list(engine_devices),  # as Ray assigned them (orchestration.devices)
                         startup_timeout_s=cfg.engine_startup_timeout_s,
                         api_key=api_key,
                         host=host,

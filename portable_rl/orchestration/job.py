@@ -18,13 +18,19 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
 from portable_rl.data.types import Group
+from portable_rl.orchestration.devices import (
+    engine_devices,
+    order_trainer_slots,
+    probe_bundles,
+    trainer_devices,
+)
 from portable_rl.orchestration.engine_group import EngineGroup
 from portable_rl.orchestration.placement import (
     PlacementConfig,
@@ -126,6 +132,9 @@ class Job:
         )
         try:
             self.pg = reserve(self.plan)
+            # Devices as Ray assigned them to the bundles; trainer ranks in (node, device) order.
+            self.bundle_devices = found = probe_bundles(self.plan, self.pg, self.platform)
+            self.plan = order_trainer_slots(self.plan, found)
             self.engines = EngineGroup(
                 r.rollout,
                 self.model_dir,
@@ -135,6 +144,7 @@ class Job:
                 api_key=self.api_key,
                 host=NODE_HOST if self._multi_node else "127.0.0.1",
                 env=engine_env,
+                devices=engine_devices(self.plan, found),
             )
             self.trainer = TrainerGroup(
                 self._actor_config(),
@@ -142,6 +152,7 @@ class Job:
                 self.plan,
                 self.pg,
                 self.platform,
+                trainer_devices(self.plan, found, self.platform),
                 extra_env=trainer_env,
                 check_weight_update=r.run.check_weight_update,
             )
@@ -162,6 +173,7 @@ class Job:
                 self.engines.actors,
                 engine_urls=self.engines.urls,
                 weight_sync=sync,
+                bundle_devices=[asdict(b) for b in found],
             )
         except BaseException:
             self.__exit__(None, None, None)

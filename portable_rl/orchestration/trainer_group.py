@@ -6,7 +6,8 @@
 * ``TrainerWorker.train_rl_step(groups, algo)`` is one RL step inside the trainer process: the reference (and,
   for a KL penalty in the reward, the old-policy) log-probs are computed there and go straight into the
   advantages and the loss; only the groups go in and only float metrics come out.
-* ``TrainerGroup`` creates the ranks on their placement-group bundles (rank order == bundle order), finds
+* ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
+  device Ray gave that bundle: ``devices[r]``, see ``orchestration.devices``), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).
   Its methods are typed (``train_rl_step``, ``sync_weights``, ``save_checkpoint``, ...), one per worker method,
   each returning rank 0's answer where the ranks agree. Calls are serialized: a call from another thread (an
@@ -24,8 +25,9 @@ from typing import Any
 
 from portable_rl.algo.config import AlgoConfig
 from portable_rl.data.types import Group
+from portable_rl.orchestration.devices import TrainerDevice
 from portable_rl.orchestration.placement import Plan, actor_options
-from portable_rl.platform import Platform
+from portable_rl.platform import Platform, current_platform
 from portable_rl.rl_batch import make_loss_fn, prepare_train_batch
 from portable_rl.training.actor import ActorConfig, MegatronActor
 from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync
@@ -35,6 +37,19 @@ class TrainerWorker(MegatronActor):
     """One trainer rank; adds the trainer side of weight sync to the Megatron actor."""
 
     _sync = None
+
+    def __init__(
+        self,
+        config: ActorConfig,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        physical_device: int | None = None,
+    ) -> None:
+        # The device Ray reserved for this rank's bundle, as the torch ordinal it has under this process's mask.
+        local = 0 if physical_device is None else current_platform().local_ordinal(physical_device)
+        super().__init__(config, rank, world_size, master_addr, master_port, local)
 
     def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
         """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``."""
@@ -98,31 +113,36 @@ class TrainerGroup:
         plan: Plan,
         pg: Any,
         platform: Platform,
+        devices: Sequence[TrainerDevice],
         extra_env: dict[str, str] | None = None,
         check_weight_update: bool = False,
     ):
         import ray
 
         self.check_weight_update = check_weight_update  # compare checksums after every push
-
-        if world_size != len(plan.trainer):
-            raise ValueError(f"trainer world size {world_size} != {len(plan.trainer)} placement slots")
+        if not world_size == len(plan.trainer) == len(devices):
+            raise ValueError(
+                f"trainer world size {world_size}: {len(plan.trainer)} placement slots, {len(devices)} devices"
+            )
         first = actor_options(plan, plan.trainer[0], pg)
         addr, port = ray.get(
             ray.remote(_rendezvous)
             .options(num_cpus=0, scheduling_strategy=first["scheduling_strategy"])
             .remote()
         )
-        env = {"env_vars": {**platform.worker_env(list(range(len(platform.devices)))), **(extra_env or {})}}
         cls = ray.remote(TrainerWorker)
         self._lock = threading.RLock()
         self.actors = []
-        for rank, slot in enumerate(plan.trainer):
+        self.devices = list(devices)
+        for rank, (slot, device) in enumerate(zip(plan.trainer, devices, strict=True)):
             opts = actor_options(plan, slot, pg)
-            # On GPUs every rank sees all node devices (NOSET) and picks its own by local index.
-            local = rank % max(len(platform.devices), 1)
+            # A rank sees the job's devices on its node (the platform's mask, NOSET so Ray keeps it) and
+            # uses the one Ray reserved for its bundle, under the ordinal the platform maps it to.
+            env = {"env_vars": {**device.env, **(extra_env or {})}}
             self.actors.append(
-                cls.options(runtime_env=env, **opts).remote(cfg, rank, world_size, addr, port, local)
+                cls.options(runtime_env=env, **opts).remote(
+                    cfg, rank, world_size, addr, port, device.physical
+                )
             )
         self._connection: tuple[WeightSyncConfig, str, str | None] | None = None
         self._all(lambda a: a.info)  # surface construction errors now
