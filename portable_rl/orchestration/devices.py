@@ -16,6 +16,11 @@ Contract
   The rank maps the id to its torch ordinal itself (``platform.local_ordinal`` in its own process: the
   platform there knows its node's devices, which the driver's platform — maybe on a CPU-only head — does not).
 
+* ``pin_to_device_cpus(platform, physical)`` (run inside a trainer rank): where the platform
+  ``supports_numa_affinity``, restrict this process to the CPUs close to its device (``platform.device_cpus``)
+  that it may use at all; returns the CPUs set, or None (no answer, or none of them allowed: left as is).
+  Host-to-device copies and the data loader then stay on the device's NUMA node.
+
 Why: Ray's bundle index says nothing about which device a bundle got — on a cluster, bundle 9 may be the
 second GPU of the second node (an index used as a mask there would name a device that does not exist).
 """
@@ -129,3 +134,19 @@ def trainer_devices(plan: Plan, found: Sequence[BundleDevices], platform: Platfo
         else:
             out.append(TrainerDevice(b.devices[0], platform.worker_env(node_devices(found, b.node_id))))
     return out
+
+
+def pin_to_device_cpus(platform: Platform, physical: int | None) -> list[int] | None:
+    """Pin this process to the CPUs close to device ``physical`` where the platform can name them."""
+    import os
+
+    if physical is None or not platform.supports_numa_affinity:
+        return None
+    close = platform.device_cpus(physical)
+    if not close:
+        return None
+    cpus = sorted(set(close) & os.sched_getaffinity(0))  # a container may allow only some of them
+    if not cpus:
+        return None
+    os.sched_setaffinity(0, cpus)
+    return cpus

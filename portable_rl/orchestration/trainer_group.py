@@ -25,7 +25,7 @@ from typing import Any
 
 from portable_rl.algo.config import AlgoConfig
 from portable_rl.data.types import Group
-from portable_rl.orchestration.devices import TrainerDevice
+from portable_rl.orchestration.devices import TrainerDevice, pin_to_device_cpus
 from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform, current_platform
 from portable_rl.rl_batch import make_loss_fn, prepare_train_batch
@@ -48,8 +48,14 @@ class TrainerWorker(MegatronActor):
         physical_device: int | None = None,
     ) -> None:
         # The device Ray reserved for this rank's bundle, as the torch ordinal it has under this process's mask.
-        local = 0 if physical_device is None else current_platform().local_ordinal(physical_device)
+        platform = current_platform()
+        local = 0 if physical_device is None else platform.local_ordinal(physical_device)
+        # Before any compute thread starts, so every thread inherits the device's NUMA-local CPUs.
+        self.cpu_affinity = pin_to_device_cpus(platform, physical_device)
         super().__init__(config, rank, world_size, master_addr, master_port, local)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "cpu_affinity": self.cpu_affinity}
 
     def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
         """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``."""

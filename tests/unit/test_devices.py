@@ -15,6 +15,7 @@ from portable_rl.orchestration.devices import (
     BundleDevices,
     engine_devices,
     order_trainer_slots,
+    pin_to_device_cpus,
     probe_bundles,
     trainer_devices,
 )
@@ -101,3 +102,63 @@ def test_probe_asks_ray_which_devices_each_bundle_holds(ray_with_masked_gpus, gp
     assert [d.physical for d in devices] == [4, 5, 6, 7]
     # positions in the mask "4,5,6,7", as a rank's platform maps them
     assert [gpu_platform.local_ordinal(d.physical, d.env) for d in devices] == [0, 1, 2, 3]
+
+
+# ---- NUMA affinity of trainer ranks -----------------------------------------------------------------------
+
+
+def test_the_gpu_platform_names_the_cpus_close_to_a_device(monkeypatch):
+    simulate_cuda(monkeypatch, [(9, 0)] * 2, cpu_affinity={0: [0, 1, 2, 3], 1: [64, 65, 70]})
+    gpu = plat.load("cuda")
+    monkeypatch.setattr("os.cpu_count", lambda: 128)
+    assert gpu.supports_numa_affinity
+    assert gpu.device_cpus(0) == [0, 1, 2, 3]
+    assert gpu.device_cpus(1) == [64, 65, 70]  # CPUs beyond the first 64-bit word
+
+
+def test_platforms_without_the_fact_do_not_answer():
+    for name in ("cpu", "rocm"):
+        cls = plat.platform_class(name)
+        assert not cls.supports_numa_affinity
+        assert cls().device_cpus(0) is None
+
+
+class _NumaHost(plat.platform_class("cpu")):
+    """A platform with NUMA answers from fake device info: device -> CPUs close to it."""
+
+    supports_numa_affinity = True
+    close: dict[int, list[int]] = {}
+
+    def device_cpus(self, physical_index: int) -> list[int] | None:
+        return self.close.get(physical_index)
+
+
+@pytest.fixture
+def restore_affinity():
+    import os
+
+    before = os.sched_getaffinity(0)
+    yield before
+    os.sched_setaffinity(0, before)
+
+
+def test_a_rank_is_pinned_to_the_allowed_cpus_of_its_device(restore_affinity):
+    import os
+
+    allowed = sorted(restore_affinity)
+    host = _NumaHost()
+    host.close = {3: [allowed[-1], 4096]}  # one CPU this process may use, one it may not
+    assert pin_to_device_cpus(host, 3) == [allowed[-1]]
+    assert os.sched_getaffinity(0) == {allowed[-1]}
+
+
+def test_no_pinning_without_an_answer_or_an_allowed_cpu(restore_affinity):
+    import os
+
+    host = _NumaHost()
+    host.close = {0: [4096]}
+    assert pin_to_device_cpus(host, 0) is None  # none of its CPUs is allowed here: left as is
+    assert pin_to_device_cpus(host, 1) is None  # the platform has no answer for the device
+    assert pin_to_device_cpus(host, None) is None  # the CPU platform's ranks have no device
+    assert pin_to_device_cpus(plat.load("cpu"), 0) is None  # the platform does not support it
+    assert os.sched_getaffinity(0) == restore_affinity
