@@ -29,8 +29,8 @@ Fault tolerance (``rollout.health_check_interval_s`` > 0; see ``portable_rl.orch
   placement bundle (started as soon as the engine was fenced, so it boots while the round goes on), then the
   ``weight_source`` (the trainer group, attached with ``attach_weight_source``; a ``WeightSource``) reconnects
   weight sync to the new engine list and pushes its current weights — and only then the router gets the new
-  engine, so it never serves stale weights. A rollout heals before its first round, between rounds and before it returns, so the next
-  weight update and the next rollout see a full, synced set of engines. More than
+  engine, so it never serves stale weights. A rollout heals before its first round, between rounds and
+  before it returns, so the next weight update and the next rollout see a full, synced set of engines. More than
   ``rollout.max_engine_restarts`` replacements in a run raise ``EngineFailure``.
 * ``restarts`` and ``requeued`` count replacements and re-queued prompts over the run.
 """
@@ -95,6 +95,8 @@ class EngineGroup:
 
         self._init_state(cfg, api_key)
         try:
+            if devices is None and platform.ray_resource:
+                raise ValueError("engines on a device platform need devices= (orchestration.devices)")
             devices = devices if devices is not None else [[] for _ in plan.engines]
             if len(devices) != len(plan.engines):
                 raise ValueError(f"{len(devices)} device lists for {len(plan.engines)} engines")

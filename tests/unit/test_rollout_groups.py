@@ -232,3 +232,27 @@ def test_surplus_groups_carried_into_the_next_step_keep_their_ids_across_resume(
     assert [g.prompt_index for g in step2] == [0, 3]  # the carried group first, then the new ones
     _assert_groups_are_prompts(step2)
     _assert_groups_are_prompts(step1 + step2)
+
+
+def test_rounds_merge_their_counts_and_rates():
+    from portable_rl.rollout.manager import merge_metrics, prompt_budget
+
+    a = {
+        "rollout/groups": 1.0,
+        "rollout/reward_sum": 3.0,
+        "rollout/rewarded_samples": 3.0,
+        "rollout/time_s": 1.0,
+    }
+    b = {
+        "rollout/groups": 1.0,
+        "rollout/reward_sum": 0.0,
+        "rollout/rewarded_samples": 1.0,
+        "rollout/time_s": 1.0,
+    }
+    b["rollout/generated_tokens"] = 8.0
+    merged = merge_metrics([a, b])
+    assert merged["rollout/groups"] == 2.0 and merged["rollout/reward_mean"] == 0.75
+    assert merged["rollout/generated_tokens_per_s"] == 4.0
+    assert merge_metrics([merged]) == merged  # merged metrics merge again
+    cfg = RolloutConfig(filter="nonzero_std", max_prompts_factor=1.5)
+    assert prompt_budget(cfg, 3) == 5 and prompt_budget(RolloutConfig(), 3) == 3  # rounded up, not down
