@@ -87,7 +87,7 @@ class Platform:
     megatron_attention_backend: ClassVar[str]  # Megatron AttnBackend name
     sglang_attention_backend: ClassVar[str]  # SGLang --attention-backend
     sglang_device: ClassVar[str]  # SGLang --device
-    supports_numa_affinity: ClassVar[bool]  # NVML-style CPU affinity for a device
+    supports_numa_affinity: ClassVar[bool]  # device_cpus() can name the CPUs close to a device
     ipc_handle_carries_device: ClassVar[bool]  # IPC handle embeds the exporter's device ordinal
     memory_saver_supported: ClassVar[bool]  # SGLang release/resume_memory_occupation works
     shared_tensor_transport: ClassVar[str]  # co-located weight hand-off: "shared_memory" | "cuda_ipc"
@@ -139,6 +139,13 @@ class Platform:
         accelerator manager otherwise fails inside Ray with a message that does not say what to change.
         The base has no rule; backends whose Ray accelerator manager has one override it.
         """
+
+    def device_cpus(self, physical_index: int) -> list[int] | None:
+        """The CPUs close to device ``physical_index`` (its NUMA node), or None when the platform cannot tell.
+
+        Only platforms with ``supports_numa_affinity`` answer; the orchestration pins a trainer rank to them.
+        """
+        return None
 
     def worker_env(self, physical_devices: list[int]) -> dict[str, str]:
         """Env a worker placed on ``physical_devices`` must start with (masks, NOSET flags, comm env)."""

@@ -3,6 +3,10 @@
 * ``build_train_batch(groups, cfg, old_logprobs, ref_logprobs)`` flattens groups into a ``TrainBatch`` with
   per-token ``advantages`` and ``old_logprobs`` (and ``ref_logprobs`` when a reference model is used),
   computed by ``portable_rl.algo.compute_advantages`` on the padded ``[B, T]`` representation.
+* ``prepare_train_batch(groups, cfg, compute_logprobs)`` is what the trainer runs: it asks
+  ``compute_logprobs(batch, "ref" | "policy")`` (the actor's own method, in the trainer process) for the
+  reference log-probs when ``cfg.uses_reference`` and for the old-policy log-probs when the KL penalty goes
+  into the reward (``cfg.needs_old_logprobs``), then calls ``build_train_batch``.
 * ``make_loss_fn(cfg)`` returns the ``loss_fn(logprobs, entropy, mb)`` the Megatron actor calls per
   micro-batch; it is a thin adapter over ``portable_rl.algo.compute_policy_loss``.
 * ``rollout_metrics(groups)`` summarises rewards, lengths and statuses of a rollout.
@@ -10,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +62,18 @@ def build_train_batch(
         token_fields["ref_logprobs"] = [list(r) for r in ref_logprobs]
     batch = TrainBatch.from_samples(samples, token_fields=token_fields)
     return batch, {k: float(v) for k, v in metrics.items()}
+
+
+def prepare_train_batch(
+    groups: Sequence[Group],
+    cfg: AlgoConfig,
+    compute_logprobs: Callable[[TrainBatch, str], list[list[float]]],
+) -> tuple[TrainBatch, dict[str, float]]:
+    """``build_train_batch`` with the log-probs ``cfg`` needs, computed by ``compute_logprobs``."""
+    plain = TrainBatch.from_samples(flatten(groups)) if cfg.uses_reference else None
+    ref = compute_logprobs(plain, "ref") if plain is not None else None
+    old = compute_logprobs(plain, "policy") if plain is not None and cfg.needs_old_logprobs else None
+    return build_train_batch(groups, cfg, old_logprobs=old, ref_logprobs=ref)
 
 
 def _fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -18,22 +18,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from portable_rl.metrics import MetricsLogger
 from portable_rl.orchestration.job import Job
 from portable_rl.recipe import Recipe
-from portable_rl.rollout_to_train import build_train_batch, make_loss_fn, rollout_metrics
+from portable_rl.rollout_to_train import rollout_metrics
 from portable_rl.run_dir import RunDir
 
 
 def train(recipe: Recipe, run_dir: RunDir, resume: bool = False) -> list[dict[str, Any]]:
     cfg = recipe.run
-    with Job(recipe, run_dir) as job:
+    # Log records (warnings, errors) print above the progress bar instead of into it.
+    with Job(recipe, run_dir) as job, logging_redirect_tqdm():
         start = job.restore_last_checkpoint() if resume else 0
         logger = MetricsLogger(
             run_dir.path, resume_after_step=start if resume else None, wandb_project=cfg.wandb_project
         )
-        loss_fn = make_loss_fn(recipe.algo)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
         pending: Future | None = None
         history: list[dict[str, Any]] = []
@@ -43,31 +44,28 @@ def train(recipe: Recipe, run_dir: RunDir, resume: bool = False) -> list[dict[st
 
             # 1. Generate: this step's groups (already running if the previous step started them).
             t0 = time.perf_counter()
-            groups = pending.result() if pending is not None else job.rollout(step)
+            groups, gen_metrics = pending.result() if pending is not None else job.rollout(step)
             t_gen = time.perf_counter() - t0
             pending = None
             if cfg.async_rollout and step < cfg.steps:
                 pending = pool.submit(job.rollout, step + 1)
 
-            # 2. Train: advantages from rewards, then one optimizer step over micro-batches.
+            # 2. Train: in the trainer, advantages from rewards (and reference log-probs), one optimizer step.
             t0 = time.perf_counter()
-            ref = job.reference_logprobs(groups) if recipe.algo.uses_reference else None
-            batch, adv_metrics = build_train_batch(groups, recipe.algo, ref_logprobs=ref)
-            train_metrics = job.trainer.first("train_step", batch, loss_fn)
+            train_metrics = job.train(groups)
             t_train = time.perf_counter() - t0
 
             # 3. Sync: engines get the new weights (after an in-flight async rollout has drained).
             if pending is not None:
-                pending_groups = pending.result()
-                pending = _done(pending_groups)
+                pending = _done(pending.result())
             t0 = time.perf_counter()
             sync_metrics = job.sync_weights(version=step)
             t_sync = time.perf_counter() - t0
 
             metrics = {
                 **rollout_metrics(groups),
-                **{k: v for k, v in train_metrics.items() if isinstance(v, int | float)},
-                **adv_metrics,
+                **gen_metrics,
+                **train_metrics,
                 **sync_metrics,
                 "time_generate_s": t_gen,
                 "time_train_s": t_train,
@@ -100,10 +98,10 @@ def train(recipe: Recipe, run_dir: RunDir, resume: bool = False) -> list[dict[st
     return history
 
 
-def _done(groups: Any) -> Future:
-    """A completed future holding ``groups`` (the drained async rollout for the next step)."""
+def _done(rollout: Any) -> Future:
+    """A completed future holding ``rollout`` (the drained async rollout for the next step)."""
     fut: Future = Future()
-    fut.set_result(groups)
+    fut.set_result(rollout)
     return fut
 
 

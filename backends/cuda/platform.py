@@ -58,6 +58,26 @@ def _nvml_devices() -> list[DeviceInfo] | None:
         pynvml.nvmlShutdown()
 
 
+def _nvml_cpu_affinity(index: int, max_cpus: int) -> list[int] | None:
+    """CPUs NVML names as close to device ``index`` (nvmlDeviceGetCpuAffinity), or None without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    words = (max_cpus + 63) // 64
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # pynvml raises NVMLError subclasses that vary by driver state
+        return None
+    try:
+        masks = pynvml.nvmlDeviceGetCpuAffinity(pynvml.nvmlDeviceGetHandleByIndex(index), words)
+    except Exception:  # an unsupported query (e.g. some virtualised devices) means: no answer
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+    return [64 * w + bit for w, mask in enumerate(masks) for bit in range(64) if int(mask) >> bit & 1]
+
+
 def _procfs_devices(root: str = "/proc/driver/nvidia/gpus") -> list[DeviceInfo]:
     if not os.path.isdir(root):
         return []
@@ -110,6 +130,11 @@ class CudaPlatform(TorchGpuPlatform):
         return ProbeResult(True, f"CUDA torch {cuda}; {len(devices)} device(s) via {source}", tuple(devices))
 
     # ---- capabilities -----------------------------------------------------------------------------------
+    def device_cpus(self, physical_index: int) -> list[int] | None:
+        # NVML numbers devices in PCI bus order; so does the runtime's mask with CUDA_DEVICE_ORDER=PCI_BUS_ID,
+        # and on a node of identical devices also by default (its fastest-first order ties, then PCI order).
+        return _nvml_cpu_affinity(physical_index, os.cpu_count() or 1)
+
     def fp8_dtype(self, arch: str | None = None) -> str | None:
         a = self._arch(arch)
         if a is None or a in FP8_ARCHS:

@@ -110,5 +110,10 @@ class AlgoConfig:
         return self.kl_coef > 0
 
     @property
+    def needs_old_logprobs(self) -> bool:
+        """True when advantages need the old policy's log-probs before training (KL penalty in the reward)."""
+        return self.kl_mode == "reward" and self.kl_coef > 0
+
+    @property
     def uses_critic(self) -> bool:
         return self.advantage_estimator == "gae"

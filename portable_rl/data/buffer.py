@@ -2,7 +2,9 @@
 
 Life of a prompt::
 
-    get_prompts(n)  -> handed out, recorded "in flight"
+    get_prompts(n)  -> handed out, recorded "in flight"; every hand-out gets a fresh ``group_id`` (unique
+                       for the run: the counter is part of the saved state), which the rollout gives the
+                       prompt's group, so two groups never share an id — not across rounds, steps or a resume
     add_groups(gs)  -> a group whose samples all finished (completed or truncated) becomes "ready";
                        a group with an ABORTED sample (or no sample) is dropped and its prompt goes back
                        to the *front* of the queue, so the next get_prompts regenerates it first
@@ -11,7 +13,7 @@ Life of a prompt::
     pop_groups(n)   -> ready groups, oldest first, for the trainer
 
 ``state_dict()`` is plain data (JSON-serialisable when labels and sample metadata are): the source
-position, the queue of returned prompts, the prompts in flight and the ready groups. ``load_state_dict``
+position, the queue of returned prompts, the prompts in flight, the ready groups and the next group id. ``load_state_dict``
 puts the in-flight prompts back at the front of the queue (their rollouts died with the old process) and
 restores the ready groups, so a resumed run sees every prompt exactly once per epoch.
 
@@ -59,17 +61,21 @@ class DataBuffer:
         self._pending: deque[PromptItem] = deque()  # returned prompts, served before the source
         # prompt_index -> (hand-out number, item); the number keeps re-queues in hand-out order
         self._in_flight: dict[int, deque[tuple[int, PromptItem]]] = {}
-        self._handed_out = 0
+        self._handed_out = 0  # hand-outs so far: the next hand-out's group id
         self._ready: deque[Group] = deque()
 
     # -- prompts ---------------------------------------------------------------------------------
     def get_prompts(self, n: int) -> list[PromptItem]:
-        """``n`` prompts: returned ones first (oldest return first), then fresh ones from the source."""
+        """``n`` prompts: returned ones first (oldest return first), then fresh ones from the source.
+
+        Each carries a new ``group_id`` (a prompt generated again after an abort gets a new one too).
+        """
         if n < 0:
             raise ValueError(f"number of prompts {n} must be >= 0")
         items = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
         items += self.source.next_batch(n - len(items))
         for item in items:
+            item.group_id = self._handed_out
             self._in_flight.setdefault(item.index, deque()).append((self._handed_out, item))
             self._handed_out += 1
         return items
@@ -146,6 +152,7 @@ class DataBuffer:
             "pending": [item.to_dict() for item in self._pending],
             "in_flight": [item.to_dict() for item in self._in_flight_items()],
             "ready": [group_to_dict(g) for g in self._ready],
+            "next_group_id": self._handed_out,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -156,3 +163,6 @@ class DataBuffer:
         self._pending = deque(items)
         self._in_flight = {}
         self._ready = deque(group_from_dict(d) for d in state["ready"])
+        # Checkpoints written before group ids were numbered here lack the counter: continue above the
+        # ready groups' ids, which is all a new group must not collide with.
+        self._handed_out = state.get("next_group_id", 1 + max((g.group_id for g in self._ready), default=-1))

@@ -45,6 +45,8 @@ class PromptItem:
     prompt_text: str
     label: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Set by the data buffer when it hands the prompt out: the id of the group generated from it.
+    group_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,14 +1,21 @@
 """The rollout side of a job: engine actors on their placement slots, the router in front, the manager.
 
-* ``EngineGroup(cfg, model_dir, plan, pg, platform, api_key)`` starts ``cfg.num_engines`` engine servers
-  (SGLang on GPUs, the CPU engine on the CPU platform: ``EngineSpec.kind="auto"``), each inside a Ray actor
-  placed on its bundle, then the real sglang-router over them. With ``api_key`` (the job passes one per run)
+* ``EngineGroup(cfg, model_dir, plan, pg, platform, api_key, devices=)`` starts ``cfg.num_engines`` engine
+  servers (SGLang on GPUs, the CPU engine on the CPU platform: ``EngineSpec.kind="auto"``), each inside a Ray
+  actor placed on its bundle with the physical devices Ray reserved for its bundles (``devices[e]``, from
+  ``orchestration.devices.engine_devices``; none on the CPU platform) as its device mask, then the real
+  sglang-router over them. With ``api_key`` (the job passes one per run)
   engines and router refuse requests without ``Authorization: Bearer <key>``; every client here sends it.
   ``host``: what engines bind — loopback for a job on one machine, ``NODE_HOST`` (the Ray node's address) for
   a job on a multi-node cluster, where the router on the driver's node must reach them.
-* ``rollout(buffer, step, seed, tokenizer)`` takes prompts from the data buffer, generates through the router,
-  hands finished groups back to the buffer (aborted ones are re-queued there, filtered ones discarded) and
-  returns exactly ``prompts_per_step`` groups (fewer only if the filter keeps too few; see the manager).
+* ``EngineGroup.on_running_engines(cfg, router_url, engine_urls)``: the same rollout over engines and a router
+  someone else started and watches (no actors: health checks must be off).
+* ``rollout(buffer, step, seed, tokenizer)`` generates through the router in rounds: each round's manager takes
+  prompts from the data buffer one at a time as it launches them (so a prompt is handed out only when it is
+  generated, and gets its run-unique group id then), hands finished groups back to the buffer (aborted ones are
+  re-queued there, filtered ones discarded); a round that comes back short (a strict filter, aborted groups,
+  an engine failure) is followed by another. Returns ``(groups, metrics)``: exactly ``prompts_per_step``
+  groups (fewer only if the filter keeps too few; see the manager) and the rounds' ``rollout/`` counts merged.
 * ``evaluate(items, tokenizer)`` runs an eval rollout (eval sampling params, no filter, no buffer).
 
 Fault tolerance (``rollout.health_check_interval_s`` > 0; see ``portable_rl.orchestration.health``):
@@ -19,10 +26,11 @@ Fault tolerance (``rollout.health_check_interval_s`` > 0; see ``portable_rl.orch
   prompts. Nothing handed out is lost or counted twice: every prompt ends as a ready group, a discarded
   (filtered) group, or back in the buffer.
 * ``heal(probe)`` replaces fenced engines (``probe=True`` probes every engine first): a new actor on the same
-  placement bundle (started as soon as the engine was fenced, so it boots while the round goes on), then ``resync(urls)`` — set by the job: reconnect weight sync to the new engine list and
-  push the trainer's current weights — and only then the router gets the new engine, so it never serves
-  stale weights. A rollout heals before its first round, between rounds and before it returns, so the next
-  weight update and the next rollout see a full, synced set of engines. More than
+  placement bundle (started as soon as the engine was fenced, so it boots while the round goes on), then the
+  ``weight_source`` (the trainer group, attached with ``attach_weight_source``; a ``WeightSource``) reconnects
+  weight sync to the new engine list and pushes its current weights — and only then the router gets the new
+  engine, so it never serves stale weights. A rollout heals before its first round, between rounds and
+  before it returns, so the next weight update and the next rollout see a full, synced set of engines. More than
   ``rollout.max_engine_restarts`` replacements in a run raise ``EngineFailure``.
 * ``restarts`` and ``requeued`` count replacements and re-queued prompts over the run.
 """
@@ -31,9 +39,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -44,7 +52,13 @@ from portable_rl.orchestration.health import EngineMonitor, Failure, Verdict
 from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform
 from portable_rl.rollout.engines.launcher import EngineSpec, remote_engine_actor
-from portable_rl.rollout.manager import RolloutError, RolloutManager, RolloutResult
+from portable_rl.rollout.manager import (
+    RolloutError,
+    RolloutManager,
+    RolloutResult,
+    merge_metrics,
+    prompt_budget,
+)
 from portable_rl.rollout.router import Router, RouterConfig, RouterError
 
 log = logging.getLogger(__name__)
@@ -55,6 +69,13 @@ MAX_ROUNDS = 8  # rollout rounds per step without an engine failure (each tops u
 
 class EngineFailure(RuntimeError):
     """An engine failed and is not replaced (restarts used up); the message names the engine and the cause."""
+
+
+class WeightSource(Protocol):
+    """Who owns the weights the engines serve (the trainer group)."""
+
+    def push_weights_to(self, engine_urls: list[str]) -> None:
+        """Reconnect weight sync to ``engine_urls`` and push the current weights under the current version."""
 
 
 class EngineGroup:
@@ -68,30 +89,25 @@ class EngineGroup:
         api_key: str | None = None,
         host: str = "127.0.0.1",
         env: dict[str, str] | None = None,
+        devices: list[list[int]] | None = None,
     ):
         import ray
 
-        self.cfg = cfg
-        self.api_key = api_key
-        self.actors: list[Any] = []
-        self.router: Router | None = None
-        self.resync: Callable[[list[str]], None] | None = None
-        self.restarts = 0
-        self.requeued = 0
-        self._failed: dict[int, Failure] = {}
-        self._replacements: dict[int, Any] = {}  # engine index -> replacement actor, booting
-        self._fence_lock = threading.Lock()
-        self.specs: list[EngineSpec] = []
-        self.options: list[dict[str, Any]] = []
+        self._init_state(cfg, api_key)
         try:
-            for slots in plan.engines:
+            if devices is None and platform.ray_resource:
+                raise ValueError("engines on a device platform need devices= (orchestration.devices)")
+            devices = devices if devices is not None else [[] for _ in plan.engines]
+            if len(devices) != len(plan.engines):
+                raise ValueError(f"{len(devices)} device lists for {len(plan.engines)} engines")
+            for slots, engine_devices in zip(plan.engines, devices, strict=True):
                 self.specs.append(
                     EngineSpec(
                         model_path=str(model_dir),
                         kind=cfg.engine,
                         # the key travels as ``api_key`` (env for the CPU engine, off its command line)
                         engine_args={k: v for k, v in cfg.engine_args.items() if k != "api_key"},
-                        devices=[s.bundle for s in slots] if platform.ray_resource else [],
+                        devices=list(engine_devices),  # as Ray assigned them (orchestration.devices)
                         startup_timeout_s=cfg.engine_startup_timeout_s,
                         api_key=api_key,
                         host=host,
@@ -100,11 +116,47 @@ class EngineGroup:
                 )
                 self.options.append(actor_options(plan, slots[0], pg))
                 self.actors.append(self._start(len(self.specs) - 1))
-            self.urls: list[str] = ray.get([a.url.remote() for a in self.actors])
+            self.urls = ray.get([a.url.remote() for a in self.actors])
             self.router = Router(RouterConfig(policy=cfg.router_policy, api_key=api_key)).start(self.urls)
+            self.router_url = self.router.url
         except BaseException:
             self.shutdown()
             raise
+
+    def _init_state(self, cfg: RolloutConfig, api_key: str | None) -> None:
+        self.cfg = cfg
+        self.api_key = api_key
+        self.actors: list[Any] = []
+        self.urls: list[str] = []
+        self.router: Router | None = None
+        self.router_url = ""
+        self.weight_source: WeightSource | None = None
+        self.restarts = 0
+        self.requeued = 0
+        self._failed: dict[int, Failure] = {}
+        self._replacements: dict[int, Any] = {}  # engine index -> replacement actor, booting
+        self._fence_lock = threading.Lock()
+        self.specs: list[EngineSpec] = []
+        self.options: list[dict[str, Any]] = []
+
+    @classmethod
+    def on_running_engines(
+        cls, cfg: RolloutConfig, router_url: str, engine_urls: list[str], api_key: str | None = None
+    ) -> EngineGroup:
+        """Rollouts over engines and a router started elsewhere; this group neither watches nor stops them."""
+        if cfg.health_check_interval_s > 0:
+            raise ValueError(
+                f"rollout.health_check_interval_s={cfg.health_check_interval_s}: engines this group did not "
+                "start cannot be replaced; set it to 0"
+            )
+        group = cls.__new__(cls)
+        group._init_state(cfg, api_key)
+        group.urls, group.router_url = list(engine_urls), router_url
+        return group
+
+    def attach_weight_source(self, source: WeightSource) -> None:
+        """Replaced engines get ``source``'s weights before they serve (the job attaches its trainer group)."""
+        self.weight_source = source
 
     def _start(self, i: int) -> Any:
         """A new actor for engine ``i`` on its placement bundle (its engine boots in the background)."""
@@ -116,39 +168,42 @@ class EngineGroup:
 
     def _manager(self, tokenizer: Any, cfg: RolloutConfig | None = None) -> RolloutManager:
         return RolloutManager(
-            cfg or self.cfg, self.router.url, tokenizer, engine_urls=self.urls, api_key=self.api_key
+            cfg or self.cfg, self.router_url, tokenizer, engine_urls=self.urls, api_key=self.api_key
         )
 
     # ---- rollout ------------------------------------------------------------------------------------------
-    def rollout(self, buffer: DataBuffer, *, step: int, seed: int, tokenizer: Any) -> list[Group]:
+    def rollout(
+        self, buffer: DataBuffer, *, step: int, seed: int, tokenizer: Any
+    ) -> tuple[list[Group], dict[str, float]]:
         n = self.cfg.prompts_per_step
         groups: list[Group] = []
+        rounds: list[dict[str, float]] = []
         self.heal(probe=True)
-        # A round may come back short (aborted groups re-queued by the buffer, or a strict filter); top up.
+        # Surplus groups of the previous step come first; a round tops up what is still missing. Within a
+        # round the manager tops up filtered groups itself; another round is needed only when one came back
+        # short (aborted groups re-queued by the buffer, the filter's prompt budget used up, an engine failure).
+        groups += buffer.pop_groups(n)
         for _ in range(MAX_ROUNDS + self.cfg.max_engine_restarts):
             missing = n - len(groups)
             if missing <= 0:
                 break
             self.heal(probe=False)
-            budget = missing if self.cfg.filter is None else int(missing * self.cfg.max_prompts_factor)
-            prompts = buffer.get_prompts(budget)
-            result = self._round(tokenizer, prompts, step=step, seed=seed, num_groups=missing)
+            handed = _HandOut(buffer, prompt_budget(self.cfg, missing))
+            result = self._round(tokenizer, handed, step=step, seed=seed, num_groups=missing)
             if result is None:  # every request failed on failed engines: the whole round goes back
-                buffer.return_prompts(prompts)
-                self.requeued += len(prompts)
+                buffer.return_prompts(handed.items)
+                self.requeued += len(handed.items)
                 continue
+            rounds.append(result.metrics)
             self.requeued += len(buffer.add_groups(result.groups + result.surplus + result.aborted))
             buffer.discard_groups(result.filtered)
-            unused = _unused(prompts, result)
-            if unused:
-                buffer.return_prompts(unused)
             groups += buffer.pop_groups(missing)
         self.heal(probe=False)  # engines lost in the last round are back before the next weight update
         if not groups:
             raise RuntimeError(
                 f"step {step}: the rollout produced no trainable group (all filtered or aborted)"
             )
-        return groups
+        return groups, merge_metrics(rounds)
 
     def _round(self, tokenizer: Any, prompts: list[Any], **kwargs: Any) -> RolloutResult | None:
         """One manager rollout, watched by the health monitor; None when it failed because engines did."""
@@ -238,8 +293,8 @@ class EngineGroup:
             self.actors[i], self.urls[i] = new[i], urls[i]
         self.restarts += len(failed)
         log.warning("replaced engine(s) %s: now at %s", failed, [urls[i] for i in failed])
-        if self.resync is not None:
-            self.resync(list(self.urls))  # the new engines get the trainer's weights before they serve
+        if self.weight_source is not None:  # the new engines get the trainer's weights before they serve
+            self.weight_source.push_weights_to(list(self.urls))
         for i in failed:
             self.router.add_worker(urls[i])
             del self._failed[i]
@@ -287,7 +342,17 @@ def _kill(actor: Any, timeout_s: float = FENCE_STOP_S) -> None:
     ray.kill(actor)
 
 
-def _unused(prompts: list[Any], result: Any) -> list[Any]:
-    """Prompts the manager never launched (the target was reached before it took them)."""
-    launched = {g.prompt_index for g in result.groups + result.surplus + result.filtered + result.aborted}
-    return [p for p in prompts if p.index not in launched]
+class _HandOut:
+    """Prompts from the buffer one at a time, as the manager launches them, up to ``budget``; remembers them."""
+
+    def __init__(self, buffer: DataBuffer, budget: int) -> None:
+        self.buffer, self.budget = buffer, budget
+        self.items: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        while len(self.items) < self.budget:
+            got = self.buffer.get_prompts(1)
+            if not got:
+                return
+            self.items += got
+            yield got[0]

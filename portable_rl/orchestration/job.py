@@ -4,9 +4,10 @@
 (also on errors). The training loop (portable_rl/train.py) only calls the methods below, which read the same
 on every platform: the platform object decides devices, env and collectives.
 
-Engine failures (see ``EngineGroup``): a replaced engine is re-synced by ``_resync_engines`` — weight sync
-reconnected to the new engine list (the broadcast group re-formed with the new engine), then the trainer's
-current weights pushed under the trainer's step as version — before it serves. ``sync_weights`` retries once
+Engine failures (see ``EngineGroup``): the trainer group is the engines' weight source, so a replaced engine
+is re-synced by ``TrainerGroup.push_weights_to`` — weight sync reconnected to the new engine list (the
+broadcast group re-formed with the new engine), then the trainer's current weights pushed under the trainer's
+step as version — before it serves. ``sync_weights`` retries once
 after replacing engines when an update failed because an engine died. Its metrics carry ``engine_restarts``
 and ``prompts_requeued``, both counted over the whole run.
 
@@ -21,14 +22,21 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from portable_rl.config.weight_sync import resolve_strategy
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
+from portable_rl.data.types import Group
 from portable_rl.distributed import NODE_ADDRESS
+from portable_rl.orchestration.devices import (
+    engine_devices,
+    order_trainer_slots,
+    probe_bundles,
+    trainer_devices,
+)
 from portable_rl.orchestration.engine_group import EngineGroup
 from portable_rl.orchestration.memory_saver import EngineMemorySaver
 from portable_rl.orchestration.placement import (
@@ -132,6 +140,9 @@ class Job:
         )
         try:
             self.pg = reserve(self.plan)
+            # Devices as Ray assigned them to the bundles; trainer ranks in (node, device) order.
+            self.bundle_devices = found = probe_bundles(self.plan, self.pg, self.platform)
+            self.plan = order_trainer_slots(self.plan, found)
             self.engines = EngineGroup(
                 replace(r.rollout, engine_args=self.memory_saver.engine_args(r.rollout.engine_args)),
                 self.model_dir,
@@ -141,6 +152,7 @@ class Job:
                 api_key=self.api_key,
                 host=NODE_HOST if self._multi_node else "127.0.0.1",
                 env=engine_env,
+                devices=engine_devices(self.plan, found),
             )
             self.memory_saver.release(
                 self.engines.urls
@@ -151,12 +163,14 @@ class Job:
                 self.plan,
                 self.pg,
                 self.platform,
+                trainer_devices(self.plan, found, self.platform),
                 extra_env=trainer_env,
+                check_weight_update=r.run.check_weight_update,
             )
-            self.trainer.call(
-                "connect_weight_sync", self.engines.urls, self._weight_sync_config(), r.run.mode, self.api_key
+            self.trainer.connect_weight_sync(
+                self.engines.urls, self._weight_sync_config(), r.run.mode, self.api_key
             )
-            self.engines.resync = self._resync_engines
+            self.engines.attach_weight_source(self.trainer)
             sync = {
                 "strategy": resolve_strategy(r.weight_sync, r.run.mode),
                 "backend": self.platform.dist_backend,
@@ -170,6 +184,7 @@ class Job:
                 self.engines.actors,
                 engine_urls=self.engines.urls,
                 weight_sync=sync,
+                bundle_devices=[asdict(b) for b in found],
             )
         except BaseException:
             self.__exit__(None, None, None)
@@ -206,18 +221,18 @@ class Job:
             ray.shutdown()
 
     # ---- the loop's verbs ------------------------------------------------------------------------------------
-    def rollout(self, step: int):
-        """Groups for ``step``: prompts from the buffer, sampled on the engines, rewarded, filtered."""
+    def rollout(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        """Groups for ``step`` (prompts from the buffer, sampled on the engines, rewarded, filtered) and the
+        rollout's ``rollout/`` counts."""
         r = self.recipe
         self.memory_saver.resume(self.engines.urls)
-        groups = self.engines.rollout(self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer)
+        out = self.engines.rollout(self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer)
         self.memory_saver.release(self.engines.urls)  # co-located: the trainer computes next
-        return groups
+        return out
 
-    def reference_logprobs(self, groups) -> list[list[float]]:
-        from portable_rl.training.batch import TrainBatch
-
-        return self.trainer.first("compute_logprobs", TrainBatch.from_samples(flatten(groups)), "ref")
+    def train(self, groups: list[Group]) -> dict[str, float]:
+        """One RL step on ``groups`` in the trainer (advantages, reference log-probs, loss, optimizer)."""
+        return self.trainer.train_rl_step(groups, self.recipe.algo)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         from portable_rl.weight_sync import CollectiveTimeout, WeightSyncError
@@ -225,11 +240,11 @@ class Job:
         check = self.recipe.run.check_weight_update
         self.memory_saver.resume(self.engines.urls)
         try:
-            out = self.trainer.first("sync_weights", version, check)
+            out = self.trainer.sync_weights(version, check)
         except (WeightSyncError, CollectiveTimeout):  # Ray re-raises the actor's error as this type too
             if not self.engines.heal(probe=True):
                 raise  # every engine is healthy: the failure is not an engine's death
-            out = self.trainer.first("sync_weights", version, check)
+            out = self.trainer.sync_weights(version, check)
         return {
             **out,
             "engine_restarts": float(self.engines.restarts),
@@ -242,14 +257,6 @@ class Job:
         if self._multi_node and ws.master_address is None:
             return replace(ws, master_address=NODE_ADDRESS)
         return ws
-
-    def _resync_engines(self, urls: list[str]) -> None:
-        """Reconnect weight sync to ``urls`` and push the trainer's current weights (replaced engines)."""
-        r = self.recipe
-        self.trainer.call("disconnect_weight_sync")
-        self.trainer.call("connect_weight_sync", urls, self._weight_sync_config(), r.run.mode, self.api_key)
-        version = self.trainer.first("info")["step"]
-        self.trainer.first("sync_weights", version, r.run.check_weight_update)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_prompts is None:
@@ -269,7 +276,7 @@ class Job:
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.trainer.call("save_checkpoint", str(tmp / "trainer"))
+        self.trainer.save_checkpoint(str(tmp / "trainer"))
         state = {"step": step, "buffer": self.buffer.state_dict()}  # includes the prompt source position
         (tmp / "data_state.json").write_text(json.dumps(state), encoding="utf-8")
         (tmp / "COMPLETE").write_text(str(step), encoding="utf-8")
@@ -282,11 +289,11 @@ class Job:
         if found is None:
             return 0
         step, path = found
-        restored = self.trainer.first("load_checkpoint", str(path / "trainer"))
+        restored = self.trainer.load_checkpoint(str(path / "trainer"))
         state = json.loads((path / "data_state.json").read_text(encoding="utf-8"))
         self.buffer.load_state_dict(state["buffer"])
         self.sync_weights(version=restored)  # engines start from the checkpoint's weights
         return step
 
     def export_final_model(self) -> str:
-        return self.trainer.first("export_hf", str(self.run_dir.path / "hf"))
+        return self.trainer.export_hf(str(self.run_dir.path / "hf"))

@@ -3,10 +3,17 @@
 * ``TrainerWorker`` is ``MegatronActor`` plus the weight-sync endpoint of the trainer side: the rank that
   holds the full model (``is_weight_source``) owns a ``WeightSync`` and pushes ``named_hf_weights()`` to the
   engines; every other rank still iterates the generator because the gathers inside it are collective.
-* ``TrainerGroup`` creates the ranks on their placement-group bundles (rank order == bundle order), finds
+* ``TrainerWorker.train_rl_step(groups, algo)`` is one RL step inside the trainer process: the reference (and,
+  for a KL penalty in the reward, the old-policy) log-probs are computed there and go straight into the
+  advantages and the loss; only the groups go in and only float metrics come out.
+* ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
+  device Ray gave that bundle: ``devices[r]``, see ``orchestration.devices``), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).
-  Calls are serialized: a call from another thread (an async rollout replacing an engine) waits for the one
-  running, so every rank sees the same call order.
+  Its methods are typed (``train_rl_step``, ``sync_weights``, ``save_checkpoint``, ...), one per worker method,
+  each returning rank 0's answer where the ranks agree. Calls are serialized: a call from another thread (an
+  async rollout replacing an engine) waits for the one running, so every rank sees the same call order.
+* It is the engines' ``WeightSource``: ``push_weights_to(urls)`` reconnects weight sync to a new engine list
+  (with the arguments of ``connect_weight_sync``) and pushes the current weights under the current step.
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from portable_rl.config.algo import AlgoConfig
+from portable_rl.data.types import Group
 from portable_rl.distributed import free_port
+from portable_rl.orchestration.devices import TrainerDevice, pin_to_device_cpus
 from portable_rl.orchestration.placement import Plan, actor_options
-from portable_rl.platform import Platform
+from portable_rl.platform import Platform, current_platform
+from portable_rl.rollout_to_train import make_loss_fn, prepare_train_batch
 from portable_rl.training.actor import ActorConfig, MegatronActor
 from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync
 
@@ -27,6 +38,31 @@ class TrainerWorker(MegatronActor):
     """One trainer rank; adds the trainer side of weight sync to the Megatron actor."""
 
     _sync = None
+
+    def __init__(
+        self,
+        config: ActorConfig,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        physical_device: int | None = None,
+    ) -> None:
+        # The device Ray reserved for this rank's bundle, as the torch ordinal it has under this process's mask.
+        platform = current_platform()
+        local = 0 if physical_device is None else platform.local_ordinal(physical_device)
+        # Before any compute thread starts, so every thread inherits the device's NUMA-local CPUs.
+        self.cpu_affinity = pin_to_device_cpus(platform, physical_device)
+        super().__init__(config, rank, world_size, master_addr, master_port, local)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "cpu_affinity": self.cpu_affinity}
+
+    def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
+        """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``."""
+        batch, adv_metrics = prepare_train_batch(groups, algo, self.compute_logprobs)
+        metrics = self.train_step(batch, make_loss_fn(algo))
+        return {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, **adv_metrics}
 
     def connect_weight_sync(
         self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
@@ -79,47 +115,92 @@ class TrainerGroup:
         plan: Plan,
         pg: Any,
         platform: Platform,
+        devices: Sequence[TrainerDevice],
         extra_env: dict[str, str] | None = None,
+        check_weight_update: bool = False,
     ):
         import ray
 
-        if world_size != len(plan.trainer):
-            raise ValueError(f"trainer world size {world_size} != {len(plan.trainer)} placement slots")
+        self.check_weight_update = check_weight_update  # compare checksums after every push
+        if not world_size == len(plan.trainer) == len(devices):
+            raise ValueError(
+                f"trainer world size {world_size}: {len(plan.trainer)} placement slots, {len(devices)} devices"
+            )
         first = actor_options(plan, plan.trainer[0], pg)
         addr, port = ray.get(
             ray.remote(_rendezvous)
             .options(num_cpus=0, scheduling_strategy=first["scheduling_strategy"])
             .remote()
         )
-        env = {"env_vars": {**platform.worker_env(list(range(len(platform.devices)))), **(extra_env or {})}}
         cls = ray.remote(TrainerWorker)
         self._lock = threading.RLock()
         self.actors = []
-        for rank, slot in enumerate(plan.trainer):
+        self.devices = list(devices)
+        for rank, (slot, device) in enumerate(zip(plan.trainer, devices, strict=True)):
             opts = actor_options(plan, slot, pg)
-            # On GPUs every rank sees all node devices (NOSET) and picks its own by local index.
-            local = rank % max(len(platform.devices), 1)
+            # A rank sees the job's devices on its node (the platform's mask, NOSET so Ray keeps it) and
+            # uses the one Ray reserved for its bundle, under the ordinal the platform maps it to.
+            env = {"env_vars": {**device.env, **(extra_env or {})}}
             self.actors.append(
-                cls.options(runtime_env=env, **opts).remote(cfg, rank, world_size, addr, port, local)
+                cls.options(runtime_env=env, **opts).remote(
+                    cfg, rank, world_size, addr, port, device.physical
+                )
             )
-        ray.get([a.info.remote() for a in self.actors])  # surface construction errors now
+        self._connection: tuple[WeightSyncConfig, str, str | None] | None = None
+        self._all(lambda a: a.info)  # surface construction errors now
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+    def _all(self, method: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        """``method(actor)`` (a bound remote method) called on every rank, collectively; every rank's answer."""
         import ray
 
         with self._lock:
-            return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+            return ray.get([method(a).remote(*args, **kwargs) for a in self.actors])
 
-    def first(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call on all ranks (collective) and return rank 0's result."""
-        return self.call(method, *args, **kwargs)[0]
+    # ---- typed calls: one per worker method, rank 0's answer ---------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return self._all(lambda a: a.info)[0]
+
+    def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
+        return self._all(lambda a: a.train_rl_step, groups, algo)[0]
+
+    def connect_weight_sync(
+        self, engine_urls: list[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
+    ) -> None:
+        self._all(lambda a: a.connect_weight_sync, engine_urls, cfg, mode, api_key)
+        self._connection = (cfg, mode, api_key)
+
+    def disconnect_weight_sync(self) -> None:
+        self._all(lambda a: a.disconnect_weight_sync)
+
+    def sync_weights(self, version: int, check: bool = False) -> dict[str, float]:
+        return self._all(lambda a: a.sync_weights, version, check)[0]
+
+    def push_weights_to(self, engine_urls: list[str]) -> None:
+        """Weight sync reconnected to ``engine_urls`` and the current weights pushed (replaced engines)."""
+        if self._connection is None:
+            raise RuntimeError(
+                "push_weights_to before connect_weight_sync: nothing says how to reach engines"
+            )
+        with self._lock:  # one unit: no other call between the reconnect and the push
+            self.disconnect_weight_sync()
+            self.connect_weight_sync(engine_urls, *self._connection)
+            self.sync_weights(self.info()["step"], self.check_weight_update)
+
+    def save_checkpoint(self, path: str) -> None:
+        self._all(lambda a: a.save_checkpoint, path)
+
+    def load_checkpoint(self, path: str) -> int:
+        return self._all(lambda a: a.load_checkpoint, path)[0]
+
+    def export_hf(self, path: str) -> str:
+        return self._all(lambda a: a.export_hf, path)[0]
 
     def shutdown(self) -> None:
         import ray
 
         try:
-            self.call("disconnect_weight_sync")
-            self.call("shutdown")
+            self.disconnect_weight_sync()
+            self._all(lambda a: a.shutdown)
         finally:
             for a in self.actors:
                 ray.kill(a)

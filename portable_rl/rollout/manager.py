@@ -10,13 +10,19 @@ Contract
   ``samples_per_prompt`` ``/generate`` requests (``return_logprob``; at most ``max_concurrency`` in flight),
   each with ``rid = "<rollout tag>-<group id>-<sample>"`` and, when ``cfg.seeded``, a ``sampling_seed``
   derived from (seed, step, prompt_index, sample) only. Finished samples are scored by the reward function.
+* Group ids: a prompt that carries a ``group_id`` (the data buffer numbers every hand-out for the run) gives
+  it to its group, so groups of several rollouts never share an id (the trainer's GRPO baseline is per id).
+  Prompts without one (eval items, plain tuples) are numbered by the manager, unique within the manager.
 * With ``num_groups`` the rollout returns once that many groups passed the filter; with a filter it launches
-  ``over_sample_factor`` prompts per missing group (at most ``max_prompts_factor x num_groups`` in all).
+  ``over_sample_factor`` prompts per missing group (at most ``prompt_budget(cfg, num_groups)`` in all:
+  ``max_prompts_factor x num_groups``, rounded up; ``num_groups`` without a filter).
   Requests still running then are aborted on every engine (``/abort_request`` by exact rid, which SGLang and
   the CPU engine both honour) and come back as ABORTED groups. Without ``num_groups`` every prompt is used once.
 * ``RolloutResult``: ``groups`` (kept, at most ``num_groups``), ``surplus`` (finished and kept by the filter
   after the target was reached), ``filtered`` (finished, dropped by the filter), ``aborted`` (some sample did
-  not finish: their prompts must be generated again; ``DataBuffer.add_groups`` re-queues them), ``metrics``.
+  not finish: their prompts must be generated again; ``DataBuffer.add_groups`` re-queues them), ``metrics``
+  (counts of this rollout under ``rollout/``: launched, kept, filtered, surplus, aborted, errors, generated
+  tokens, seconds; ``merge_metrics`` sums several rollouts and adds the rates).
 * A failed request becomes an ABORTED sample (counted in ``metrics["rollout/errors"]``); if requests failed
   and no group finished at all, ``RolloutError`` is raised with the first failure.
 """
@@ -54,6 +60,7 @@ class PromptRef:
     prompt_tokens: list[int]
     label: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    group_id: int | None = None  # given by whoever handed the prompt out (the data buffer)
 
     @classmethod
     def of(cls, item: Any) -> PromptRef:
@@ -67,6 +74,7 @@ class PromptRef:
                 list(item.prompt_tokens),
                 item.label,
                 dict(getattr(item, "metadata", {}) or {}),
+                getattr(item, "group_id", None),
             )
         except AttributeError:
             raise TypeError(
@@ -82,6 +90,39 @@ class RolloutResult:
     filtered: list[Group] = field(default_factory=list)
     aborted: list[Group] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def prompt_budget(cfg: RolloutConfig, num_groups: int, filtering: bool | None = None) -> int:
+    """The most prompts a rollout for ``num_groups`` groups may launch (``filtering``: default ``cfg.filter``)."""
+    filtering = cfg.filter is not None if filtering is None else filtering
+    return math.ceil(num_groups * cfg.max_prompts_factor) if filtering else num_groups
+
+
+_COUNTS = (
+    "groups",
+    "prompts_launched",
+    "groups_filtered",
+    "groups_surplus",
+    "groups_aborted",
+    "errors",
+    "generated_tokens",
+    "reward_sum",
+    "rewarded_samples",
+    "time_s",
+)
+
+
+def merge_metrics(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+    """The ``rollout/`` counts of several rollouts summed, plus ``reward_mean`` and ``generated_tokens_per_s``
+    (derived again from the sums, so merged metrics merge again)."""
+    total = {f"rollout/{k}": 0.0 for k in _COUNTS}
+    for part in parts:
+        for key in total:
+            total[key] += part.get(key, 0.0)
+    n, seconds = total["rollout/rewarded_samples"], total["rollout/time_s"]
+    total["rollout/reward_mean"] = total["rollout/reward_sum"] / n if n else 0.0
+    total["rollout/generated_tokens_per_s"] = total["rollout/generated_tokens"] / seconds if seconds else 0.0
+    return total
 
 
 def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> int:
@@ -185,11 +226,7 @@ class _Rollout:
         self.launched = 0
         self.exhausted = False
         filtering = self.group_filter is not keep_all
-        self.limit = (
-            None
-            if num_groups is None
-            else (math.ceil(num_groups * cfg.max_prompts_factor) if filtering else num_groups)
-        )
+        self.limit = None if num_groups is None else prompt_budget(cfg, num_groups, filtering)
         self.tasks: dict[asyncio.Task, tuple[PromptRef, int]] = {}
         self.result = RolloutResult(groups=[])
         self.generated_tokens = 0
@@ -204,7 +241,7 @@ class _Rollout:
                 self.exhausted = True
                 return
             ref = PromptRef.of(item)
-            gid = self.mgr._new_group_id()
+            gid = ref.group_id if ref.group_id is not None else self.mgr._new_group_id()
             task = asyncio.create_task(self._group(ref, gid))
             self.tasks[task] = (ref, gid)
             self.launched += 1
@@ -346,15 +383,16 @@ class _Rollout:
     def _finish_metrics(self, seconds: float) -> None:
         r = self.result
         rewards = [s.reward for g in r.groups for s in g.samples]
-        mean = sum(rewards) / len(rewards) if rewards else 0.0
-        r.metrics = {
-            "rollout/groups": float(len(r.groups)),
-            "rollout/prompts_launched": float(self.launched),
-            "rollout/groups_filtered": float(len(r.filtered)),
-            "rollout/groups_surplus": float(len(r.surplus)),
-            "rollout/groups_aborted": float(len(r.aborted)),
-            "rollout/errors": float(len(self.errors)),
-            "rollout/reward_mean": mean,
-            "rollout/time_s": seconds,
-            "rollout/generated_tokens_per_s": self.generated_tokens / seconds if seconds > 0 else 0.0,
+        counts = {
+            "groups": len(r.groups),
+            "prompts_launched": self.launched,
+            "groups_filtered": len(r.filtered),
+            "groups_surplus": len(r.surplus),
+            "groups_aborted": len(r.aborted),
+            "errors": len(self.errors),
+            "generated_tokens": self.generated_tokens,
+            "reward_sum": sum(rewards),
+            "rewarded_samples": len(rewards),
+            "time_s": seconds,
         }
+        r.metrics = merge_metrics([{f"rollout/{k}": float(v) for k, v in counts.items()}])

@@ -12,6 +12,9 @@ Contract
   math-verify (symbolic/numeric equivalence: "0.5" = "1/2" = "\\frac{1}{2}", "1,000" = "1000"). Score:
   ``correct`` if equal else ``wrong``, plus ``format_bonus`` when the response contains a ``\\boxed{}`` answer.
   math-verify's signal-based timeouts are off, so the reward runs in any thread (Ray actors, executors).
+* Output: the reward runs under the training progress bar, so math-verify's log records are filtered
+  (``quiet_math_verify``): its notice that timeouts are off is dropped (they are off on purpose, above), any
+  other warning is shown once per process, errors always.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import asyncio
 import functools
 import importlib
 import inspect
+import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,10 +64,49 @@ def last_number(text: str) -> str | None:
     return matches[-1] if matches else None
 
 
+# Loggers math-verify writes to (one per module; a filter on a logger sees only its own records).
+MATH_VERIFY_LOGGERS = ("math_verify.parser", "math_verify.grader", "math_verify.utils", "math_verify.metric")
+_TIMEOUTS_OFF = "Timeout is disabled"
+
+
+class _OnceFilter(logging.Filter):
+    """Drops math-verify's timeouts-off notice and repeats of a warning; lets errors through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, int, str]] = set()
+        self._lock = threading.Lock()  # rewards run in worker threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        text = str(record.msg)
+        if text.startswith(_TIMEOUTS_OFF):
+            return False
+        key = (record.name, record.levelno, text)
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+        return True
+
+
+_FILTER = _OnceFilter()
+
+
+def quiet_math_verify() -> None:
+    """Install the filter on math-verify's loggers (idempotent)."""
+    for name in MATH_VERIFY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parsed(text: str) -> tuple:
     from math_verify import parse
 
+    quiet_math_verify()
     return tuple(parse(text, parsing_timeout=None))
 
 
@@ -70,6 +114,7 @@ def answers_match(answer: str, label: Any) -> bool:
     """math-verify equivalence of ``answer`` and ``label``; exact string equality when neither parses."""
     from math_verify import verify
 
+    quiet_math_verify()
     gold_text, answer_text = str(label).strip(), answer.strip()
     if not gold_text or not answer_text:
         return False

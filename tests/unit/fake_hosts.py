@@ -32,8 +32,21 @@ def fake_amdsmi(archs: list[str]) -> types.ModuleType:
     return mod
 
 
-def fake_pynvml(ccs: list[tuple[int, int]], name: str = "NVIDIA H100 80GB HBM3") -> types.ModuleType:
+def fake_pynvml(
+    ccs: list[tuple[int, int]],
+    name: str = "NVIDIA H100 80GB HBM3",
+    cpu_affinity: dict[int, list[int]] | None = None,
+) -> types.ModuleType:
+    """``cpu_affinity``: device index -> the CPUs nvmlDeviceGetCpuAffinity names (as 64-bit words)."""
     mod = types.ModuleType("pynvml")
+
+    def get_cpu_affinity(handle, words):
+        masks = [0] * words
+        for cpu in (cpu_affinity or {}).get(handle, []):
+            masks[cpu // 64] |= 1 << (cpu % 64)
+        return masks
+
+    mod.nvmlDeviceGetCpuAffinity = get_cpu_affinity
     mod.nvmlInit = lambda: None
     mod.nvmlShutdown = lambda: None
     mod.nvmlDeviceGetCount = lambda: len(ccs)
@@ -52,12 +65,17 @@ def simulate_rocm(monkeypatch: pytest.MonkeyPatch, archs: list[str], hip: str = 
     monkeypatch.setitem(sys.modules, "amdsmi", fake_amdsmi(archs))
 
 
-def simulate_cuda(monkeypatch: pytest.MonkeyPatch, ccs: list[tuple[int, int]], cuda: str = "12.9") -> None:
+def simulate_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+    ccs: list[tuple[int, int]],
+    cuda: str = "12.9",
+    cpu_affinity: dict[int, list[int]] | None = None,
+) -> None:
     import torch
 
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
     monkeypatch.setattr(torch.version, "cuda", cuda, raising=False)
-    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(ccs))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(ccs, cpu_affinity=cpu_affinity))
 
 
 def simulate_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,3 +154,24 @@ def test_crashes_and_aborts_never_lose_or_repeat_a_prompt(make_buffer):
     last_epoch = buf.source.epoch
     assert last_epoch >= 2
     assert sorted(trained) == [(e, i) for e in range(last_epoch + 1) for i in range(6)]
+
+
+def test_every_hand_out_gets_a_group_id_unique_for_the_run_and_across_a_restore(make_buffer):
+    buf = make_buffer()
+    first = buf.get_prompts(3)
+    assert [p.group_id for p in first] == [0, 1, 2]
+    buf.add_groups([_group(first[0], first[0].group_id, (SampleStatus.ABORTED,))])  # generated again later
+    buf.add_groups([_group(p, p.group_id) for p in first[1:]])
+    again = buf.get_prompts(2)
+    assert again[0].index == first[0].index and [p.group_id for p in again] == [3, 4]  # a new id for a retry
+
+    state = json.loads(json.dumps(buf.state_dict()))
+    restored = make_buffer()
+    restored.load_state_dict(state)
+    assert [p.group_id for p in restored.get_prompts(2)] == [5, 6]  # the in-flight ones, regenerated
+    # A checkpoint written before ids were numbered here: continue above the ready groups' ids.
+    del state["next_group_id"]
+    old = make_buffer()
+    old.load_state_dict(state)
+    assert max(g.group_id for g in old.pop_groups(10)) == 2
+    assert old.get_prompts(1)[0].group_id == 3

@@ -98,14 +98,14 @@ def test_the_job_releases_after_rollout_and_resumes_before_generating_or_syncing
     job.buffer = job.tokenizer = None
     job.engines = SimpleNamespace(
         urls=["http://engine"],
-        rollout=lambda *a, **k: events.append("generate") or ["groups"],
+        rollout=lambda *a, **k: events.append("generate") or (["groups"], {}),
         restarts=0,
         requeued=0,
     )
-    job.trainer = SimpleNamespace(first=lambda name, *a: events.append(name) or {})
+    job.trainer = SimpleNamespace(sync_weights=lambda *a: events.append("sync_weights") or {})
 
     saver.release(job.engines.urls)  # what entering the job does before the trainer is built
-    assert job.rollout(1) == ["groups"]
+    assert job.rollout(1) == (["groups"], {})
     job.sync_weights(version=1)
     job.rollout(2)
     assert events == [

@@ -144,3 +144,36 @@ def test_rollout_config_sampling_params():
         "stop_token_ids": [5],
     }
     assert cfg.sampling_params(eval_mode=True)["temperature"] == 0.0
+
+
+def test_math_verify_output_under_the_progress_bar_is_warnings_once_and_errors(monkeypatch, caplog):
+    """math-verify's timeouts-off notice never reaches the terminal; other warnings once; errors always."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    import math_verify.grader
+    import math_verify.parser
+
+    from portable_rl.rollout.rewards import _parsed
+
+    # math-verify prints its notice once per module and process (racy across threads): make it due again.
+    monkeypatch.setattr(math_verify.parser, "TIMEOUT_WARNING_SHOWN", False)
+    monkeypatch.setattr(math_verify.grader, "TIMEOUT_WARNING_SHOWN", False)
+    _parsed.cache_clear()
+    reward = MathReward()
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(4) as pool:
+        scores = list(pool.map(lambda i: reward(f"so \\boxed{{{i}}}", str(i % 3)), range(12)))
+    assert scores == [1.0 if i == i % 3 else 0.0 for i in range(12)]
+    assert not [r for r in caplog.records if r.name.startswith("math_verify")]
+
+    log = logging.getLogger("math_verify.parser")
+    with caplog.at_level(logging.WARNING):
+        log.warning("odd input")
+        log.warning("odd input")
+        log.error("parser failed")
+        log.error("parser failed")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "math_verify.parser"] == [
+        ("WARNING", "odd input"),
+        ("ERROR", "parser failed"),
+        ("ERROR", "parser failed"),
+    ]
