@@ -59,7 +59,9 @@ def _bf16_worker(ckpt: str, port: int, out: str) -> None:
         for model_group, main_group in zip(
             getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", []), strict=True
         ):
-            pairs += [(p.detach().clone(), m.detach().clone()) for p, m in zip(model_group, main_group, strict=True)]
+            pairs += [
+                (p.detach().clone(), m.detach().clone()) for p, m in zip(model_group, main_group, strict=True)
+            ]
     record["pairs"] = pairs
     record["num_params"] = sum(1 for _ in actor.model.parameters())
     actor.export_hf(str(Path(out) / "export"))
