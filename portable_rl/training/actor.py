@@ -155,7 +155,9 @@ class ActorConfig:
     seq_length_multiple: int = 8  # pad sequences to a multiple (one shape per step; PP needs one anyway)
     megatron_overrides: dict[str, Any] = field(default_factory=dict)  # user --megatron-* flags
     attention: str = "auto"  # Platform.trainer_kernels: auto | transformer_engine | sdpa | local
-    max_tokens_per_micro_batch: int | None = None  # set: packed micro-batches with this token budget
+    # Set: packed micro-batches of at most this many prompt+response tokens (a longer sample alone); the packed
+    # row is then zero-padded up to a multiple of seq_length_multiple (pipeline parallelism: the step's longest).
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
