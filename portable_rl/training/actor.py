@@ -46,8 +46,10 @@ Public interface
 ``save_checkpoint(path) / load_checkpoint(path) -> int``
     Model + optimizer + RNG + step (see ``checkpoint.py``); load returns the restored step.
 
-``export_hf(path) -> str``
-    Writes a HF checkpoint (safetensors + the source config/tokenizer) from rank 0; returns the path.
+``export_hf(path, dtype=None) -> str``
+    Writes a HF checkpoint (safetensors + the source config/tokenizer) from rank 0; returns the path. The
+    tensors are the master weights cast to ``dtype`` (default: the training dtype); a dtype wider than the
+    training dtype (fp32 from a bf16 trainer) reads the optimizer's fp32 masters themselves.
 
 ``named_hf_weights(all_stages=True) -> Iterator[(hf_name, full_tensor)]``
     For weight sync inside the actor process; collective over TP (and PP when ``all_stages``). Use it on the
@@ -68,6 +70,7 @@ the trainer world, this rank and the ranks it waited for.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import math
@@ -571,14 +574,48 @@ class MegatronActor:
 
     @_names_collective_failures
     def export_hf(self, path: str, dtype: str | None = None) -> str:
-        weights = self.named_hf_weights(all_stages=True)
-        if dist.get_rank() == 0:
-            save_hf_checkpoint(weights, path, self.config.hf_checkpoint, _DTYPES[dtype] if dtype else None)
-        else:
-            for _ in weights:  # take part in the gathers; rank 0 writes
-                pass
+        """HF checkpoint in ``dtype`` (default: the training dtype), from the master weights cast to it."""
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"export dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+        wider = dtype is not None and _DTYPES[dtype].itemsize > self.dtype.itemsize
+        with self._master_weights() if wider else contextlib.nullcontext():
+            weights = self.named_hf_weights(all_stages=True)
+            if dist.get_rank() == 0:
+                save_hf_checkpoint(
+                    weights, path, self.config.hf_checkpoint, _DTYPES[dtype] if dtype else None
+                )
+            else:
+                for _ in weights:  # take part in the gathers; rank 0 writes
+                    pass
         dist.barrier()
         return str(path)
+
+    @contextlib.contextmanager
+    def _master_weights(self) -> Iterator[None]:
+        """Parameters temporarily hold their fp32 master values (the optimizer's), for a wider export.
+
+        In the training dtype the parameters already are the masters cast to it; only a wider export needs the
+        masters themselves. The distributed optimizer shards them over data-parallel ranks: refused there.
+        """
+        if self.config.parallel.distributed_optimizer:
+            raise ValueError(
+                f"exporting wider than the training dtype ({self.dtype}) needs whole fp32 master weights, which "
+                "the distributed optimizer shards; export in the training dtype or train without it"
+            )
+        pairs = []
+        for opt in [self.optimizer, *getattr(self.optimizer, "chained_optimizers", [])]:
+            for params, masters in zip(
+                getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", []), strict=True
+            ):
+                pairs += list(zip(params, masters, strict=True))
+        saved = [(param, param.data) for param, _ in pairs]
+        try:
+            for param, master in pairs:
+                param.data = master.data
+            yield
+        finally:
+            for param, data in saved:
+                param.data = data
 
     def shutdown(self) -> None:
         if self.ps.model_parallel_is_initialized():

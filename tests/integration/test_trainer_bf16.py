@@ -4,7 +4,8 @@ One spawned world-size-1 ``MegatronActor`` with ``dtype="bfloat16"`` (packed mic
 attention): every parameter is bf16, norms included (an fp32 norm weight under a bf16 input cannot take torch's
 fused rms_norm); Megatron's optimizer holds fp32 master copies; before any step the exported HF weights are the
 checkpoint cast once to bf16, bit for bit; after two steps the parameters (what export and weight sync read)
-are exactly the fp32 masters cast to bf16, and the export holds those values.
+are exactly the fp32 masters cast to bf16, and the export holds those values; an fp32 export holds the fp32
+masters (bits bf16 cannot hold), which round to the bf16 parameters.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def _bf16_worker(ckpt: str, port: int, out: str) -> None:
     record["pairs"] = pairs
     record["num_params"] = sum(1 for _ in actor.model.parameters())
     actor.export_hf(str(Path(out) / "export"))
+    actor.export_hf(str(Path(out) / "export32"), dtype="float32")
+    record["param_dtypes_after_export"] = {str(p.dtype) for p in actor.model.parameters()}
     record["after"] = {n: t.clone() for n, t in actor.named_hf_weights()}
     actor.shutdown()
     torch.save(record, Path(out) / "bf16.pt")
@@ -98,6 +101,14 @@ def test_bf16_trainer_keeps_fp32_masters_and_exports_them_cast(tmp_path):
         "after two steps the masters must hold bits bf16 cannot"
     )
     assert rec["losses"][1] < rec["losses"][0]
+
+    # A wider export reads the fp32 masters themselves, and leaves the bf16 parameters in place.
+    assert rec["param_dtypes_after_export"] == {"torch.bfloat16"}
+    wide = HFWeights(tmp_path / "export32")
+    assert all(wide[n].dtype == torch.float32 for n in wide.keys())
+    assert any(not torch.equal(wide[n], wide[n].to(torch.bfloat16).float()) for n in wide.keys())
+    for name in wide.keys():
+        assert torch.equal(wide[name].to(torch.bfloat16), rec["after"][name]), name
 
     exported = HFWeights(tmp_path / "export")
     for name, tensor in rec["after"].items():
