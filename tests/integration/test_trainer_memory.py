@@ -18,7 +18,7 @@ import pytest
 
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 
-pytestmark = pytest.mark.slow  # two fresh trainer processes, ~25 s on 2 cores
+pytestmark = pytest.mark.slow  # four fresh trainer processes, ~50 s on 2 cores
 
 PROBE = Path(__file__).with_name("memory_probe.py")
 
@@ -41,3 +41,11 @@ def test_packed_micro_batch_memory_is_linear_in_tokens(tmp_path):
     assert small > 0
     ratio = large / small
     assert ratio <= 5.0, f"16k tokens took {ratio:.1f}x the memory of 4k tokens ({large} vs {small} bytes)"
+
+
+def test_the_same_check_fails_for_quadratic_attention(tmp_path):
+    """The measurement sees s x s scores: Megatron's unfused attention (``local``, padded) at 4x the tokens needs
+    far more than 5x (measured 9.5x from 1k to 4k tokens, 14x from 2k to 8k; sizes kept small to fit)."""
+    ckpt = build_tiny_checkpoint(tmp_path / "tiny", TinySpec(arch="qwen3"))
+    ratio = peak_bytes(ckpt, 4096, "local") / peak_bytes(ckpt, 1024, "local")
+    assert ratio > 5.0, f"unfused attention grew only {ratio:.1f}x for 4x the tokens"
