@@ -376,13 +376,15 @@ class MegatronActor:
             return None
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        return PackedSeqParams(
+        params = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=mb.cu_seqlens,
             cu_seqlens_kv=mb.cu_seqlens,
             max_seqlen_q=mb.max_seqlen,
             max_seqlen_kv=mb.max_seqlen,
         )
+        params.host_cu_seqlens = mb.segment_bounds  # read by SdpaCoreAttention without a device sync
+        return params
 
     def _logprobs(self, output: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logp, ent = token_logprobs_and_entropy(

@@ -84,7 +84,10 @@ class SdpaCoreAttention(MegatronModule):
         if attention_mask is not None or attention_bias is not None:
             raise ValueError("SDPA core attention is causal only: attention_mask/attention_bias must be None")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            bounds = packed_seq_params.cu_seqlens_q.tolist()
+            # The actor attaches the bounds as a list too: reading the device tensor would sync every layer.
+            bounds = (
+                getattr(packed_seq_params, "host_cu_seqlens", None) or packed_seq_params.cu_seqlens_q.tolist()
+            )
             outs = []
             for start, end in zip(bounds[:-1], bounds[1:], strict=True):
                 if end == start:

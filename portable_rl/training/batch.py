@@ -22,8 +22,8 @@ Contract
 * ``to_packed_micro_batch(batch, seq_len)``: the same ``MicroBatch`` with the samples laid end to end in one row
   (``tokens``/``position_ids`` [1, seq_len], positions restarting at 0 per sample, zero padding after the
   last sample). ``sample_starts[i]`` is sample i's offset in the row; ``cu_seqlens`` (int32, the samples and
-  the padding as one trailing segment) and ``max_seqlen`` describe the layout to the model (Megatron's
-  ``thd`` format). The loss-side tensors are the same ``[b, L]`` / ``[b]`` as unpacked, so a ``loss_fn``
+  the padding as one trailing segment; ``segment_bounds`` the same as a list) and ``max_seqlen`` describe the
+  layout to the model (Megatron's ``thd`` format). The loss-side tensors are the same ``[b, L]`` / ``[b]`` as unpacked, so a ``loss_fn``
   cannot tell the difference.
 """
 
@@ -151,6 +151,7 @@ class MicroBatch:
     # Packed layout only (tokens is [1, T]): where each sample starts, and the thd description for the model.
     sample_starts: list[int] | None = None
     cu_seqlens: torch.Tensor | None = None  # [segments + 1] int32
+    segment_bounds: list[int] | None = None  # the same bounds as a host list
     max_seqlen: int = 0
 
     def as_loss_batch(self) -> dict[str, Any]:
@@ -213,5 +214,6 @@ def to_packed_micro_batch(batch: TrainBatch, seq_len: int, device: torch.device 
     padded.position_ids = positions.to(device)
     padded.sample_starts = bounds[: len(lengths)]
     padded.cu_seqlens = torch.tensor(bounds, dtype=torch.int32).to(device)
+    padded.segment_bounds = bounds
     padded.max_seqlen = max(segments)
     return padded

@@ -165,6 +165,7 @@ def test_packed_micro_batch_layout_and_response_view_match_the_padded_one():
     assert packed.sample_starts == [0, 5, 16, 21]
     assert packed.cu_seqlens.tolist() == [0, 5, 16, 21, 25, 32]  # the padding is its own segment
     assert packed.cu_seqlens.dtype == torch.int32 and packed.max_seqlen == 11
+    assert packed.segment_bounds == packed.cu_seqlens.tolist()
     assert packed.position_ids[0, :6].tolist() == [0, 1, 2, 3, 4, 0]
     assert packed.position_ids[0, 25:].tolist() == list(range(7))
     for i, start in enumerate(packed.sample_starts):
