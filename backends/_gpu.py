@@ -1,14 +1,15 @@
 """What the NVIDIA and AMD platforms share because both torch builds expose their GPUs through one API.
 
 A ROCm build of torch presents HIP devices as ``torch.cuda`` devices and maps its "nccl" backend to RCCL, so
-synchronisation, IPC device ids, the socket-interface variable of the collective library, Megatron's dtype and
-the per-arch peak-FLOPs lookup are written once here. Everything that differs by vendor (probing, masks,
+synchronisation, IPC device ids, the socket-interface variable of the collective library, the trainer's default
+dtype and kernel order (TransformerEngine where it imports, else torch SDPA) and the per-arch peak-FLOPs lookup are written once here. Everything that differs by vendor (probing, masks,
 kernels, env defaults, the FLOPs table itself) stays in ``backends/cuda`` and ``backends/rocm``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import importlib.util
+from typing import ClassVar
 
 from portable_rl.platform import Platform
 
@@ -26,8 +27,16 @@ class TorchGpuPlatform(Platform):
     def peak_flops(self, dtype: str = "bf16", arch: str | None = None) -> float | None:
         return self.peak_flops_table.get(self._arch(arch) or "", {}).get(dtype)
 
-    def megatron_overrides(self) -> dict[str, Any]:
-        return {"bf16": True}
+    # Both vendors' training images ship TransformerEngine; without it the trainer uses torch SDPA, whose
+    # fused flash / memory-efficient kernels come with the torch build (no flash-attn package needed).
+    trainer_attention_order: ClassVar[tuple[str, ...]] = ("transformer_engine", "sdpa")
+    # bf16 compute with fp32 master weights in Megatron's optimizer; train.dtype=float32 is honoured.
+    default_train_dtype: ClassVar[str] = "bfloat16"
+
+    def attention_unavailable(self, name: str) -> str | None:
+        if name == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+            return "transformer_engine does not import in this environment (install TransformerEngine)"
+        return super().attention_unavailable(name)
 
     def network_env(self, ifname: str) -> dict[str, str]:
         env = super().network_env(ifname)

@@ -1,11 +1,27 @@
-"""Megatron-core (portable_rl's training actor) vs Hugging Face transformers: forward+backward time.
+"""Megatron-core (portable_rl's training actor) vs Hugging Face transformers: forward+backward time, tokens/s, MFU.
 
-Same weights, same token batch, same loss (a policy-gradient loss on response-token log-probs computed by
-portable_rl.training.logprobs), on the current platform with one rank. Prints one table with the median of
-``--iters`` timed iterations after one warm-up, and the ratio Megatron / HF (below 1 = Megatron faster).
+Same weights, same samples, same loss (a policy-gradient loss on response-token log-probs computed by
+portable_rl.training.logprobs), on the current platform with one rank. For each model it times, median of
+``--iters`` iterations after one warm-up:
 
-    python benchmarks/bench_megatron_vs_hf.py                # tiny Llama + a SmolLM2-135M-shaped model
-    python benchmarks/bench_megatron_vs_hf.py --models tiny  # tiny only (seconds)
+* ``megatron padded``: micro-batches of ``--micro-batch-size`` samples padded to one length;
+* ``megatron packed``: the same samples packed end to end into micro-batches of at most ``--max-tokens`` tokens
+  (``train.max_tokens_per_micro_batch``; with one ``--samples`` sample of ``--max-tokens`` tokens this is the
+  long-response case);
+* ``hf padded``: transformers (its SDPA attention) on the padded micro-batches.
+
+The trainer's attention is the platform's choice (``--attention`` overrides; ``doctor`` prints it), the dtype is
+``--dtype`` (``auto``: the platform's training dtype). ``ratio`` is time / HF time (below 1 = faster than HF).
+``MFU`` is model FLOPs / time / the platform's dense peak (``Platform.peak_flops``; "n/a" where unknown, e.g. CPU).
+Model FLOPs of fwd+bwd: ``6 * matmul parameters * tokens + 6 * layers * q_width * sum(len^2) / 2 * 2`` —
+the matmuls (lm head included, embedding lookup excluded) and causal attention (half the ``len x len`` scores).
+A Megatron run that fails (e.g. out of memory) prints its error in the row instead of a time.
+
+    python benchmarks/bench_megatron_vs_hf.py                          # tiny Llama, seconds on CPU
+    python benchmarks/bench_megatron_vs_hf.py --models tiny,smollm --samples 32 --prompt-len 64 \\
+        --response-len 448 --micro-batch-size 16 --max-tokens 8192      # SmolLM2-135M shape, 32x512 tokens
+    python benchmarks/bench_megatron_vs_hf.py --models qwen1.5b --samples 4 --prompt-len 64 \\
+        --response-len 8128 --micro-batch-size 1 --max-tokens 8192 --iters 3   # Qwen2.5-1.5B shape, 8k packs
 """
 
 from __future__ import annotations
@@ -25,25 +41,43 @@ from portable_rl.platform import current_platform
 from portable_rl.training.actor import ActorConfig, MegatronActor
 from portable_rl.training.batch import TrainBatch, to_micro_batch
 from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
+from portable_rl.training.model_builder import ModelSpec
 
-# SmolLM2-135M's shape (random init: only the shape matters for timing).
-SMOLLM_SHAPE = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-)
+# Shapes only (random init): the timing depends on the shape, not the weights.
+SHAPES = {
+    "smollm": dict(  # SmolLM2-135M
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+    ),
+    "qwen1.5b": dict(  # Qwen2.5-1.5B
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+    ),
+}
 
 
 def loss_fn(logp: torch.Tensor, entropy: torch.Tensor, mb: dict) -> tuple[torch.Tensor, dict]:
     mask = mb["loss_mask"]
-    return -(logp * mb["advantages"] * mask).sum() / mask.sum().clamp(min=1.0), {}
+    per_sample = (logp * mb["advantages"] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return -per_sample.mean(), {}
 
 
 def make_batch(vocab: int, samples: int, prompt_len: int, response_len: int) -> TrainBatch:
@@ -58,13 +92,28 @@ def make_batch(vocab: int, samples: int, prompt_len: int, response_len: int) -> 
     )
 
 
-def build_smollm_shaped(out: Path) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def build_shaped(name: str, out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(**SMOLLM_SHAPE, dtype="float32")
+    shape = dict(SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
     return out
+
+
+def model_flops(spec: ModelSpec, batch: TrainBatch) -> float:
+    """fwd+bwd FLOPs: 6 x matmul parameters x tokens + causal attention (see the module docstring)."""
+    h, q_width, kv_width = (
+        spec.hidden_size,
+        spec.num_attention_heads * spec.head_dim,
+        spec.num_kv_heads * spec.head_dim,
+    )
+    per_layer = h * (q_width + 2 * kv_width) + q_width * h + 3 * h * spec.intermediate_size
+    matmul_params = spec.num_layers * per_layer + spec.vocab_size * h
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_tokens, batch.response_tokens, strict=True)]
+    attention = 6 * spec.num_layers * q_width * sum(n * n for n in lengths)  # 12 * ... * n^2 / 2 (causal)
+    return 6.0 * matmul_params * sum(lengths) + attention
 
 
 def timed(fn, iters: int) -> float:
@@ -85,11 +134,7 @@ def hf_fwd_bwd(model, batch: TrainBatch, device, micro_batch_size: int):
         model.zero_grad(set_to_none=True)
         chunks = batch.micro_batches(micro_batch_size)
         for chunk in chunks:
-            mb = to_micro_batch(
-                chunk,
-                max(len(p) + len(r) for p, r in zip(chunk.prompt_tokens, chunk.response_tokens, strict=True)),
-                device,
-            )
+            mb = to_micro_batch(chunk, chunk.max_length(), device)
             logits = model(input_ids=mb.tokens).logits
             logp, ent = token_logprobs_and_entropy(logits[:, :-1], mb.tokens[:, 1:], vocab)
             logp = response_view(logp, mb.prompt_lengths, mb.response_lengths)
@@ -106,57 +151,109 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench(name: str, ckpt: Path, batch: TrainBatch, iters: int, micro_batch_size: int, actor_holder: list):
+def megatron_time(
+    ckpt: Path, batch: TrainBatch, args, holder: list, **extra
+) -> tuple[float | str, MegatronActor | None]:
+    config = ActorConfig(
+        hf_checkpoint=str(ckpt),
+        micro_batch_size=args.micro_batch_size,
+        seq_length_multiple=1,
+        dtype=args.dtype,
+        attention=args.attention,
+        **extra,
+    )
+    if holder:  # one process group per process: the next actor reuses it
+        holder[0].ps.destroy_model_parallel()
+        holder.clear()
+    try:
+        actor = MegatronActor(config, 0, 1, "127.0.0.1", free_port())
+        holder.append(actor)
+        return timed(lambda: actor.forward_backward(batch, loss_fn), args.iters), actor
+    except (RuntimeError, MemoryError) as exc:  # out of memory is the finding, not a crash of the benchmark
+        return f"failed: {str(exc).splitlines()[0][:60]}", None
+
+
+def bench(model: str, ckpt: Path, batch: TrainBatch, args, holder: list) -> list[tuple]:
     from transformers import AutoModelForCausalLM
 
     platform = current_platform()
+    spec = ModelSpec.from_hf(ckpt)
+    flops = model_flops(spec, batch)
+    tokens = batch.num_tokens()
+    shape = f"{len(batch)}x{batch.max_length()}"
+    rows = []
+    padded, actor = megatron_time(ckpt, batch, args, holder)
+    attention = holder[0].kernels.attention if holder else args.attention
+    dtype = holder[0].dtype if holder else None
+    rows.append(
+        (model, shape, f"megatron padded mbs {args.micro_batch_size} ({attention})", tokens, flops, padded)
+    )
+    if attention == "local":
+        packed = "n/a: attention=local (Megatron's unfused attention) cannot take packed sequences"
+    else:
+        packed, _ = megatron_time(ckpt, batch, args, holder, max_tokens_per_micro_batch=args.max_tokens)
+    rows.append((model, shape, f"megatron packed {args.max_tokens} tok ({attention})", tokens, flops, packed))
+    if dtype is None:
+        dtype = torch.bfloat16 if platform.default_train_dtype == "bfloat16" else torch.float32
     device = platform.torch_device(0)
-    config = ActorConfig(hf_checkpoint=str(ckpt), micro_batch_size=micro_batch_size, seq_length_multiple=1)
-    if actor_holder:  # one process group per process: later models reuse it
-        actor_holder[0].ps.destroy_model_parallel()
-    actor = MegatronActor(config, 0, 1, "127.0.0.1", free_port())
-    actor_holder[:] = [actor]
-    meg = timed(lambda: actor.forward_backward(batch, loss_fn), iters)
-    hf_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=actor.tconfig.params_dtype).to(device)
+    hf_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device)
     hf_model.train()
-    hf = timed(hf_fwd_bwd(hf_model, batch, device, micro_batch_size), iters)
-    tokens = sum(len(p) + len(r) for p, r in zip(batch.prompt_tokens, batch.response_tokens, strict=True))
-    return name, tokens, meg, hf
+    try:
+        hf = timed(hf_fwd_bwd(hf_model, batch, device, args.micro_batch_size), args.iters)
+    except (RuntimeError, MemoryError) as exc:
+        hf = f"failed: {str(exc).splitlines()[0][:60]}"
+    rows.append((model, shape, f"hf padded mbs {args.micro_batch_size} (sdpa)", tokens, flops, hf))
+    del hf_model
+    return [(*r, hf, str(dtype).removeprefix("torch.")) for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,smollm", help="comma list of: tiny, smollm")
+    parser.add_argument("--models", default="tiny", help="comma list of: tiny, smollm, qwen1.5b")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=512, help="token budget of a packed micro-batch")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--attention", default="auto", help="auto | transformer_engine | sdpa | local")
     args = parser.parse_args(argv)
+    platform = current_platform()
     rows, holder = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             if model == "tiny":
                 ckpt = build_tiny_checkpoint(Path(tmp) / "tiny", TinySpec(arch="llama"))
-                vocab = 400
-            elif model == "smollm":
-                ckpt = build_smollm_shaped(Path(tmp) / "smollm")
-                vocab = SMOLLM_SHAPE["vocab_size"]
+            elif model in SHAPES:
+                ckpt = build_shaped(model, Path(tmp) / model)
             else:
-                parser.error(f"unknown model {model!r}; choose from tiny, smollm")
+                parser.error(f"unknown model {model!r}; choose from tiny, {', '.join(SHAPES)}")
+            vocab = ModelSpec.from_hf(ckpt).vocab_size
             batch = make_batch(vocab, args.samples, args.prompt_len, args.response_len)
-            label = f"{model} ({args.samples}x{args.prompt_len + args.response_len} tok, mbs {args.micro_batch_size})"
-            rows.append(bench(label, ckpt, batch, args.iters, args.micro_batch_size, holder))
+            rows += bench(model, ckpt, batch, args, holder)
     if holder:
         holder[0].shutdown()
     print(
-        f"platform: {current_platform().name}, torch threads: {torch.get_num_threads()}, median of {args.iters}"
+        f"platform: {platform.name} ({', '.join(d.name for d in platform.devices) or 'no accelerator'}), "
+        f"torch threads: {torch.get_num_threads()}, median of {args.iters}"
     )
-    header = f"{'model':<40} {'tokens':>7} {'megatron fwd+bwd s':>19} {'hf fwd+bwd s':>13} {'ratio':>6}"
+    header = (
+        f"{'model':<9} {'batch':>9} {'path':<44} {'dtype':>8} {'fwd+bwd s':>10} {'tok/s':>9} "
+        f"{'ratio':>6} {'MFU':>6}"
+    )
     print(header)
     print("-" * len(header))
-    for name, tokens, meg, hf in rows:
-        print(f"{name:<40} {tokens:>7} {meg:>19.4f} {hf:>13.4f} {meg / hf:>6.2f}")
+    for model, shape, path, tokens, flops, secs, hf, dtype in rows:
+        if isinstance(secs, str):
+            print(f"{model:<9} {shape:>9} {path:<44} {dtype:>8} {secs}")
+            continue
+        peak = platform.peak_flops("bf16" if dtype == "bfloat16" else "fp32")
+        mfu = f"{flops / secs / peak:.1%}" if peak else "n/a"
+        ratio = f"{secs / hf:.2f}" if isinstance(hf, float) else "n/a"
+        print(
+            f"{model:<9} {shape:>9} {path:<44} {dtype:>8} {secs:>10.4f} {tokens / secs:>9.0f} {ratio:>6} {mfu:>6}"
+        )
     return 0
 
 

@@ -109,6 +109,15 @@ def load_workload(w: Workload):
     return recipe
 
 
+def train_dtype(recipe) -> str:
+    """The trainer's dtype: ``train.dtype``, with ``auto`` resolved as the trainer does (the platform's default)."""
+    if recipe.train.dtype != "auto":
+        return recipe.train.dtype
+    from portable_rl.platform import current_platform
+
+    return current_platform().default_train_dtype
+
+
 def trl_config_kwargs(recipe, w: Workload, output_dir: str, use_cpu: bool) -> dict[str, Any]:
     """``trl.GRPOConfig`` keyword arguments equal to ``recipe`` in everything that sets the work per step."""
     ro, tr, algo, opt = recipe.rollout, recipe.train, recipe.algo, recipe.train.optim
@@ -120,14 +129,15 @@ def trl_config_kwargs(recipe, w: Workload, output_dir: str, use_cpu: bool) -> di
         raise ValueError(
             f"algo.loss_agg={algo.loss_agg!r} has no TRL loss_type; use {sorted(LOSS_AGG_TO_TRL)}"
         )
-    if tr.dtype not in DTYPE_TO_TRL:
-        raise ValueError(f"train.dtype={tr.dtype!r} has no TRL equivalent; use {sorted(DTYPE_TO_TRL)}")
+    dtype = train_dtype(recipe)
+    if dtype not in DTYPE_TO_TRL:
+        raise ValueError(f"train.dtype={dtype!r} has no TRL equivalent; use {sorted(DTYPE_TO_TRL)}")
     if ro.stop or ro.stop_token_ids:
         raise ValueError(
             "rollout.stop / stop_token_ids have no TRL equivalent here; clear them for this benchmark"
         )
     batch = ro.prompts_per_step * ro.samples_per_prompt
-    bf16, fp16 = DTYPE_TO_TRL[tr.dtype]
+    bf16, fp16 = DTYPE_TO_TRL[dtype]
     return {
         "output_dir": output_dir,
         "max_steps": w.steps + 1,  # + warm-up step 1
@@ -158,7 +168,7 @@ def trl_config_kwargs(recipe, w: Workload, output_dir: str, use_cpu: bool) -> di
         "gradient_checkpointing": False,  # TRL 1.16 defaults to True; portable_rl does not recompute
         "bf16": bf16,
         "fp16": fp16,
-        "model_init_kwargs": {"dtype": tr.dtype},
+        "model_init_kwargs": {"dtype": dtype},
         "shuffle_dataset": False,
         "seed": recipe.run.seed,
         "use_cpu": use_cpu,
@@ -462,7 +472,7 @@ def describe(w: Workload) -> str:
         f"model {r.model.path}, {ro.prompts_per_step} prompts x {ro.samples_per_prompt} = "
         f"{ro.prompts_per_step * ro.samples_per_prompt} completions/step, max {ro.max_new_tokens} new tokens, "
         f"temperature {ro.temperature}, lr {r.train.optim.lr}, micro-batch {r.train.micro_batch_size}, "
-        f"{r.train.dtype}, {w.threads} threads, {w.steps} measured steps per side"
+        f"{train_dtype(r)}, {w.threads} threads, {w.steps} measured steps per side"
     )
 
 

@@ -12,6 +12,10 @@ Contract
 * Nothing here mutates the process. Side effects (env rewriting for workers, compat layers) happen only in
   ``prepare_process_env()`` / ``prepare_training_runtime()``, called explicitly by orchestration.
 * Code outside ``backends/`` and this module never names a vendor; it asks the platform.
+* ``trainer_kernels(requested)`` is the one answer to "which Megatron layer spec and core attention does the
+  trainer use here": the model builder and ``doctor`` both call it. ``"auto"`` takes the first entry of the
+  platform's ``trainer_attention_order`` that this process can run; an explicit choice it cannot run raises
+  ``UnsupportedKernel`` (one line naming the value and the fix).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from portable_rl.config.training import TRAINER_ATTENTION
 
 PLATFORM_ENV = "PORTABLE_RL_PLATFORM"
 
@@ -36,6 +42,20 @@ DETECTION_ORDER: tuple[str, ...] = ("rocm", "cuda", "cpu")
 
 class PlatformUnavailable(RuntimeError):
     """The requested platform cannot run on this host; the message is one line and names the fix."""
+
+
+class UnsupportedKernel(ValueError):
+    """A kernel choice this platform cannot run; the message is one line and names the fix."""
+
+
+@dataclass(frozen=True)
+class TrainerKernels:
+    """What the Megatron trainer builds with on this platform (``Platform.trainer_kernels``)."""
+
+    attention: str  # "transformer_engine" | "sdpa" | "local"
+    layer_spec: str  # Megatron layer spec: "transformer_engine" | "local"
+    packed_sequences: bool  # whether packed (token-budget) micro-batches can run on this attention
+    note: str
 
 
 class VisibilityError(ValueError):
@@ -84,7 +104,9 @@ class Platform:
     ray_noset_env: ClassVar[tuple[str, ...]]  # RAY_EXPERIMENTAL_NOSET_* we set so we own the masks
     comm_env_defaults: ClassVar[Mapping[str, str]]  # collective-library env applied to every worker
     runtime_env_defaults: ClassVar[Mapping[str, str]]  # other vendor env for workers and engines
-    megatron_attention_backend: ClassVar[str]  # Megatron AttnBackend name
+    # "auto" picks the first runnable entry; explicit choices outside this tuple (except "local") are refused.
+    trainer_attention_order: ClassVar[tuple[str, ...]] = ("sdpa",)
+    default_train_dtype: ClassVar[str] = "float32"  # what train.dtype=auto means here
     sglang_attention_backend: ClassVar[str]  # SGLang --attention-backend
     sglang_device: ClassVar[str]  # SGLang --device
     supports_numa_affinity: ClassVar[bool]  # device_cpus() can name the CPUs close to a device
@@ -117,6 +139,45 @@ class Platform:
     def kernels(self) -> list[KernelStatus]:
         """Optional kernel packages and what happens when each is missing."""
         return []
+
+    def attention_unavailable(self, name: str) -> str | None:
+        """Why core attention ``name`` cannot run in this process (None: it can)."""
+        if name in ("sdpa", "local"):
+            return None  # torch primitives: every platform
+        if name not in self.trainer_attention_order:
+            return f"platform {self.name!r} does not offer it (offers: {', '.join(self.trainer_attention_order)})"
+        return None
+
+    def trainer_kernels(self, requested: str = "auto") -> TrainerKernels:
+        """The layer spec and core attention the trainer uses for ``train.attention=requested``."""
+        if requested not in TRAINER_ATTENTION:
+            raise UnsupportedKernel(
+                f"train.attention={requested!r} is not one of {', '.join(TRAINER_ATTENTION)}; use auto"
+            )
+        if requested == "auto":
+            name = next(
+                a for a in (*self.trainer_attention_order, "sdpa") if not self.attention_unavailable(a)
+            )
+        else:
+            why = self.attention_unavailable(requested)
+            if why:
+                auto = self.trainer_kernels("auto").attention
+                raise UnsupportedKernel(
+                    f"train.attention={requested!r} cannot run here: {why}; use train.attention=auto "
+                    f"(here: {auto}) or sdpa"
+                )
+            name = requested
+        notes = {
+            "transformer_engine": "TransformerEngine layer spec and fused attention",
+            "sdpa": "Megatron local layer spec + torch scaled_dot_product_attention (memory linear in length)",
+            "local": "Megatron local layer spec + unfused DotProductAttention (s x s scores; no packing)",
+        }
+        return TrainerKernels(
+            attention=name,
+            layer_spec="transformer_engine" if name == "transformer_engine" else "local",
+            packed_sequences=name != "local",
+            note=notes[name],
+        )
 
     def resolve_visible_devices(self, env: Mapping[str, str] | None = None) -> list[int]:
         """Physical device indices visible to a process with ``env``; raises VisibilityError if contradictory."""
@@ -233,7 +294,8 @@ class Platform:
             "ray_noset_env": list(self.ray_noset_env),
             "comm_env_defaults": dict(self.comm_env_defaults),
             "runtime_env_defaults": dict(self.runtime_env_defaults),
-            "megatron_attention_backend": self.megatron_attention_backend,
+            "trainer_kernels": self.trainer_kernels().__dict__,
+            "default_train_dtype": self.default_train_dtype,
             "sglang_attention_backend": self.sglang_attention_backend,
             "sglang_device": self.sglang_device,
             "supports_numa_affinity": self.supports_numa_affinity,

@@ -27,7 +27,7 @@ from portable_rl.config.algo import AlgoConfig
 from portable_rl.config.data import PromptConfig
 from portable_rl.config.placement import NodePlacementConfig
 from portable_rl.config.rollout import RolloutConfig
-from portable_rl.config.training import OptimConfig, ParallelConfig
+from portable_rl.config.training import TRAINER_ATTENTION, OptimConfig, ParallelConfig
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
 
@@ -69,17 +69,34 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data_parallel: int = 1
     micro_batch_size: int = 4
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 | bfloat16 | auto (the platform's default_train_dtype: fp32 CPU, bf16 GPU)
     seed: int = 1234
     megatron_args: dict[str, Any] = field(default_factory=dict)  # --megatron-<name> pass-through
+    attention: str = "auto"  # auto | transformer_engine | sdpa | local (Platform.trainer_kernels)
+    max_tokens_per_micro_batch: int | None = None  # set: pack samples into micro-batches of this many tokens
 
     def __post_init__(self) -> None:
         if self.data_parallel < 1:
             raise ValueError(f"train.data_parallel={self.data_parallel} must be >= 1")
         if self.micro_batch_size < 1:
             raise ValueError(f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"train.dtype={self.dtype!r} is not one of float32, bfloat16")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"train.dtype={self.dtype!r} is not one of auto, float32, bfloat16")
+        if self.attention not in TRAINER_ATTENTION:
+            raise ValueError(
+                f"train.attention={self.attention!r} is not one of {', '.join(TRAINER_ATTENTION)}"
+            )
+        budget = self.max_tokens_per_micro_batch
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(
+                f"train.max_tokens_per_micro_batch={budget!r} must be an integer >= 1 (tokens per packed "
+                "micro-batch), or unset for micro-batches of train.micro_batch_size samples"
+            )
+        if budget is not None and self.attention == "local":
+            raise ValueError(
+                "train.max_tokens_per_micro_batch needs packed-sequence attention, which train.attention=local "
+                "(Megatron's unfused attention) lacks; use train.attention=auto"
+            )
 
     @property
     def world_size(self) -> int:

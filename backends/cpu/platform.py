@@ -1,4 +1,4 @@
-"""CPU platform: the embedded default. gloo collectives, torch SDPA, Megatron via the CPU compat layer.
+"""CPU platform: the embedded default. gloo collectives, torch SDPA (also the trainer's core attention), Megatron via the CPU compat layer.
 
 Always available. Megatron-core is made to run on a CPU-only torch by ``megatron_compat`` (installed by
 ``prepare_training_runtime``); the rollout default is portable_rl's own torch engine server, and the real
@@ -23,7 +23,8 @@ class CpuPlatform(Platform):
     ray_noset_env: ClassVar[tuple[str, ...]] = ()
     comm_env_defaults: ClassVar[dict[str, str]] = {}
     runtime_env_defaults: ClassVar[dict[str, str]] = {"TOKENIZERS_PARALLELISM": "false"}
-    megatron_attention_backend: ClassVar[str] = "local"
+    # TransformerEngine is GPU-only; torch's SDPA has fused CPU kernels (flash-style, memory linear in length).
+    trainer_attention_order: ClassVar[tuple[str, ...]] = ("sdpa",)
     sglang_attention_backend: ClassVar[str] = "torch_native"
     sglang_device: ClassVar[str] = "cpu"
     supports_numa_affinity: ClassVar[bool] = False
@@ -42,7 +43,7 @@ class CpuPlatform(Platform):
             KernelStatus(
                 "megatron local spec",
                 True,
-                "TransformerEngine is GPU-only; Megatron uses the local layer spec",
+                "TransformerEngine is GPU-only; the trainer uses Megatron's local spec + torch SDPA",
             ),
         ]
 
@@ -63,4 +64,5 @@ class CpuPlatform(Platform):
         return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def megatron_overrides(self) -> dict[str, Any]:
-        return {"use_cpu_initialization": True, "gradient_accumulation_fusion": False, "bf16": False}
+        # No precision flags here: train.dtype decides (bf16 runs on CPU through the compat layer too).
+        return {"use_cpu_initialization": True, "gradient_accumulation_fusion": False}

@@ -101,7 +101,6 @@ class CudaPlatform(TorchGpuPlatform):
         # Megatron's TP/SP communication overlap relies on in-order kernel launch.
         "CUDA_DEVICE_MAX_CONNECTIONS": "1",
     }
-    megatron_attention_backend: ClassVar[str] = "auto"
     sglang_attention_backend: ClassVar[str] = "flashinfer"
     sglang_device: ClassVar[str] = "cuda"
     supports_numa_affinity: ClassVar[bool] = True
@@ -148,12 +147,16 @@ class CudaPlatform(TorchGpuPlatform):
             KernelStatus(
                 "flash-attn",
                 fa,
-                "used by Megatron" if fa else "not installed: Megatron uses the local attention",
+                "not used by the trainer (TE or torch SDPA bring their own flash kernels)"
+                if fa
+                else "not installed: not needed (the trainer's attention is TE or torch SDPA)",
             ),
             KernelStatus(
                 "transformer-engine",
                 te,
-                "TE layer spec" if te else "not installed: Megatron uses the local layer spec",
+                "trainer: TE layer spec + TE attention"
+                if te
+                else "not installed: trainer uses Megatron's local spec + torch SDPA attention",
             ),
             KernelStatus("sglang", importlib.util.find_spec("sglang") is not None, "rollout engine on GPU"),
         ]

@@ -119,7 +119,6 @@ class RocmPlatform(TorchGpuPlatform):
         "SGLANG_USE_AITER": "1",
         "CUDA_DEVICE_MAX_CONNECTIONS": "1",
     }
-    megatron_attention_backend: ClassVar[str] = "auto"
     sglang_attention_backend: ClassVar[str] = "aiter"
     sglang_device: ClassVar[str] = "cuda"
     supports_numa_affinity: ClassVar[bool] = (
@@ -173,7 +172,16 @@ class RocmPlatform(TorchGpuPlatform):
             KernelStatus(
                 "flash-attn (CK)",
                 fa,
-                "used by Megatron" if fa else "not installed: Megatron uses the local attention",
+                "not used by the trainer (TE or torch SDPA bring their own flash kernels)"
+                if fa
+                else "not installed: not needed (the trainer's attention is TE or torch SDPA)",
+            ),
+            KernelStatus(
+                "transformer-engine",
+                importlib.util.find_spec("transformer_engine") is not None,
+                "trainer: TE layer spec + TE attention"
+                if importlib.util.find_spec("transformer_engine") is not None
+                else "not installed: trainer uses Megatron's local spec + torch SDPA attention",
             ),
             KernelStatus("sglang", importlib.util.find_spec("sglang") is not None, "rollout engine on GPU"),
         ]

@@ -1,7 +1,8 @@
 """`portable-rl doctor [--json]`: what platform this host is, why, and what workers will be given.
 
 Prints the detected platform and the reason, the env workers get (visibility, NOSET flags, collective env),
-kernel and communication choices, the image to pull, the devices, and what is missing with its consequence.
+kernel and communication choices (the trainer's attention comes from ``Platform.trainer_kernels``, the
+function the model builder calls), the image to pull, the devices, and what is missing with its consequence.
 Read-only: it probes but never changes the process env or creates a device context.
 """
 
@@ -49,7 +50,9 @@ def _print_text(facts: dict[str, Any]) -> None:
     row("devices", len(facts["devices"]) or "none (CPU)")
     for d in facts["devices"]:
         row(f"  [{d['index']}]", f"{d['name']} {d['arch'] or ''}".strip())
-    row("megatron attention", facts["megatron_attention_backend"])
+    k = facts["trainer_kernels"]
+    row("trainer attention", f"{k['attention']} (layer spec {k['layer_spec']}): {k['note']}")
+    row("trainer dtype (auto)", facts["default_train_dtype"])
     row(
         "sglang args",
         " ".join(f"--{k.replace('_', '-')} {v}" for k, v in facts["sglang_server_args"].items()),

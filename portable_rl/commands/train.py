@@ -1,7 +1,7 @@
 """`portable-rl train RECIPE.yaml [overrides] [--resume] [--check-weight-update]`: the training job.
 
 Everything the user gave is validated before anything is written (recipe, overrides, platform, run directory,
-trainer ranks vs this host's CPUs/devices, model, prompt files and chat template, reward and filter imports);
+trainer ranks vs this host's CPUs/devices, the trainer's attention choice, model, prompt files and chat template, reward and filter imports);
 a bad value is one line on stderr and exit code 2. The resolved config written to the run directory shows
 credentials (e.g. ``--sglang-api-key``) as ``***``.
 """
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = RunDir(Path(recipe.run.output_dir))
         run_dir.check(resume=args.resume)
         _check_placement(recipe, platform)
+        _check_trainer_kernels(recipe, platform)
         _check_model(recipe)
         _check_prompts(recipe)
         _check_reward_and_filter(recipe)
@@ -122,6 +123,16 @@ def _check_placement(recipe, platform) -> None:
             f"{ranks}{engines} need {need:g} CPUs ({share:g} per device, {CPUS_PER_DEVICE_ENV}) but {source} "
             f"gives {have}; lower train.parallel / train.data_parallel / rollout.num_engines or raise run.num_cpus"
         )
+
+
+def _check_trainer_kernels(recipe, platform) -> None:
+    """train.attention must be one this platform runs (the trainer asks the same ``trainer_kernels``)."""
+    from portable_rl.platform import UnsupportedKernel
+
+    try:
+        platform.trainer_kernels(recipe.train.attention)
+    except UnsupportedKernel as exc:
+        raise UserError(str(exc)) from None
 
 
 def _check_model(recipe) -> None:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Trainer core-attention choices (``train.attention``):
+#   transformer_engine  Megatron's TE layer spec (fused kernels; packed sequences through TE's own attention)
+#   sdpa                Megatron's local layer spec with portable_rl's torch scaled_dot_product_attention core
+#                       attention (memory linear in the sequence; packed samples attend only to themselves)
+#   local               Megatron's own unfused DotProductAttention (materialises the s x s scores; no packing)
+TRAINER_ATTENTION = ("auto", "transformer_engine", "sdpa", "local")
+
 
 @dataclass
 class ParallelConfig:

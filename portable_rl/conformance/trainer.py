@@ -4,14 +4,20 @@ One spawn of two ranks (``torch.multiprocessing``, the platform's dist backend) 
 ``MegatronActor`` from tiny Llama / Qwen2 / Qwen3 checkpoints, at TP1 (data-parallel over the two ranks) and
 TP2, and records: the full-vocabulary logits of a fixed batch (gathered over TP), the trainer's response
 log-probs (``compute_logprobs``), the HF weights it exports (``named_hf_weights``) and, for Llama, the losses
-of two seeded training steps (twice at TP1, once at TP2). When the rollout engine exists, its samples
+of two seeded training steps (twice at TP1, once at TP2), and, for Llama at TP1, one training step over
+variable-length samples packed into token-budget micro-batches and the same step one sample per micro-batch
+(log-probs and entropy the loss function saw, the loss, the gradient norm). The trainer runs in the platform's
+default training dtype (``train.dtype=auto``: fp32 on CPU, bf16 on GPUs). When the rollout engine exists, its samples
 (``conformance.engine``) are scored at TP1 too, for ``rollout.engine_vs_trainer_logprobs``. Megatron is only ever imported in those workers:
 the CPU platform's Megatron runtime patches torch process-wide.
 
 The parent compares with transformers run in float64 on the CPU from the same checkpoint:
 
 * ``training.megatron_vs_hf_logits`` / ``..._logprobs``: max abs difference, worst architecture;
-* ``training.hf_roundtrip``: max abs difference of exported weights from the checkpoint (0: bit-equal);
+* ``training.hf_roundtrip``: max abs difference of exported weights from the checkpoint cast to the trainer's
+  dtype (0: bit-equal; in bf16 the parameters are the checkpoint rounded once to bf16, nothing else);
+* ``training.packed_vs_unpacked``: max abs difference of log-probs, entropy, loss and gradient norm, packed
+  micro-batches against one sample at a time (fp32 rounding on CPU);
 * ``training.tp2_vs_tp1``: max abs difference of logits and of the two training losses, TP2 against TP1;
 * ``determinism.megatron_train_steps``: difference of the losses of two seeded TP1 runs (tolerance 0).
 
@@ -35,6 +41,10 @@ TRAINER_MODULE = "portable_rl.training.actor"
 PROMPT, RESPONSE = 4, 28
 LR = 1e-3
 SEED = 1234
+# Variable-length (prompt, response) samples for packed_vs_unpacked; a 40-token budget packs them 2-3 at a time
+# and leaves the 44-token sample in a micro-batch of its own (longer than the budget).
+PACKED_SAMPLES = ((3, 9), (6, 14), (4, 40), (5, 7), (2, 11), (8, 20))
+PACK_BUDGET = 40
 
 
 def fixed_tokens(vocab_size: int) -> list[list[int]]:
@@ -70,12 +80,13 @@ def _worker(
     def mark(what: str) -> None:
         record["timings"][what] = round(time.perf_counter() - t0, 2)
 
-    def build(arch: str, tp: int) -> MegatronActor:
+    def build(arch: str, tp: int, **extra: Any) -> MegatronActor:
         cfg = ActorConfig(
             hf_checkpoint=ckpts[arch],
             parallel=ParallelConfig(tensor_parallel=tp),
             optim=OptimConfig(lr=LR, clip_grad=0.0),
             seed=SEED,
+            **extra,
         )
         device = rank if world > 1 else 0
         return MegatronActor(cfg, rank, world, "127.0.0.1", next(port), local_device=device)
@@ -114,6 +125,35 @@ def _worker(
 
         return [float(actor.train_step(batch, loss_fn)["loss"]) for _ in range(2)]
 
+    def packed_vs_unpacked(arch: str, vocab: int) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(11)
+        draw = [torch.randint(3, vocab, (p + r,), generator=gen).tolist() for p, r in PACKED_SAMPLES]
+        batch = TrainBatch(
+            prompt_tokens=[t[:p] for t, (p, _) in zip(draw, PACKED_SAMPLES, strict=True)],
+            response_tokens=[t[p:] for t, (p, _) in zip(draw, PACKED_SAMPLES, strict=True)],
+            loss_masks=[[1] * r for _, r in PACKED_SAMPLES],
+        )
+        out: dict[str, Any] = {}
+        for name, extra in (
+            ("unpacked", {"micro_batch_size": 1}),
+            ("packed", {"max_tokens_per_micro_batch": PACK_BUDGET}),
+        ):
+            seen: list[tuple[Any, Any]] = []
+
+            def loss_fn(logp, ent, mb, seen=seen):
+                mask = mb["loss_mask"]
+                for i, n in enumerate(mb["response_lengths"].tolist()):
+                    seen.append((logp[i, :n].detach().float().cpu(), ent[i, :n].detach().float().cpu()))
+                # mean over samples of per-sample token means: the same objective at any micro-batching
+                per_sample = ((logp + 0.01 * ent) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+                return -per_sample.mean(), {}
+
+            packed_actor = build(arch, 1, **extra)
+            metrics = packed_actor.train_step(batch, loss_fn)
+            packed_actor.shutdown()
+            out[name] = {"seen": seen, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+        return out
+
     mark("imported")
     for arch in ckpts:
         actor = build(arch, 1)
@@ -130,13 +170,16 @@ def _worker(
             record["llama/tp1/engine_logprobs"] = actor.compute_logprobs(rollout)
         if arch == "llama":
             record["llama/tp1/losses"] = train(actor, batch)
+            record["dtype"] = str(actor.dtype).removeprefix("torch.")
         actor.shutdown()
         mark(f"{arch}/tp1 done")
         if arch == "llama":
             actor = build(arch, 1)
             record["llama/tp1/losses_again"] = train(actor, batch)
+            vocab = actor.spec.vocab_size
             actor.shutdown()
-            mark(f"{arch}/tp1 again done")
+            record["llama/tp1/packed_vs_unpacked"] = packed_vs_unpacked(arch, vocab)
+            mark(f"{arch}/tp1 again and packed done")
         if world > 1:
             actor = build(arch, 2)
             record[f"{arch}/tp2"] = forward(actor, batch)
@@ -169,7 +212,7 @@ def run_trainer_workers(ctx: Context) -> dict[str, Any]:
             samples = engine_samples(ctx)  # scored by the trainer for rollout.engine_vs_trainer_logprobs
         except Exception:  # noqa: BLE001 - the rollout checks report the engine's failure themselves
             samples = None
-    ports = free_ports(8, "127.0.0.1")
+    ports = free_ports(12, "127.0.0.1")
     mp.start_processes(
         _worker,
         args=(world, ctx.platform.name, ckpts, ports, str(out), samples),
@@ -246,28 +289,54 @@ def check_megatron_vs_hf_logprobs(ctx: Context, dtype: str | None) -> Measuremen
     )
 
 
-def _roundtrip_error(got: dict[str, Any], ckpt: Path) -> float:
+def _roundtrip_error(got: dict[str, Any], ckpt: Path, dtype: str) -> float:
+    import torch
     from safetensors.torch import load_file
 
     source = load_file(str(ckpt / "model.safetensors"))
     exported = got["weights"]
     if set(exported) != set(source):
         return float("inf")
-    return max(_max_abs(exported[n], source[n]) for n in source)
+    # Expectation per dtype: bit-equal to the checkpoint cast once to the trainer's dtype.
+    cast = getattr(torch, dtype)
+    return max(_max_abs(exported[n], source[n].to(cast)) for n in source)
 
 
 @register(
     "training.hf_roundtrip",
-    "max |HF weights exported by the trainer (TP1 and TP2, before any step) - the checkpoint loaded|",
+    "max |HF weights exported by the trainer (TP1 and TP2, before any step) - the checkpoint loaded, cast to "
+    "the trainer's dtype|",
     **_NEEDS,
 )
 def check_hf_roundtrip(ctx: Context, dtype: str | None) -> Measurement:
     rec = trainer_record(ctx)
     errs = {}
+    trainer_dtype = rec.get("dtype", "float32")
     for key in sorted(k for k in rec if k.count("/") == 1):
-        errs[key] = _roundtrip_error(rec[key], ctx.tiny_checkpoint(key.split("/")[0]))
+        errs[key] = _roundtrip_error(rec[key], ctx.tiny_checkpoint(key.split("/")[0]), trainer_dtype)
     worst = max(errs, key=errs.get)
-    return Measurement(errs[worst], f"{len(errs)} exports, worst {worst}")
+    return Measurement(errs[worst], f"{len(errs)} exports in {trainer_dtype}, worst {worst}")
+
+
+@register(
+    "training.packed_vs_unpacked",
+    "max |packed token-budget micro-batches - one sample per micro-batch| over the log-probs and entropy the "
+    "loss saw, the loss and the gradient norm of one training step (llama, TP1, variable lengths)",
+    **_NEEDS,
+)
+def check_packed_vs_unpacked(ctx: Context, dtype: str | None) -> Measurement:
+    rec = trainer_record(ctx)["llama/tp1/packed_vs_unpacked"]
+    ref, got = rec["unpacked"], rec["packed"]
+    if len(ref["seen"]) != len(got["seen"]) or not ref["seen"]:
+        return Measurement(float("inf"), f"{len(got['seen'])} packed rows vs {len(ref['seen'])} unpacked")
+    logp = max(_max_abs(a[0], b[0]) for a, b in zip(got["seen"], ref["seen"], strict=True))
+    ent = max(_max_abs(a[1], b[1]) for a, b in zip(got["seen"], ref["seen"], strict=True))
+    loss = abs(got["loss"] - ref["loss"])
+    grad = abs(got["grad_norm"] - ref["grad_norm"])
+    return Measurement(
+        max(logp, ent, loss, grad),
+        f"logprobs {logp:.3g}, entropy {ent:.3g}, loss {loss:.3g}, grad_norm {grad:.3g}",
+    )
 
 
 @register(

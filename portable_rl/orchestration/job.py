@@ -203,6 +203,8 @@ class Job:
             dtype=t.dtype,
             ref_checkpoint=str(self.model_dir) if r.algo.uses_reference else None,
             megatron_overrides=dict(t.megatron_args),
+            attention=t.attention,
+            max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
         )
 
     def __exit__(self, *exc: Any) -> None:

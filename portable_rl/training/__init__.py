@@ -4,8 +4,11 @@ Modules (each states its own contract):
 
 * ``actor``        ``MegatronActor`` — one per rank (Ray actor or in-process): train_step(batch, loss_fn),
                    compute_logprobs, save/load_checkpoint, export_hf, named_hf_weights; typed configs.
-* ``batch``        ``TrainBatch`` (what the actor consumes) and the padded ``MicroBatch`` a loss function sees.
-* ``model_builder`` ``ModelSpec`` from a HF config (Llama, Qwen2, Qwen3) and the Megatron model/config.
+* ``batch``        ``TrainBatch`` (what the actor consumes), token-budget packing, and the padded or packed
+                   ``MicroBatch`` (a loss function sees the same tensors either way).
+* ``model_builder`` ``ModelSpec`` from a HF config (Llama, Qwen2, Qwen3) and the Megatron model/config; the
+                   layer spec comes from the platform's ``trainer_kernels`` answer.
+* ``attention``    ``SdpaCoreAttention``: Megatron core attention on torch SDPA (padded or packed ``thd``).
 * ``convert``      HF safetensors <-> Megatron tensors, TP-sharded, both directions; HF checkpoint writer.
 * ``logprobs``     per-token log-probs and entropy from vocab-parallel logits.
 * ``checkpoint``   resumable checkpoints (model, optimizer, RNG, step) and HF weights out of a sharded model.

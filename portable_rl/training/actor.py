@@ -14,7 +14,11 @@ Public interface
 
 ``train_step(batch: TrainBatch, loss_fn) -> dict[str, float]``
     One optimizer step over the whole ``batch``. Each DP rank takes its contiguous shard; the shard is cut into
-    micro-batches of ``micro_batch_size`` samples, all padded to one sequence length. For every micro-batch
+    micro-batches of ``micro_batch_size`` samples, all padded to one sequence length, or, with
+    ``max_tokens_per_micro_batch`` set, packed: consecutive samples laid end to end without padding up to that
+    many tokens (``TrainBatch.pack``; a longer sample gets a micro-batch of its own), attention kept inside each
+    sample and positions restarting per sample. With pipeline parallelism every packed micro-batch of a step
+    is padded to the step's longest (Megatron's pipeline sends one tensor shape). For every micro-batch
     ``loss_fn(logprobs, entropy, mb) -> (loss, metrics)`` is called, where ``logprobs``/``entropy`` are
     ``[b, L]`` over response tokens (differentiable) and ``mb`` is ``MicroBatch.as_loss_batch()`` plus
     ``global_num_samples`` and ``global_num_tokens`` (whole batch, all DP ranks). With
@@ -42,12 +46,20 @@ Public interface
 ``save_checkpoint(path) / load_checkpoint(path) -> int``
     Model + optimizer + RNG + step (see ``checkpoint.py``); load returns the restored step.
 
-``export_hf(path) -> str``
-    Writes a HF checkpoint (safetensors + the source config/tokenizer) from rank 0; returns the path.
+``export_hf(path, dtype=None) -> str``
+    Writes a HF checkpoint (safetensors + the source config/tokenizer) from rank 0; returns the path. The
+    tensors are the master weights cast to ``dtype`` (default: the training dtype); a dtype wider than the
+    training dtype (fp32 from a bf16 trainer) reads the optimizer's fp32 masters themselves.
 
 ``named_hf_weights(all_stages=True) -> Iterator[(hf_name, full_tensor)]``
     For weight sync inside the actor process; collective over TP (and PP when ``all_stages``). Use it on the
     rank(s) where ``is_weight_source`` is true; the other ranks must still iterate it to take part.
+
+Kernels and precision: ``config.attention`` goes through ``Platform.trainer_kernels`` (the answer ``doctor``
+prints) and picks the layer spec and core attention. ``config.dtype`` ("auto" = the platform's
+``default_train_dtype``) is the compute and parameter dtype; in bf16 Megatron's mixed-precision optimizer keeps
+fp32 master weights and copies them, cast to bf16, into the parameters after every step, so the weights this
+actor exports or sends (its parameters) are the master weights cast to the training dtype.
 
 Collectives: the world group and Megatron's groups time out after ``parallel.collective_timeout_s``; a
 collective that times out or loses a peer inside one of the methods above raises ``CollectiveTimeout`` naming
@@ -58,6 +70,7 @@ the trainer world, this rank and the ranks it waited for.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import math
@@ -69,10 +82,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from portable_rl.config.training import OptimConfig, ParallelConfig
+from portable_rl.config.training import TRAINER_ATTENTION, OptimConfig, ParallelConfig
 from portable_rl.distributed import collective_errors
 from portable_rl.platform import current_platform
-from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch
+from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch, to_packed_micro_batch
 from portable_rl.training.checkpoint import Layout, iter_hf_weights, load_checkpoint, save_checkpoint
 from portable_rl.training.convert import HFWeights, load_hf_into_model, save_hf_checkpoint
 from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
@@ -100,19 +113,37 @@ class ActorConfig:
     micro_batch_size: int = 1
     temperature: float = 1.0
     seed: int = 1234
-    dtype: str = "float32"  # "bfloat16" where the platform supports it (platform overrides may force it)
+    dtype: str = "auto"  # "float32" | "bfloat16" | "auto" (the platform's default_train_dtype)
     ref_checkpoint: str | None = None
     loss_scaling: str = "sample_share"  # or "global_sum"
     seq_length_multiple: int = 8  # pad sequences to a multiple (one shape per step; PP needs one anyway)
     megatron_overrides: dict[str, Any] = field(default_factory=dict)  # user --megatron-* flags
+    attention: str = "auto"  # Platform.trainer_kernels: auto | transformer_engine | sdpa | local
+    # Set: packed micro-batches of at most this many prompt+response tokens (a longer sample alone); the packed
+    # row is then zero-padded up to a multiple of seq_length_multiple (pipeline parallelism: the step's longest).
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        if self.attention not in TRAINER_ATTENTION:
+            raise ValueError(f"attention={self.attention!r} is not one of {', '.join(TRAINER_ATTENTION)}")
+        budget = self.max_tokens_per_micro_batch
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise ValueError(
+                    f"max_tokens_per_micro_batch={budget!r} must be an integer >= 1 (or unset for "
+                    "micro-batches of micro_batch_size samples)"
+                )
+            if self.attention == "local":
+                raise ValueError(
+                    "max_tokens_per_micro_batch needs packed-sequence attention; attention='local' (Megatron's "
+                    "unfused DotProductAttention) has none: use attention=auto"
+                )
         if self.loss_scaling not in ("sample_share", "global_sum"):
             raise ValueError(f"loss_scaling={self.loss_scaling!r} must be 'sample_share' or 'global_sum'")
         if self.seq_length_multiple < 1:
@@ -145,6 +176,8 @@ class MegatronActor:
         self.config = config
         self.platform = current_platform()
         self.platform.prepare_training_runtime()
+        self.kernels = self.platform.trainer_kernels(config.attention)
+        self.dtype = _DTYPES[self.platform.default_train_dtype if config.dtype == "auto" else config.dtype]
         tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
         if world_size % (tp * pp):
             raise ValueError(f"world_size={world_size} is not a multiple of TP*PP={tp * pp}")
@@ -201,8 +234,8 @@ class MegatronActor:
     def _build(self, checkpoint: str):
         ModelSpec.from_hf(checkpoint)  # fail early with a clear message on an unsupported config
         tp, pp = self.layout.tensor_parallel, self.layout.pipeline_parallel
-        tconfig = transformer_config(self.spec, tp, pp, _DTYPES[self.config.dtype], self._overrides())
-        model = build_gpt_model(self.spec, tconfig)
+        tconfig = transformer_config(self.spec, tp, pp, self.dtype, self._overrides())
+        model = build_gpt_model(self.spec, tconfig, self.kernels)
         if self.device.type != "cpu":
             model = model.to(self.device)
         load_hf_into_model(
@@ -278,6 +311,8 @@ class MegatronActor:
 
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[MicroBatch], int]:
         local = batch.shard(self.layout.dp_rank, self.layout.data_parallel)
+        if self.config.max_tokens_per_micro_batch is not None:
+            return self._packed_micro_batches(local)
         chunks = local.micro_batches(self.config.micro_batch_size)
         if self.layout.pipeline_parallel > 1 and len(local) % self.config.micro_batch_size:
             raise ValueError(
@@ -286,6 +321,31 @@ class MegatronActor:
             )
         seq_len = self._seq_len(batch)
         return [to_micro_batch(c, seq_len, self.device) for c in chunks], seq_len
+
+    def _packed_micro_batches(self, local: TrainBatch) -> tuple[list[MicroBatch], int]:
+        packs = local.pack(self.config.max_tokens_per_micro_batch)
+        m = self.config.seq_length_multiple
+        lengths = [max(m, math.ceil(p.num_tokens() / m) * m) for p in packs]
+        if self.layout.pipeline_parallel > 1:
+            # Every pipeline stage holds the same shard, so this maximum is the same on all of them.
+            lengths = [max(lengths)] * len(lengths)
+        mbs = [to_packed_micro_batch(p, n, self.device) for p, n in zip(packs, lengths, strict=True)]
+        return mbs, max(lengths)
+
+    def _packed_seq_params(self, mb: MicroBatch):
+        if mb.cu_seqlens is None:
+            return None
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=mb.cu_seqlens,
+            cu_seqlens_kv=mb.cu_seqlens,
+            max_seqlen_q=mb.max_seqlen,
+            max_seqlen_kv=mb.max_seqlen,
+        )
+        params.host_cu_seqlens = mb.segment_bounds  # read by SdpaCoreAttention without a device sync
+        return params
 
     def _logprobs(self, output: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logp, ent = token_logprobs_and_entropy(
@@ -296,8 +356,8 @@ class MegatronActor:
             temperature=self.config.temperature,
         )
         return (
-            response_view(logp, mb.prompt_lengths, mb.response_lengths),
-            response_view(ent, mb.prompt_lengths, mb.response_lengths),
+            response_view(logp, mb.prompt_lengths, mb.response_lengths, mb.sample_starts),
+            response_view(ent, mb.prompt_lengths, mb.response_lengths, mb.sample_starts),
         )
 
     def _run(self, model, micro_batches: list[MicroBatch], seq_len: int, loss_func_for, forward_only: bool):
@@ -305,7 +365,7 @@ class MegatronActor:
 
         def forward_step(data_iterator, chunk):
             mb = next(data_iterator)
-            output = chunk(mb.tokens, mb.position_ids, None)
+            output = chunk(mb.tokens, mb.position_ids, None, packed_seq_params=self._packed_seq_params(mb))
             return output, loss_func_for(mb)
 
         return get_forward_backward_func()(
@@ -477,14 +537,48 @@ class MegatronActor:
 
     @_names_collective_failures
     def export_hf(self, path: str, dtype: str | None = None) -> str:
-        weights = self.named_hf_weights(all_stages=True)
-        if dist.get_rank() == 0:
-            save_hf_checkpoint(weights, path, self.config.hf_checkpoint, _DTYPES[dtype] if dtype else None)
-        else:
-            for _ in weights:  # take part in the gathers; rank 0 writes
-                pass
+        """HF checkpoint in ``dtype`` (default: the training dtype), from the master weights cast to it."""
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"export dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+        wider = dtype is not None and _DTYPES[dtype].itemsize > self.dtype.itemsize
+        with self._master_weights() if wider else contextlib.nullcontext():
+            weights = self.named_hf_weights(all_stages=True)
+            if dist.get_rank() == 0:
+                save_hf_checkpoint(
+                    weights, path, self.config.hf_checkpoint, _DTYPES[dtype] if dtype else None
+                )
+            else:
+                for _ in weights:  # take part in the gathers; rank 0 writes
+                    pass
         dist.barrier()
         return str(path)
+
+    @contextlib.contextmanager
+    def _master_weights(self) -> Iterator[None]:
+        """Parameters temporarily hold their fp32 master values (the optimizer's), for a wider export.
+
+        In the training dtype the parameters already are the masters cast to it; only a wider export needs the
+        masters themselves. The distributed optimizer shards them over data-parallel ranks: refused there.
+        """
+        if self.config.parallel.distributed_optimizer:
+            raise ValueError(
+                f"exporting wider than the training dtype ({self.dtype}) needs whole fp32 master weights, which "
+                "the distributed optimizer shards; export in the training dtype or train without it"
+            )
+        pairs = []
+        for opt in [self.optimizer, *getattr(self.optimizer, "chained_optimizers", [])]:
+            for params, masters in zip(
+                getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", []), strict=True
+            ):
+                pairs += list(zip(params, masters, strict=True))
+        saved = [(param, param.data) for param, _ in pairs]
+        try:
+            for param, master in pairs:
+                param.data = master.data
+            yield
+        finally:
+            for param, data in saved:
+                param.data = data
 
     def shutdown(self) -> None:
         if self.ps.model_parallel_is_initialized():

@@ -11,10 +11,20 @@ Contract
   ``portable_rl.data.types.Sample`` objects (``rollout_logprobs`` and ``rewards`` are taken from the samples).
 * ``shard(rank, size)``: this data-parallel rank's samples (contiguous, equal-sized; the batch size must divide).
 * ``micro_batches(size)``: consecutive chunks of ``size`` samples.
+* ``pack(max_tokens)``: consecutive samples grouped in order, each group's prompt+response tokens summing to at
+  most ``max_tokens`` (``train.max_tokens_per_micro_batch``). A sample longer than ``max_tokens`` is not
+  refused and not cut: it becomes a micro-batch of its own (cutting would change its log-probs; refusing
+  would throw a finished rollout away), so the budget bounds every micro-batch except single over-long ones.
 * ``MicroBatch`` (``to_micro_batch``): padded tensors the model and a loss function use. ``tokens`` [b, T]
   (right-padded with 0), ``position_ids`` [b, T]; response-aligned ``[b, L]`` tensors: ``loss_mask`` (0 on
   padding) and every token field; ``[b]`` tensors for sample fields; ``prompt_lengths``/``response_lengths``.
   ``as_loss_batch()`` gives the dict a ``loss_fn`` sees.
+* ``to_packed_micro_batch(batch, seq_len)``: the same ``MicroBatch`` with the samples laid end to end in one row
+  (``tokens``/``position_ids`` [1, seq_len], positions restarting at 0 per sample, zero padding after the
+  last sample). ``sample_starts[i]`` is sample i's offset in the row; ``cu_seqlens`` (int32, the samples and
+  the padding as one trailing segment; ``segment_bounds`` the same as a list) and ``max_seqlen`` describe the
+  layout to the model (Megatron's ``thd`` format). The loss-side tensors are the same ``[b, L]`` / ``[b]`` as unpacked, so a ``loss_fn``
+  cannot tell the difference.
 """
 
 from __future__ import annotations
@@ -105,6 +115,23 @@ class TrainBatch:
             raise ValueError(f"micro_batch_size={size} must be >= 1")
         return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
+    def pack(self, max_tokens: int) -> list[TrainBatch]:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens_per_micro_batch={max_tokens!r} must be an integer >= 1")
+        groups: list[list[int]] = []
+        used = 0
+        for i in range(len(self)):
+            n = len(self.prompt_tokens[i]) + len(self.response_tokens[i])
+            if not groups or used + n > max_tokens:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += n
+        return [self.select(g) for g in groups]
+
+    def num_tokens(self) -> int:
+        return sum(len(p) + len(r) for p, r in zip(self.prompt_tokens, self.response_tokens, strict=True))
+
     def max_length(self) -> int:
         return max(
             (len(p) + len(r) for p, r in zip(self.prompt_tokens, self.response_tokens, strict=True)),
@@ -121,6 +148,11 @@ class MicroBatch:
     response_lengths: list[int]
     token_fields: dict[str, torch.Tensor]  # [b, L] float32
     sample_fields: dict[str, torch.Tensor]  # [b] float32
+    # Packed layout only (tokens is [1, T]): where each sample starts, and the thd description for the model.
+    sample_starts: list[int] | None = None
+    cu_seqlens: torch.Tensor | None = None  # [segments + 1] int32
+    segment_bounds: list[int] | None = None  # the same bounds as a host list
+    max_seqlen: int = 0
 
     def as_loss_batch(self) -> dict[str, Any]:
         return {
@@ -160,3 +192,28 @@ def to_micro_batch(batch: TrainBatch, seq_len: int, device: torch.device | str =
             k: torch.tensor(v, dtype=torch.float32).to(device) for k, v in batch.sample_fields.items()
         },
     )
+
+
+def to_packed_micro_batch(batch: TrainBatch, seq_len: int, device: torch.device | str = "cpu") -> MicroBatch:
+    """``batch``'s samples end to end in one row of ``seq_len`` tokens (>= their total), then to ``device``."""
+    total = batch.num_tokens()
+    if total > seq_len:
+        raise ValueError(f"{total} packed tokens do not fit seq_len={seq_len}")
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_tokens, batch.response_tokens, strict=True)]
+    flat = [t for p, r in zip(batch.prompt_tokens, batch.response_tokens, strict=True) for t in p + r]
+    pad = seq_len - total
+    segments = lengths + ([pad] if pad else [])  # padding attends only to itself: its own segment
+    tokens = torch.zeros(1, seq_len, dtype=torch.int64)
+    tokens[0, :total] = torch.tensor(flat, dtype=torch.int64)
+    positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in segments]).unsqueeze(0)
+    bounds = [0]
+    for n in segments:
+        bounds.append(bounds[-1] + n)
+    padded = to_micro_batch(batch, max(lengths), device)
+    padded.tokens = tokens.to(device)
+    padded.position_ids = positions.to(device)
+    padded.sample_starts = bounds[: len(lengths)]
+    padded.cu_seqlens = torch.tensor(bounds, dtype=torch.int32).to(device)
+    padded.segment_bounds = bounds
+    padded.max_seqlen = max(segments)
+    return padded

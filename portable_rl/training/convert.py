@@ -15,6 +15,9 @@ Two layers, kept apart so each is simple and testable:
 On top: ``load_hf_into_model`` (strict: every model tensor must be filled and every produced tensor used),
 ``HFWeights`` (lazy safetensors reader, single file or sharded index) and ``save_hf_checkpoint`` (writes
 safetensors plus the source checkpoint's config/tokenizer files so transformers and SGLang load the result).
+Layer specs: names are the local spec's. TransformerEngine's spec fuses the two pre-norms into the following
+linear (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``); ``te_name`` /
+``local_spec_name`` translate, so loading and export work with either spec (the tensors are identical).
 Tied embeddings: HF stores only ``model.embed_tokens.weight``; a Megatron last pipeline stage that holds its own
 output copy receives the embedding, and export never emits ``lm_head.weight`` for a tied model.
 """
@@ -49,6 +52,30 @@ _TOP_SIMPLE = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
 }
+
+
+# Local-spec layer suffix -> TransformerEngine-spec suffix (norm fused into the next linear layer).
+_TE_FUSED_NORMS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+_LOCAL_NORMS = {te: local for local, te in _TE_FUSED_NORMS.items()}
+
+
+def te_name(name: str) -> str:
+    """A local-spec Megatron tensor name as TransformerEngine's layer spec names it."""
+    match = _LAYER.match(name)
+    if match and match.group(3)[1:] in _TE_FUSED_NORMS:
+        return f"{match.group(1)}{match.group(2)}.{_TE_FUSED_NORMS[match.group(3)[1:]]}"
+    return name
+
+
+def local_spec_name(name: str) -> str:
+    """Inverse of ``te_name`` (names that are the same in both specs pass through)."""
+    match = _LAYER.match(name)
+    if match and match.group(3)[1:] in _LOCAL_NORMS:
+        return f"{match.group(1)}{match.group(2)}.{_LOCAL_NORMS[match.group(3)[1:]]}"
+    return name
 
 
 class ConversionError(ValueError):
@@ -123,6 +150,7 @@ def hf_to_megatron(
 
 def megatron_to_hf(spec: ModelSpec, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """HF tensors for one full Megatron tensor (global layer index in ``name``); [] for tied outputs."""
+    name = local_spec_name(name)
     if name in _TOP_SIMPLE:
         if name == "output_layer.weight" and spec.tie_word_embeddings:
             return []
@@ -257,6 +285,8 @@ def load_hf_into_model(
     filled: set[str] = set()
     for name, full in hf_to_megatron(spec, hf, layers, pre_process, post_process):
         lname = local_name(name, layers.start)
+        if lname not in targets and te_name(lname) in targets:
+            lname = te_name(lname)
         if lname not in targets:
             if name == "output_layer.weight" and spec.tie_word_embeddings:
                 continue  # PP=1 with tied embeddings: the output layer reuses the embedding parameter

@@ -11,9 +11,11 @@ Contract
   log-sum-exp does not depend on it); the backward of the sums is the identity, as for Megatron's own
   vocab-parallel cross entropy. That is exact only because rank-local values feed nothing but those sums:
   every quantity computed from a reduced sum is the same on all TP ranks.
-* ``response_view(values, prompt_lengths, response_lengths)``: from per-position values over the shifted
-  sequence (position t predicts token t+1) to ``[b, L]`` aligned with response tokens, zero-padded, where
-  ``L = max(response_lengths)``.
+* ``response_view(values, prompt_lengths, response_lengths, sample_starts=None)``: from per-position values
+  over the shifted sequence (position t predicts token t+1) to ``[b, L]`` aligned with response tokens,
+  zero-padded, where ``L = max(response_lengths)``. With ``sample_starts`` (a packed row, ``values`` [1, T]),
+  sample i's tokens begin at ``sample_starts[i]``; the positions that score the next sample's first token are
+  never read.
 """
 
 from __future__ import annotations
@@ -86,13 +88,17 @@ def token_logprobs_and_entropy(
 
 
 def response_view(
-    values: torch.Tensor, prompt_lengths: list[int], response_lengths: list[int]
+    values: torch.Tensor,
+    prompt_lengths: list[int],
+    response_lengths: list[int],
+    sample_starts: list[int] | None = None,
 ) -> torch.Tensor:
     """``[b, s]`` per-position values (position t scores token t+1) -> ``[b, L]`` over response tokens."""
-    b = values.shape[0]
+    b = len(prompt_lengths)
     width = max(response_lengths) if response_lengths else 0
     out = values.new_zeros(b, width)
     for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
         if r:
-            out[i, :r] = values[i, p - 1 : p - 1 + r]
+            row, start = (0, sample_starts[i]) if sample_starts is not None else (i, 0)
+            out[i, :r] = values[row, start + p - 1 : start + p - 1 + r]
     return out

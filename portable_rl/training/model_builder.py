@@ -11,8 +11,12 @@ Contract
 * ``transformer_config(spec, tp, pp, dtype, overrides)`` -> Megatron ``TransformerConfig`` with
   dropout off (RL log-probs must be deterministic) and no fused kernels that need TransformerEngine/Apex;
   ``overrides`` (platform facts, then user ``--megatron-*`` flags) set any TransformerConfig field.
-* ``build_gpt_model(spec, config)`` builds this rank's pipeline stage with Megatron's local layer spec (no
-  TransformerEngine, so it runs on every platform). ``parallel_state`` must already be initialised.
+* ``layer_spec(spec, kernels)``: the Megatron layer spec for a ``TrainerKernels`` answer of
+  ``Platform.trainer_kernels`` (the single source ``doctor`` prints): TransformerEngine's spec, or the local spec
+  with ``SdpaCoreAttention`` (``attention.py``), or the local spec unchanged (``local``: unfused s x s scores).
+* ``build_gpt_model(spec, config, kernels)`` builds this rank's pipeline stage with that spec and keeps every
+  parameter in ``config.params_dtype`` (Megatron's torch RMSNorm is created in fp32 otherwise, and a bf16
+  input with an fp32 norm weight cannot take torch's fused rms_norm). ``parallel_state`` must be initialised.
 """
 
 from __future__ import annotations
@@ -191,16 +195,35 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def build_gpt_model(spec: ModelSpec, config):
+def layer_spec(spec: ModelSpec, kernels):
+    """Megatron layer spec for ``kernels`` (a ``portable_rl.platform.TrainerKernels``)."""
+    import dataclasses
+
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if kernels.layer_spec == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    local = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    if kernels.attention == "local":
+        return local
+    from portable_rl.training.attention import SdpaCoreAttention
+
+    attn = local.submodules.self_attention
+    attn_subs = dataclasses.replace(attn.submodules, core_attention=SdpaCoreAttention)
+    self_attention = dataclasses.replace(attn, submodules=attn_subs)
+    return dataclasses.replace(
+        local, submodules=dataclasses.replace(local.submodules, self_attention=self_attention)
+    )
+
+
+def build_gpt_model(spec: ModelSpec, config, kernels):
     """This rank's stage of a Megatron GPTModel for ``spec`` (parallel_state must be initialised)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
-    return GPTModel(
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=layer_spec(spec, kernels),
         vocab_size=padded_vocab_size(spec, config.tensor_model_parallel_size),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -210,6 +233,11 @@ def build_gpt_model(spec: ModelSpec, config):
         position_embedding_type="rope",
         rotary_base=spec.rope_theta,
     )
+    # Parameters only: buffers such as rotary inv_freq stay fp32 (casting them would coarsen the angles).
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != config.params_dtype:
+            param.data = param.data.to(config.params_dtype)
+    return model
 
 
 def local_layer_range(spec: ModelSpec, pp: int, pp_rank: int) -> range:

@@ -37,6 +37,20 @@ def pg_loss_global_sum(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, 
     return loss * mb["loss_mask"].shape[0] / mb["global_num_samples"], metrics
 
 
+def pg_loss_per_sample(logp: torch.Tensor, entropy: torch.Tensor, mb: dict[str, Any]):
+    """``pg_loss`` per sample, averaged over the micro-batch's samples: the same objective at any micro-batching.
+
+    Under the default sample-share weighting a step minimises the batch's sample mean of each sample's
+    token-mean loss, so packed micro-batches (several samples each) train exactly like micro-batches of one.
+    """
+    mask = mb["loss_mask"]
+    tokens = mask.sum(1).clamp(min=1.0)
+    per_sample = (
+        -(logp * mb["advantages"] * mask).sum(1) / tokens - ENTROPY_COEF * (entropy * mask).sum(1) / tokens
+    )
+    return per_sample.mean(), {"mean_logp": ((logp * mask).sum(1) / tokens).mean().detach()}
+
+
 def _full_logits(actor: MegatronActor, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = actor.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
@@ -57,6 +71,7 @@ def _make(job: dict[str, Any], rank: int, world: int, port: int) -> MegatronActo
         optim=OptimConfig(lr=LR, clip_grad=1.0),
         micro_batch_size=1,
         loss_scaling=job.get("loss_scaling", "sample_share"),
+        max_tokens_per_micro_batch=job.get("budget"),
     )
     return MegatronActor(config, rank, world, "127.0.0.1", port)
 
@@ -66,6 +81,9 @@ def run_job(job: dict[str, Any], rank: int, world: int, port: int) -> dict[str, 
     actor = _make(job, rank, world, port)
     batch = job["batch"]
     loss_fn = pg_loss_global_sum if job.get("loss_scaling") == "global_sum" else pg_loss
+    if job.get("budget"):
+        loss_fn = pg_loss_per_sample
+    out["core_attention"] = type(actor.model.decoder.layers[0].self_attention.core_attention).__name__
     if job["pp"] == 1:
         out["logits"] = _full_logits(actor, job["tokens"])
     out["logprobs"] = actor.compute_logprobs(batch)

@@ -135,6 +135,12 @@ def _run_everything(root: Path) -> dict:
             resume=str(root / "ckpt-dp2"),
             **common,
         ),
+        # Packed token-budget micro-batches (sample lengths 8, 7, 10, 6): TP2 packs 8+7 and 10+6 into 16;
+        # PP2 pads both packs to one length; DP2 with a budget of 9 gives each sample its own micro-batch and
+        # the 10-token sample, longer than the budget, one of its own.
+        dict(name="tp2-packed-llama", ckpt=str(ckpts["llama"]), tp=2, pp=1, budget=16, **common),
+        dict(name="pp2-packed-qwen3", ckpt=str(ckpts["qwen3"]), tp=1, pp=2, budget=16, **common),
+        dict(name="dp2-packed-llama", ckpt=str(ckpts["llama"]), tp=1, pp=1, budget=9, **common),
         dict(
             name="dp2-global-sum-llama",
             ckpt=str(ckpts["llama"]),
@@ -188,7 +194,12 @@ def test_logits_match_transformers(setup, job):
     assert (ours - ref).abs().max().item() < LOGIT_ATOL
 
 
-@pytest.mark.parametrize("job", ["tp1-llama", "tp2-qwen2", "pp2-tied", "pp2-qwen3", "dp2-llama"])
+PACKED_JOBS = ["tp2-packed-llama", "pp2-packed-qwen3", "dp2-packed-llama"]
+
+
+@pytest.mark.parametrize(
+    "job", ["tp1-llama", "tp2-qwen2", "pp2-tied", "pp2-qwen3", "dp2-llama", *PACKED_JOBS]
+)
 def test_logprobs_match_transformers(setup, job):
     ours = setup["results"][job]["logprobs"]
     ref = setup["hf"][_arch(job)]["logprobs"]
@@ -200,7 +211,7 @@ def test_logprobs_match_transformers(setup, job):
     "job",
     [f"tp1-{a}" for a in ARCHS]
     + [f"tp2-{a}" for a in ARCHS]
-    + ["tp1-tied", "pp2-tied", "pp2-qwen3", "dp2-llama", "dp2-global-sum-llama"],
+    + ["tp1-tied", "pp2-tied", "pp2-qwen3", "dp2-llama", "dp2-global-sum-llama", *PACKED_JOBS],
 )
 def test_training_losses_match_tp1_and_transformers(setup, job):
     losses = [m["loss"] for m in setup["results"][job]["metrics"]]
@@ -209,6 +220,19 @@ def test_training_losses_match_tp1_and_transformers(setup, job):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(tp1), **LOSS_TOL)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(setup["hf"][arch]["losses"]), **LOSS_TOL)
     assert losses[1] < losses[0], "one Adam step on this loss must lower it"
+
+
+def test_trainer_builds_the_attention_doctor_reports(setup):
+    from portable_rl.commands.doctor import report
+    from portable_rl.platform import reset_current_platform
+
+    reset_current_platform()
+    try:
+        answer = report()["trainer_kernels"]["attention"]
+    finally:
+        reset_current_platform()
+    classes = {"sdpa": "SdpaCoreAttention", "local": "DotProductAttention"}
+    assert {r["core_attention"] for r in setup["results"].values()} == {classes[answer]}
 
 
 def test_step_metrics_are_complete(setup):

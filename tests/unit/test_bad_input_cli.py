@@ -130,6 +130,26 @@ TRAIN_CASES = {
     "wrong_type_section": (BASE, ["rollout=5"], ("rollout must be a mapping",)),
     "out_of_range_top_p": (BASE, ["rollout.top_p=1.5"], ("error: rollout.top_p=1.5", "(0, 1]")),
     "negative_steps": (BASE, ["run.steps=-3"], ("error: run.steps=-3", ">= 1")),
+    "zero_token_budget": (
+        BASE,
+        ["train.max_tokens_per_micro_batch=0"],
+        ("train.max_tokens_per_micro_batch=0", "integer >= 1"),
+    ),
+    "fractional_token_budget": (
+        BASE,
+        ["train.max_tokens_per_micro_batch=1.5"],
+        ("max_tokens_per_micro_batch",),
+    ),
+    "attention_the_platform_cannot_run": (
+        BASE,
+        ["train.attention=transformer_engine"],
+        ("train.attention='transformer_engine' cannot run here", "use train.attention=auto"),
+    ),
+    "packing_without_packed_attention": (
+        BASE,
+        ["train.attention=local", "train.max_tokens_per_micro_batch=64"],
+        ("train.attention=local", "use train.attention=auto"),
+    ),
     "literal_choice": (BASE, ["algo.loss_agg=token-sum"], ("algo.loss_agg='token-sum'", "choose one of")),
     "unknown_mode": (BASE, ["run.mode=hybrid"], ("run.mode='hybrid'", "colocated")),
     "colocated_async": (BASE, ["run.async_rollout=true"], ("run.async_rollout=true", "disaggregated")),

@@ -311,6 +311,7 @@ def test_cli_pass_then_broken_fails_exit_1_with_report(tmp_path, capsys, broken)
 def trainer_base(tmp_path_factory):
     """A correct Megatron spawn's record (the float64 HF answers in fp32, the checkpoint's weights), and the
     context cache holding the tiny checkpoints and HF references it was made from."""
+    import torch
     from safetensors.torch import load_file
 
     from portable_rl.conformance import trainer
@@ -331,6 +332,12 @@ def trainer_base(tmp_path_factory):
     samples = [{"prompt": [5, 6, 7], "response": [8, 9, 10, 11], "logprobs": [-1.0, -2.0, -3.0, -4.0]}]
     record["llama/tp1/engine_samples"] = samples
     record["llama/tp1/engine_logprobs"] = [list(s["logprobs"]) for s in samples]
+    record["dtype"] = "float32"
+    rows = [(torch.full((n,), -2.5), torch.full((n,), 3.0)) for n in (9, 14, 40)]
+    record["llama/tp1/packed_vs_unpacked"] = {
+        kind: {"seen": [(a.clone(), b.clone()) for a, b in rows], "loss": 6.25, "grad_norm": 3.1}
+        for kind in ("packed", "unpacked")
+    }
     return record, dict(ctx.cache)
 
 
@@ -352,6 +359,9 @@ needs_trainer = pytest.mark.skipif(
         ("qwen2_bias_perturbed", "training.hf_roundtrip"),
         ("tp2_loss_differs", "training.tp2_vs_tp1"),
         ("second_run_differs", "determinism.megatron_train_steps"),
+        ("packed_logprob_shifted", "training.packed_vs_unpacked"),
+        ("packed_grad_norm_differs", "training.packed_vs_unpacked"),
+        ("bf16_trainer_exports_unrounded_weights", "training.hf_roundtrip"),
         ("trainer_scores_engine_samples_differently", "rollout.engine_vs_trainer_logprobs"),
     ],
 )
@@ -388,6 +398,14 @@ def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, t
         bad["llama/tp2/losses"] = [6.25, 5.76]
     elif corruption == "second_run_differs":
         bad["llama/tp1/losses_again"] = [6.25, 5.750001]
+    elif corruption == "packed_logprob_shifted":  # e.g. positions not restarting, attention crossing samples
+        bad["llama/tp1/packed_vs_unpacked"]["packed"]["seen"][1][0][3] += 1e-4
+    elif corruption == "packed_grad_norm_differs":  # e.g. micro-batch weights wrong for packed micro-batches
+        bad["llama/tp1/packed_vs_unpacked"]["packed"]["grad_norm"] += 1e-4
+    elif (
+        corruption == "bf16_trainer_exports_unrounded_weights"
+    ):  # bf16 trainer: the export must be bf16(ckpt)
+        bad["dtype"] = "bfloat16"
     elif corruption == "trainer_scores_engine_samples_differently":
         bad["llama/tp1/engine_logprobs"][0][2] -= 1e-3
     monkeypatch.setattr(trainer, "run_trainer_workers", lambda c: bad)

@@ -17,7 +17,7 @@ def test_cpu_host_detects_cpu(monkeypatch):
     assert p.name == "cpu"
     assert p.dist_backend == "gloo" and p.torch_device_type == "cpu"
     assert p.sglang_server_args()["attention_backend"] == "torch_native"
-    assert p.megatron_attention_backend == "local"
+    assert p.trainer_kernels().attention == "sdpa" and p.default_train_dtype == "float32"
     assert p.fp8_dtype() is None
     assert "skipped" in p.reason and "rocm" in p.reason
 

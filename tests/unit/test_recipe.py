@@ -46,6 +46,15 @@ def test_overrides_and_pass_through_reach_the_tree():
         (["model.path=/nonexistent"], "is not a HF checkpoint directory"),
         (["algo.advantage_estimator=gae"], "needs a critic"),
         (["rollout.top_p=1.5"], "rollout.top_p=1.5"),
+        (
+            ["train.max_tokens_per_micro_batch=0"],
+            "train.max_tokens_per_micro_batch=0 must be an integer >= 1",
+        ),
+        (["train.max_tokens_per_micro_batch=-5"], "train.max_tokens_per_micro_batch=-5"),
+        (["train.max_tokens_per_micro_batch=2.5"], "train.max_tokens_per_micro_batch"),
+        (["train.attention=flash"], "train.attention='flash' is not one of"),
+        (["train.attention=local", "train.max_tokens_per_micro_batch=64"], "use train.attention=auto"),
+        (["train.dtype=float16"], "train.dtype='float16'"),
     ],
 )
 def test_bad_recipes(overrides, message):

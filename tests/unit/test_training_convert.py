@@ -12,11 +12,14 @@ from portable_rl.training.convert import (
     HFWeights,
     global_name,
     hf_to_megatron,
+    load_hf_into_model,
     local_name,
+    local_spec_name,
     megatron_to_hf,
     pack_qkv,
     save_hf_checkpoint,
     shard,
+    te_name,
     tp_kind,
     unpack_qkv,
     unshard,
@@ -140,6 +143,41 @@ def test_hf_megatron_hf_round_trip_is_exact(tiny):
     assert set(back) == set(hf.keys())
     for name in hf.keys():
         assert torch.equal(back[name], hf[name]), name
+
+
+def test_transformer_engine_names_load_and_export_like_local_ones(tiny_qwen3):
+    """TE's spec fuses the pre-norms into the next linear; the same tensors load and export under either name."""
+    spec = ModelSpec.from_hf(tiny_qwen3)
+    hf = HFWeights(tiny_qwen3)
+    assert (
+        te_name("decoder.layers.3.input_layernorm.weight")
+        == "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+    )
+    assert (
+        te_name("decoder.layers.3.pre_mlp_layernorm.weight")
+        == "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"
+    )
+    assert te_name("decoder.final_layernorm.weight") == "decoder.final_layernorm.weight"
+    full = dict(hf_to_megatron(spec, hf, range(spec.num_layers), True, True))
+    te_state = {te_name(n): torch.zeros_like(t) for n, t in full.items()}
+    te_state["decoder.layers.0.self_attention.linear_qkv._extra_state"] = torch.zeros(0)
+
+    class TeShaped(torch.nn.Module):
+        def state_dict(self, *args, **kwargs):
+            return te_state
+
+    load_hf_into_model(TeShaped(), spec, hf, 0, 1, range(spec.num_layers), True, True)
+    for name, tensor in full.items():
+        assert torch.equal(te_state[te_name(name)], tensor), name
+    exported = {}
+    for name, tensor in te_state.items():
+        if not name.endswith("_extra_state"):
+            exported.update(megatron_to_hf(spec, name, tensor))
+    assert set(exported) == set(hf.keys())
+    assert (
+        local_spec_name(te_name("decoder.layers.1.pre_mlp_layernorm.weight"))
+        == "decoder.layers.1.pre_mlp_layernorm.weight"
+    )
 
 
 def test_tied_output_is_not_exported(tiny_llama):
