@@ -9,9 +9,10 @@ kernels, env defaults, the FLOPs table itself) stays in ``backends/cuda`` and ``
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import ClassVar
 
-from portable_rl.platform import Platform
+from portable_rl.platform import DeviceInfo, Platform, ProbeResult
 
 
 class TorchGpuPlatform(Platform):
@@ -58,3 +59,22 @@ class TorchGpuPlatform(Platform):
         from portable_rl.backends._ipc_device import local_ordinal_of
 
         return local_ordinal_of(carried)
+
+
+def probe_devices(
+    runtime: str,
+    management: tuple[str, Callable[[], list[DeviceInfo] | None]],
+    fallback: tuple[str, Callable[[], list[DeviceInfo]]],
+    vendor_device: str,
+) -> ProbeResult:
+    """Devices from the vendor management library, else from its fallback (sysfs/procfs), never the runtime.
+
+    ``runtime`` names the torch build in the reason ("CUDA torch 13.0"); ``management`` answers None when the
+    library cannot be imported or initialised, which is when the fallback is read.
+    """
+    source, found = management[0], management[1]()
+    if found is None:
+        source, found = fallback[0], fallback[1]()
+    if not found:
+        return ProbeResult(False, f"{runtime} but no {vendor_device} found ({source})")
+    return ProbeResult(True, f"{runtime}; {len(found)} device(s) via {source}", tuple(found))

@@ -43,34 +43,27 @@ from portable_rl.training.batch import TrainBatch, to_micro_batch
 from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
 from portable_rl.training.model_builder import ModelSpec
 
-# Shapes only (random init): the timing depends on the shape, not the weights.
+# Shapes only (random init): the timing depends on the shape, not the weights. One row per model, columns as in
+# _SHAPE_FIELDS (HF config names).
+_SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+)
 SHAPES = {
-    "smollm": dict(  # SmolLM2-135M
-        model_type="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-    ),
-    "qwen1.5b": dict(  # Qwen2.5-1.5B
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-    ),
+    name: dict(zip(_SHAPE_FIELDS, row, strict=True))
+    for name, row in {
+        "smollm": ("llama", 49152, 576, 1536, 30, 9, 3, 8192, True, 1e-5, 100000.0),  # SmolLM2-135M
+        "qwen1.5b": ("qwen2", 151936, 1536, 8960, 28, 12, 2, 32768, True, 1e-6, 1000000.0),  # Qwen2.5-1.5B
+    }.items()
 }
 
 

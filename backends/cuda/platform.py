@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any, ClassVar
 
-from portable_rl.backends._gpu import TorchGpuPlatform
+from portable_rl.backends._gpu import TorchGpuPlatform, probe_devices
 from portable_rl.backends._visibility import apply_masks, format_mask
 from portable_rl.platform import DeviceInfo, KernelStatus, ProbeResult
 
@@ -120,13 +120,12 @@ class CudaPlatform(TorchGpuPlatform):
             return ProbeResult(
                 False, "torch is a CPU-only build (torch.version.cuda is None); install a CUDA build"
             )
-        devices = _nvml_devices()
-        source = "NVML"
-        if devices is None:
-            devices, source = _procfs_devices(), "/proc/driver/nvidia"
-        if not devices:
-            return ProbeResult(False, f"CUDA torch {cuda} but no NVIDIA device found ({source})")
-        return ProbeResult(True, f"CUDA torch {cuda}; {len(devices)} device(s) via {source}", tuple(devices))
+        return probe_devices(
+            f"CUDA torch {cuda}",
+            ("NVML", _nvml_devices),
+            ("/proc/driver/nvidia", _procfs_devices),
+            "NVIDIA device",
+        )
 
     # ---- capabilities -----------------------------------------------------------------------------------
     def device_cpus(self, physical_index: int) -> list[int] | None:

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any, ClassVar
 
-from portable_rl.backends._gpu import TorchGpuPlatform
+from portable_rl.backends._gpu import TorchGpuPlatform, probe_devices
 from portable_rl.backends._visibility import format_mask, parse_mask
 from portable_rl.platform import DeviceInfo, KernelStatus, ProbeResult, VisibilityError
 
@@ -141,13 +141,9 @@ class RocmPlatform(TorchGpuPlatform):
             return ProbeResult(
                 False, "torch is not a ROCm build (torch.version.hip is None); use the rocm image"
             )
-        devices = _amdsmi_devices()
-        source = "amdsmi"
-        if devices is None:
-            devices, source = _kfd_devices(), "KFD sysfs"
-        if not devices:
-            return ProbeResult(False, f"ROCm torch {hip} but no AMD GPU found ({source})")
-        return ProbeResult(True, f"ROCm torch {hip}; {len(devices)} device(s) via {source}", tuple(devices))
+        return probe_devices(
+            f"ROCm torch {hip}", ("amdsmi", _amdsmi_devices), ("KFD sysfs", _kfd_devices), "AMD GPU"
+        )
 
     # ---- capabilities -----------------------------------------------------------------------------------
     def fp8_dtype(self, arch: str | None = None) -> str | None:
