@@ -31,7 +31,7 @@ from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform, current_platform
 from portable_rl.rollout_to_train import make_loss_fn, prepare_train_batch
 from portable_rl.training.actor import ActorConfig, MegatronActor
-from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync
+from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync, tensor_checksum
 
 
 class TrainerWorker(MegatronActor):
@@ -58,11 +58,24 @@ class TrainerWorker(MegatronActor):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "cpu_affinity": self.cpu_affinity}
 
-    def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
-        """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``."""
+    def train_rl_step(self, groups: list[Group], algo: AlgoConfig, check: bool = False) -> dict[str, float]:
+        """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``.
+
+        With ``check`` it also reports ``weights_changed_frac``: the fraction of this rank's parameter tensors
+        whose bits the optimizer step changed (0 means the step changed nothing: a no-op optimizer, zero
+        advantages, a zero learning rate)."""
+        before = self._param_checksums() if check else None
         batch, adv_metrics = prepare_train_batch(groups, algo, self.compute_logprobs)
         metrics = self.train_step(batch, make_loss_fn(algo))
-        return {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, **adv_metrics}
+        out = {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, **adv_metrics}
+        if before is not None:
+            after = self._param_checksums()
+            out["weights_changed_frac"] = sum(after[n] != d for n, d in before.items()) / max(len(before), 1)
+        return out
+
+    def _param_checksums(self) -> dict[str, str]:
+        # Checksums, not copies: a check must not double the trainer's memory.
+        return {name: tensor_checksum(p) for name, p in self.model.named_parameters()}
 
     def connect_weight_sync(
         self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
@@ -161,7 +174,7 @@ class TrainerGroup:
         return self._all(lambda a: a.info)[0]
 
     def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
-        return self._all(lambda a: a.train_rl_step, groups, algo)[0]
+        return self._all(lambda a: a.train_rl_step, groups, algo, self.check_weight_update)[0]
 
     def connect_weight_sync(
         self, engine_urls: list[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
