@@ -540,6 +540,77 @@ def test_golden_run_compares_every_recorded_metric(ctx, monkeypatch, tmp_path):
     assert run_with(steps[:1]).status == "fail"  # a missing step
 
 
+def _golden_case(monkeypatch, tmp_path, steps):
+    """The golden check against a golden file of ``steps``; returns run(rows) -> CheckResult."""
+    from portable_rl.conformance import golden
+
+    path = tmp_path / "tiny_cpu_cpu.json"
+    path.write_text(json.dumps({"schema": 1, "steps": steps}))
+    monkeypatch.setattr(golden, "golden_path", lambda name: path)
+    check = CHECKS["golden.tiny_recipe"]
+    monkeypatch.setitem(
+        CHECKS, "golden.tiny_recipe", check.__class__(**{**check.__dict__, "requires": (), "available": None})
+    )
+
+    def run_with(rows):
+        monkeypatch.setattr(golden, "run_recipe", lambda name, out: rows)
+        return run_case(CHECKS["golden.tiny_recipe"].cases()[0], Context(load("cpu"), workdir=tmp_path))
+
+    return run_with
+
+
+@pytest.mark.parametrize(
+    "key,value,got,status",
+    [
+        ("logp_abs_diff", 3e-7, 6e-7, "pass"),  # engine/trainer rounding: within its absolute bound
+        ("logp_abs_diff", 3e-7, 9e-5, "fail"),  # 300x at a tiny scale: an engine that missed a step
+        ("advantage_mean", 7e-9, -7e-9, "pass"),  # zero by construction: the sign of the residue is noise
+        ("advantage_mean", 7e-9, 1e-4, "fail"),  # advantages that no longer cancel
+        ("grad_norm", 2.0, 2.0 * (1 + 5e-6), "pass"),
+        ("grad_norm", 2.0, 2.0 * (1 + 5e-5), "fail"),
+        ("num_tokens", 128.0, 129.0, "fail"),  # counts are exact
+        ("weights_changed_frac", 1.0, 0.0, "fail"),  # a step that changed no weight
+    ],
+)
+def test_golden_bounds_hold_each_metric_at_its_own_scale(key, value, got, status, monkeypatch, tmp_path):
+    run_with = _golden_case(monkeypatch, tmp_path, [{"step": 1.0, key: value}])
+    res = run_with([{"step": 1, key: got}])
+    assert res.status == status, (res.reason, res.detail)
+    if status == "fail":
+        assert f"step 1 {key}" in res.detail
+
+
+def test_golden_metric_without_a_bound_is_a_failure_naming_it(monkeypatch, tmp_path):
+    run_with = _golden_case(monkeypatch, tmp_path, [{"step": 1.0, "new_metric": 1.0}])
+    res = run_with([{"step": 1, "new_metric": 1.0}])
+    assert res.status == "fail" and "'new_metric' has no bound" in res.reason
+
+
+def test_every_golden_file_metric_has_a_bound_and_shows_learning():
+    from portable_rl.conformance import golden
+
+    files = sorted((golden.REPO / "tests" / "golden").glob("*.json"))
+    assert files, "no golden files"
+    for path in files:
+        steps = json.loads(path.read_text())["steps"]
+        for row in steps:
+            for key in row:
+                if key != "step":
+                    golden.bound_for(key)
+        assert golden.learning_problems(steps) == [], path.name
+
+
+def test_record_refuses_a_run_that_does_not_learn(monkeypatch, tmp_path):
+    from portable_rl.conformance import golden
+
+    row = {"step": 1, "grad_norm": 0.0, "advantage_abs_mean": 0.0, "weights_changed_frac": 0.0}
+    monkeypatch.setattr(golden, "run_recipe", lambda name, out: [row])
+    monkeypatch.setattr(golden, "golden_path", lambda name: tmp_path / "g.json")
+    with pytest.raises(RuntimeError, match="did not train.*grad_norm=0.0"):
+        golden.record("cpu", tmp_path / "run")
+    assert not (tmp_path / "g.json").exists()
+
+
 def test_golden_without_a_file_is_skipped_naming_it(monkeypatch, tmp_path):
     from portable_rl.conformance import golden
 
