@@ -103,7 +103,8 @@ class TrainerWorker(MegatronActor):
             out["weight_check_ok"] = float(report.ok)
             if not report.ok:
                 raise RuntimeError(
-                    f"--check-weight-update: engine weights differ from the trainer's: {report}"
+                    f"--check-weight-update: engine weights differ from the trainer's after sync {version}: "
+                    + report.summary().replace("\n", "; ")
                 )
         return out
 

@@ -22,13 +22,13 @@ from test_multinode import (
     START_TIMEOUT_S,
     LocalCluster,
     _cluster_env,
-    _free_port,
     _start_node,
     _teardown,
     _wait_port,
 )
 
 from portable_rl import platform as plat
+from portable_rl.distributed import free_port
 from portable_rl.orchestration.devices import (
     engine_devices,
     order_trainer_slots,
@@ -70,7 +70,7 @@ def test_two_gpu_nodes_numbering_from_zero():
     gpu_platform = plat.platform_class("cuda")(devices=tuple(DeviceInfo(i, "GPU") for i in range(4)))
 
     temp_dir = tempfile.mkdtemp(prefix="prl", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
+    port = free_port("127.0.0.1")
     names = ("head", *GPU_NODES)
     c = LocalCluster(
         kind="loopback",
