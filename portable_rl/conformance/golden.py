@@ -17,7 +17,9 @@ it. ``record`` refuses a run where a step has no gradient, zero advantages, unch
 whose weights differ from the trainer's, so a golden run can never again pin a model that does not train.
 
 It needs the training loop (``portable_rl.train``), the recipe and a golden file for the platform; without
-one the check is skipped, naming the file. Record one (on a machine you trust, after the other checks pass):
+one the check is skipped, naming the file: an expected skip on a platform nobody recorded yet, an unexpected
+one (a failure under ``--fail-on-unexpected-skip`` and in pytest) where the repository holds the file
+(``RECORDED_PLATFORMS``). Record one (on a machine you trust, after the other checks pass):
 
     python -m portable_rl.conformance.golden --record [--platform cpu|cuda|rocm]
 """
@@ -33,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from portable_rl.conformance.registry import Context, Measurement, register
+from portable_rl.conformance.registry import Context, ExpectedSkip, Measurement, register
 from portable_rl.platform import Platform
 
 RECIPE = "tiny_cpu"
@@ -150,6 +152,7 @@ def compare(got: list[dict[str, Any]], want: list[dict[str, float]]) -> tuple[fl
     """Worst ``|got - want| / bound`` over the golden steps and metrics, and where it is (module docstring)."""
     by_step = {int(h["step"]): h for h in got}
     worst, where = 0.0, "every metric within its bound"
+    outside: list[str] = []
     for ref in want:
         step = int(ref["step"])
         row = by_step.get(step)
@@ -168,9 +171,13 @@ def compare(got: list[dict[str, Any]], want: list[dict[str, float]]) -> tuple[fl
                 err = 0.0 if diff == 0.0 else math.inf
             else:
                 err = diff / allowed
+            line = f"step {step} {key}: {got_value:.9g} vs golden {value:.9g} (bound {allowed:.3g})"
+            if err > 1.0:
+                outside.append(line)
             if err > worst:
-                worst = err
-                where = f"step {step} {key}: {got_value:.9g} vs golden {value:.9g} (bound {allowed:.3g})"
+                worst, where = err, line
+    if outside:  # the worst alone may hide what broke first; list the earliest too
+        where += f"; {len(outside)} values outside their bounds, first: " + "; ".join(outside[:4])
     return worst, where
 
 
@@ -186,15 +193,20 @@ def learning_problems(steps: list[dict[str, float]]) -> list[str]:
     return problems
 
 
+# Platforms whose golden file the repository holds: for them a missing file is a breakage (an unexpected
+# skip), for the others it is not recorded yet (an expected one). A unit test keeps this equal to the files.
+RECORDED_PLATFORMS = ("cpu",)
+
+
 def _golden_available(platform: Platform) -> str | None:
     if not RECIPE_PATH.is_file():
         return f"recipe {RECIPE_PATH} not found (run from a source checkout)"
     path = golden_path(platform.name)
     if not path.is_file():
-        return (
-            f"no golden file {path.relative_to(REPO)}; record one with "
-            f"`python -m portable_rl.conformance.golden --record --platform {platform.name}`"
-        )
+        how = f"`python -m portable_rl.conformance.golden --record --platform {platform.name}`"
+        if platform.name in RECORDED_PLATFORMS:
+            return f"no golden file {path.relative_to(REPO)}, which the repository holds: restore it or {how}"
+        return ExpectedSkip(f"no golden file {path.relative_to(REPO)} recorded yet; record one with {how}")
     return None
 
 
