@@ -138,15 +138,7 @@ def broken(monkeypatch):
         ("kernel_scaled", "kernels.rmsnorm", ("float32", "bfloat16")),
         ("attention_not_causal", "kernels.attention", ("float32", "bfloat16")),
         ("logprobs_off_by_one_token", "kernels.token_logprobs", ("float32", "bfloat16")),
-        pytest.param(
-            "trainer_logprobs_without_upcast",
-            "kernels.trainer_token_logprobs",
-            ("bfloat16",),
-            marks=pytest.mark.skipif(
-                unmet_requirement(CHECKS["kernels.trainer_token_logprobs"], load("cpu")) is not None,
-                reason="portable_rl.training.logprobs is not available",
-            ),
-        ),
+        ("trainer_logprobs_without_upcast", "kernels.trainer_token_logprobs", ("bfloat16",)),
     ],
 )
 def test_broken_kernel_fails(kind, check, dtypes, ctx, broken):
@@ -222,9 +214,104 @@ def test_requirements_become_reasons():
     missing = Check(
         "meta.missing", "x", lambda c, d: Measurement(0.0), requires=("portable_rl.no_such_part",)
     )
-    assert unmet_requirement(missing, cpu).startswith("component not yet available: portable_rl.no_such_part")
+    assert unmet_requirement(missing, cpu).startswith("component not available: portable_rl.no_such_part")
     two = Check("meta.two", "x", lambda c, d: Measurement(0.0), min_devices=2)
     assert unmet_requirement(two, cpu) is None  # on CPU ranks share the host
+
+
+def test_a_renamed_component_is_an_unexpected_skip_and_fails_the_cli_flag(monkeypatch, capsys, tmp_path):
+    from portable_rl.cli import main
+    from portable_rl.conformance import registry
+
+    check = CHECKS["kernels.trainer_token_logprobs"]
+    assert "portable_rl.training.logprobs" in check.requires
+    real = registry._module_exists
+    monkeypatch.setattr(
+        registry, "_module_exists", lambda m: m != "portable_rl.training.logprobs" and real(m)
+    )
+    cpu = load("cpu")
+    why = unmet_requirement(check, cpu)
+    assert why.startswith("component not available: portable_rl.training.logprobs")
+    result = run_case(check.cases()[0], Context(cpu, workdir=tmp_path))
+    assert result.status == "skipped" and not result.skip_expected
+    only = ["conformance", "--platform", "cpu", "--only", "kernels.trainer_token_logprobs"]
+    assert main(only) == 0  # without the flag a skip with a reason passes ...
+    assert main([*only, "--fail-on-unexpected-skip"]) == 1  # ... with it (what CI runs) it fails
+    out = capsys.readouterr().out
+    assert "unexpected skip (--fail-on-unexpected-skip): kernels.trainer_token_logprobs[float32]" in out
+
+
+def test_platform_skips_are_expected_and_pass_the_cli_flag(monkeypatch):
+    from portable_rl.cli import main
+
+    cpu = load("cpu")
+    gpu_check = Check("meta.gpu", "x", lambda c, d: Measurement(0.0), markers=("gpu",))
+    assert conformance.is_expected_skip(unmet_requirement(gpu_check, cpu))
+    assert conformance.is_expected_skip(
+        unmet_requirement(Check("meta.r", "x", lambda c, d: Measurement(0.0), markers=("rocm",)), cpu)
+    )
+    assert CHECKS["ray.device_placement"].markers == ("gpu",)
+    assert (
+        main(
+            [
+                "conformance",
+                "--platform",
+                "cpu",
+                "--only",
+                "ray.device_placement",
+                "--fail-on-unexpected-skip",
+            ]
+        )
+        == 0
+    )
+
+
+def test_a_deleted_golden_file_is_unexpected_an_unrecorded_platform_is_not(monkeypatch, tmp_path):
+    from portable_rl.conformance import golden
+
+    monkeypatch.setattr(
+        golden, "golden_path", lambda name: golden.REPO / "tests" / "golden" / f"gone_{name}.json"
+    )
+    cpu_why = golden._golden_available(load("cpu"))
+    assert "which the repository holds" in cpu_why and not conformance.is_expected_skip(cpu_why)
+    monkeypatch.setattr(golden, "RECORDED_PLATFORMS", ())
+    assert conformance.is_expected_skip(golden._golden_available(load("cpu")))
+
+
+def test_recorded_platforms_are_the_golden_files_the_repository_holds():
+    from portable_rl.conformance import golden
+
+    on_disk = sorted(
+        p.stem.removeprefix(f"{golden.RECIPE}_") for p in (golden.REPO / "tests" / "golden").glob("*.json")
+    )
+    assert on_disk == sorted(golden.RECORDED_PLATFORMS)
+
+
+def test_pytest_cases_skip_only_what_the_platform_explains(monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(golden_repo() / "tests" / "conformance"))
+    try:
+        import conformance_cases
+    finally:
+        sys.path.pop(0)
+    from portable_rl.conformance import registry
+
+    real = registry._module_exists
+    monkeypatch.setattr(
+        registry, "_module_exists", lambda m: m != "portable_rl.training.logprobs" and real(m)
+    )
+    params = {p.id: p for p in conformance_cases.params(lambda c: True)}
+    renamed = params["kernels.trainer_token_logprobs[float32]"]
+    assert not [m for m in renamed.marks if m.name == "skip"]  # runs, and fails with the reason
+    gpu_only = params["ray.device_placement"]
+    assert [m for m in gpu_only.marks if m.name == "skip"]
+
+
+def golden_repo():
+    from portable_rl.conformance import golden
+
+    return golden.REPO
 
 
 def test_requirements_on_a_one_gpu_host(monkeypatch):
@@ -345,10 +432,6 @@ TRAINER_CHECKS = [n for n in CHECKS if n.startswith("training.")] + [
     "determinism.megatron_train_steps",
     "rollout.engine_vs_trainer_logprobs",
 ]
-needs_trainer = pytest.mark.skipif(
-    any(unmet_requirement(CHECKS[n], load("cpu")) for n in TRAINER_CHECKS),
-    reason="the Megatron trainer or the rollout engine is not available",
-)
 
 
 @pytest.mark.parametrize(
@@ -365,7 +448,6 @@ needs_trainer = pytest.mark.skipif(
         ("trainer_scores_engine_samples_differently", "rollout.engine_vs_trainer_logprobs"),
     ],
 )
-@needs_trainer
 def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, tmp_path):
     import copy
 
@@ -415,10 +497,6 @@ def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, t
 
 
 # ---- rollout engine, weight sync, golden run: the checks' own logic with stand-ins -----------------------
-@pytest.mark.skipif(
-    unmet_requirement(CHECKS["rollout.engine_vs_hf_logprobs"], load("cpu")) is not None,
-    reason="the rollout engine is not available",
-)
 def test_engine_logprobs_off_by_a_little_fail(ctx, monkeypatch):
     from portable_rl.conformance import engine, engine_fixture
 
@@ -483,10 +561,6 @@ class _StandInEngine:
         return WeightCheckReport([rep])
 
 
-@pytest.mark.skipif(
-    unmet_requirement(CHECKS["weight_sync.broadcast"], load("cpu")) is not None,
-    reason="portable_rl.weight_sync or the rollout engine is not available",
-)
 @pytest.mark.parametrize(
     "corrupt,expected", [(None, "pass"), ("bit", "fail"), ("drop", "fail"), ("noop", "fail")]
 )
