@@ -16,7 +16,7 @@ Contract
   file recorded for the platform yet) is expected. Any other skip (a required module missing, a golden file
   that the repository should hold gone) means something broke; ``CheckResult.skip_expected`` tells them
   apart, ``portable-rl conformance --fail-on-unexpected-skip`` and the pytest suite fail on the unexpected.
-* Check functions take ``(ctx, dtype)``; ``ctx.memo`` shares expensive work (one 2-process collective run,
+* Check functions take ``(ctx, dtype)``; ``ctx.memo`` shares expensive work (one 3-process collective run,
   one tiny checkpoint) between the cases of one run.
 """
 

@@ -3,7 +3,7 @@
 The ``broken`` fixture swaps one piece of what a check measures (a kernel, the collective results, the
 training run) for a deliberately wrong version through monkeypatch; every test asserts the check that
 should notice reports ``fail``, and that the unbroken version passes. Collective results are simulated
-here from the same inputs a correct backend would reduce (the real 2-process run is in tests/conformance).
+here from the same inputs a correct backend would reduce (the real 3-process run is in tests/conformance).
 """
 
 from __future__ import annotations
@@ -42,19 +42,19 @@ def verdicts(name: str, ctx: Context) -> dict[str | None, str]:
 
 
 def perfect_collectives(platform_name, out_dir):
-    """What two ranks of a correct backend hold after the worker's collectives."""
+    """What the ranks of a correct (deterministic) backend hold after the worker's collectives."""
     import torch
 
     inputs = [collectives.rank_inputs(r) for r in range(collectives.WORLD)]
-    small_sum = inputs[0]["small"] + inputs[1]["small"]
-    det_sum = inputs[0]["det"] + inputs[1]["det"]
+    small_sum = sum(i["small"] for i in inputs)
+    det_sum = (inputs[0]["det"] + inputs[1]["det"]) + inputs[2]["det"]
     held = []
     for _ in range(collectives.WORLD):
         held.append(
             {
                 "all_reduce": {
                     **{d: small_sum.to(getattr(torch, d)) for d in collectives.COLLECTIVE_DTYPES},
-                    "random32": inputs[0]["random32"] + inputs[1]["random32"],
+                    "random32": sum(i["random32"] for i in inputs),
                 },
                 "broadcast": {d: inputs[1]["bcast"][d].clone() for d in collectives.COLLECTIVE_DTYPES},
                 "all_gather": {
@@ -111,9 +111,11 @@ def broken(monkeypatch):
                     ][0]
                 elif what == "all_gather":
                     held[0]["all_gather"]["float32"].reverse()
-                elif what == "determinism":
-                    run = held[1]["determinism"][1]
-                    run.view(torch.int32)[123] ^= 1  # one flipped mantissa bit
+                elif (
+                    what == "determinism"
+                ):  # the second run reduced in another order, as a real backend could
+                    i = [collectives.rank_inputs(r)["det"] for r in range(collectives.WORLD)]
+                    held[1]["determinism"][1] = i[0] + (i[1] + i[2])
                 return held
 
             monkeypatch.setattr(collectives, "run_workers", corrupted)
@@ -320,7 +322,7 @@ def test_requirements_on_a_one_gpu_host(monkeypatch):
     simulate_cuda(monkeypatch, [(9, 0)])
     cuda = load("cuda")
     conformance.load_all()
-    assert "needs 2 devices" in unmet_requirement(CHECKS["collectives.all_reduce"], cuda)
+    assert "needs 3 devices" in unmet_requirement(CHECKS["collectives.all_reduce"], cuda)
     assert unmet_requirement(CHECKS["ray.device_placement"], cuda) is None
     assert "needs the rocm platform" in unmet_requirement(
         Check("meta.rocm", "x", lambda c, d: Measurement(0.0), markers=("rocm",)), cuda
