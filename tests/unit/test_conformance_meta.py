@@ -98,6 +98,25 @@ def broken(monkeypatch):
                 return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
             monkeypatch.setitem(kernels.IMPLEMENTATIONS, "trainer_token_logprobs", in_input_dtype)
+        elif kind == "hf_rmsnorm_drops_weight":  # the library the check runs, not a replacement of it
+            from transformers.models.llama import modeling_llama
+
+            def forward(self, hidden_states):
+                var = hidden_states.float().pow(2).mean(-1, keepdim=True)
+                return (hidden_states.float() * torch.rsqrt(var + self.variance_epsilon)).to(
+                    hidden_states.dtype
+                )
+
+            monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+        elif kind == "hf_rotary_turns_backwards":
+            from transformers.models.llama import modeling_llama
+
+            real = modeling_llama.apply_rotary_pos_emb
+            monkeypatch.setattr(
+                modeling_llama,
+                "apply_rotary_pos_emb",
+                lambda q, k, cos, sin, *a, **kw: real(q, k, cos, -sin, *a, **kw),
+            )
         elif kind.startswith("collective_"):
             what = kind.removeprefix("collective_")
 
@@ -141,6 +160,8 @@ def broken(monkeypatch):
         ("attention_not_causal", "kernels.attention", ("float32", "bfloat16")),
         ("logprobs_off_by_one_token", "kernels.token_logprobs", ("float32", "bfloat16")),
         ("trainer_logprobs_without_upcast", "kernels.trainer_token_logprobs", ("bfloat16",)),
+        ("hf_rmsnorm_drops_weight", "kernels.rmsnorm_hf", ("float32", "bfloat16")),
+        ("hf_rotary_turns_backwards", "kernels.rotary", ("float32", "bfloat16")),
     ],
 )
 def test_broken_kernel_fails(kind, check, dtypes, ctx, broken):
@@ -338,6 +359,51 @@ def test_ray_env_comparison_reports_each_mismatch():
     assert compare_worker_env(expected, [[0], [0]], [good, good], "pg") == []
     problems = compare_worker_env(expected, [[0], [0]], [good, bad], "pg")
     assert len(problems) == 3 and all(p.startswith("worker 1:") for p in problems)
+
+
+def test_ray_worker_env_fails_when_the_shipped_placement_loses_the_bundle(ctx, monkeypatch):
+    # Break what the check calls (portable_rl's own actor_options), on a real local Ray: actors placed
+    # outside the placement group must be counted. The unbroken run passes in tests/conformance.
+    from portable_rl.orchestration import placement
+
+    real = placement.actor_options
+
+    def without_bundle(*args, **kwargs):
+        opts = real(*args, **kwargs)
+        opts.pop("scheduling_strategy", None)
+        return opts
+
+    monkeypatch.setattr(placement, "actor_options", without_bundle)
+    res = run_case(CHECKS["ray.worker_env"].cases()[0], ctx)
+    assert res.status == "fail" and res.error >= 2, (res.reason, res.detail)
+    assert "placement group" in res.detail
+
+
+def test_weight_sync_fails_when_the_shipped_strategy_is_broken(ctx, monkeypatch):
+    # The real CPU engine and the real shared-tensor strategy, with its own code broken in two ways a bug
+    # could: the last tensor never sent (a partial sync), and one bit flipped in the staging buffer.
+    import torch
+
+    from portable_rl.weight_sync import shared_tensor
+
+    real_update, real_flatten = shared_tensor.update_in_buckets, shared_tensor.flatten
+
+    def partial(engines, cfg, staging, named, version, send):
+        return real_update(engines, cfg, staging, list(named)[:-1], version, send)
+
+    monkeypatch.setattr(shared_tensor, "update_in_buckets", partial)
+    res = run_case(CHECKS["weight_sync.shared_tensor"].cases()[0], ctx)
+    assert res.status == "fail" and res.error >= 1, (res.reason, res.detail)
+    monkeypatch.setattr(shared_tensor, "update_in_buckets", real_update)
+
+    def flipped(bucket, staging):
+        flat, metas = real_flatten(bucket, staging)
+        flat.view(torch.uint8)[0] ^= 1
+        return flat, metas
+
+    monkeypatch.setattr(shared_tensor, "flatten", flipped)
+    res = run_case(CHECKS["weight_sync.shared_tensor"].cases()[0], ctx)
+    assert res.status == "fail" and res.error >= 1, (res.reason, res.detail)
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------
