@@ -173,8 +173,20 @@ def test_abort_and_pause_continue(engine):
     assert post(engine, "/pause_generation", {"mode": "in_place"}).json()["status"] == "ok"
     t = threading.Thread(target=lambda: results.update(p=generate(engine, [4, 5], max_new_tokens=3)))
     t.start()
-    time.sleep(1.5)
-    assert "p" not in results  # queued while paused
+
+    def state():
+        return requests.get(f"{engine.url}/server_info", headers=AUTH, timeout=60).json()["internal_states"][
+            0
+        ]
+
+    # Until the engine holds the request (a poll with a deadline, not a sleep), then: it waits, undecoded.
+    deadline = time.monotonic() + 60
+    while (now := state())["waiting"] < 1:
+        assert time.monotonic() < deadline, f"the request never reached the paused engine: {now}"
+        time.sleep(0.02)
+    assert now["paused"] and now["running"] == 0
+    steps = now["decode_steps"]
+    assert state()["decode_steps"] == steps and "p" not in results  # queued while paused
     assert post(engine, "/continue_generation").status_code == 200
     t.join(60)
     assert len(results["p"]["output_ids"]) >= 1
