@@ -108,7 +108,7 @@ def test_even_token_fraction_scores_the_generated_token_ids():
     # A uniform random policy earns about half of it, and four samples of 16 tokens rarely tie.
     gen = torch.Generator().manual_seed(0)
     draws = [torch.randint(0, 512, (16,), generator=gen).tolist() for _ in range(400)]
-    rewards = [score(d) for d in draws]
+    rewards = [fn("text", None, sample(d)) for d in draws]
     assert 0.45 < sum(rewards) / len(rewards) < 0.55
     ties = sum(len(set(rewards[i : i + 4])) == 1 for i in range(0, len(rewards), 4))
     assert ties <= 2
