@@ -5,7 +5,9 @@
   engines; every other rank still iterates the generator because the gathers inside it are collective.
 * ``TrainerWorker.train_rl_step(groups, algo)`` is one RL step inside the trainer process: the reference (and,
   for a KL penalty in the reward, the old-policy) log-probs are computed there and go straight into the
-  advantages and the loss; only the groups go in and only float metrics come out.
+  advantages and the loss; only the groups go in and only float metrics come out. With the run's
+  ``check_weight_update`` it also reports ``weights_changed_frac`` (parameter checksums before and after the
+  step), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
 * ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
   device Ray gave that bundle: ``devices[r]``, see ``orchestration.devices``), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).
