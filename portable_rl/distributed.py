@@ -3,7 +3,11 @@
 Contract
 --------
 * ``free_port(host="")`` / ``free_ports(n, host="")``: unused TCP ports on ``host`` ("" or "0.0.0.0": every
-  interface). ``free_ports`` holds all n sockets open while it picks, so the n ports differ.
+  interface). ``free_ports`` holds all n sockets open while it picks, so the n ports differ. A port is asked
+  of the kernel (bind to port 0) and then released for the caller to bind, so two processes picking at once
+  could get the same one; each picked port is therefore also claimed, for the life of this process, with an
+  exclusive lock on a file named after it in a per-user directory under the temp dir: a port another
+  portable_rl process (a parallel test worker, another job's launcher) holds a claim on is never handed out.
 * ``NODE_ADDRESS`` / ``resolve_master_address(value)`` / ``default_master_address()``: the address other
   processes reach a rendezvous on (None: this host; "node": its Ray node's address, for multi-node jobs).
 * ``collective_errors(group=, backend=, rank=, world_size=, timeout_s=, what=)``: a collective that times out or
@@ -14,9 +18,13 @@ Contract
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from portable_rl.errors import CollectiveTimeout
 
@@ -34,16 +42,44 @@ __all__ = [
 ]
 
 
-def free_ports(n: int, host: str = "") -> list[int]:
-    """``n`` distinct unused TCP ports on ``host``; the sockets stay bound until all are picked."""
-    bind_host = "" if host in ("", "0.0.0.0") else host
-    socks = []
+_CLAIMS: list[int] = []  # descriptors of this process's port claims: closing one (at exit) releases it
+
+
+def _claim_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"portable_rl-ports-{os.getuid()}"
+
+
+def _claim(port: int) -> bool:
+    """Take the claim on ``port`` for this process; False when another live process holds it."""
+    directory = _claim_dir()
+    directory.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(directory / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        for _ in range(n):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _CLAIMS.append(fd)
+    return True
+
+
+def free_ports(n: int, host: str = "") -> list[int]:
+    """``n`` distinct unused TCP ports on ``host``, each claimed for this process (module docstring)."""
+    bind_host = "" if host in ("", "0.0.0.0") else host
+    socks, ports = [], []
+    try:
+        for _ in range(64 * n):  # claimed by others: ask again; the kernel hands out other ports meanwhile
+            if len(ports) == n:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
+            socks.append(s)  # stays bound until all are picked, so this call never gets one port twice
             s.bind((bind_host, 0))
-        return [s.getsockname()[1] for s in socks]
+            port = s.getsockname()[1]
+            if _claim(port):
+                ports.append(port)
+        if len(ports) < n:
+            raise OSError(f"found {len(ports)} of {n} free ports on {host or 'all interfaces'}")
+        return ports
     finally:
         for s in socks:
             s.close()

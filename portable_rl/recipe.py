@@ -112,7 +112,7 @@ class RunConfig:
     save_every: int = 0  # 0 = only at the end
     output_dir: str = "runs/latest"
     seed: int = 0
-    check_weight_update: bool = False  # compare trainer and engine weight checksums after each sync
+    check_weight_update: bool = False  # checksums after each sync (engines = trainer) and each step (changed)
     wandb_project: str | None = None
     num_cpus: int | None = None  # Ray CPUs on the CPU platform (None: all cores)
 

@@ -11,6 +11,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # Every collected test's markers, before -m / -k deselect any: tests/unit/test_ci_matrix.py evaluates each
+    # CI leg's marker expression on them (and collects in a subprocess when this run did not collect it all).
+    config.portable_rl_markers = {item.nodeid: {m.name for m in item.iter_markers()} for item in items}
+
+
 @pytest.fixture(autouse=True)
 def _fresh_platform():
     from portable_rl.platform import reset_current_platform

@@ -12,7 +12,7 @@ bash .ci/run || status=$?
 mkdir -p "$report_dir"
 # .ci/run builds the project venv; without it there is nothing to run the conformance suite with.
 if [ -x .venv/bin/portable-rl ]; then
-    .venv/bin/portable-rl conformance --platform cpu --report "$report_dir" || status=$?
+    .venv/bin/portable-rl conformance --platform cpu --fail-on-unexpected-skip --report "$report_dir" || status=$?
 else
     echo "cpu leg: .venv/bin/portable-rl missing after .ci/run; conformance not run" >&2
     status=1

@@ -42,7 +42,7 @@ leg_tests() {
 }
 
 leg_conformance() {
-    portable-rl conformance --platform "$LEG_PLATFORM" --report "$LEG_REPORT_DIR"
+    portable-rl conformance --platform "$LEG_PLATFORM" --fail-on-unexpected-skip --report "$LEG_REPORT_DIR"
 }
 
 # The whole leg: tests and conformance both run (the report is wanted even when a test fails).

@@ -61,6 +61,8 @@ def compute_advantages(
                 rewards, values, mask, cfg.gamma, cfg.lam, token_rewards, cfg.whiten_gae
             )
     metrics["advantage_mean"] = masked_mean(adv, mask)
+    # Group-normalised advantages have mean ~0 whether or not they carry a signal; their size shows it.
+    metrics["advantage_abs_mean"] = masked_mean(adv.abs(), mask)
     metrics["return_mean"] = masked_mean(ret, mask)
     return adv, ret, metrics
 

@@ -1,10 +1,13 @@
 """`portable-rl conformance`: run the cross-backend conformance checks on this host's platform.
 
     portable-rl conformance [--platform auto|cpu|cuda|rocm] [--report DIR] [--only NAME ...] [--list]
+                            [--fail-on-unexpected-skip]
 
-Prints one line per case (check, dtype, measured error, tolerance, status, reason) and a summary; with
-``--report DIR`` also writes conformance-<platform>.json / .md there. Exit codes: 0 all cases passed or were
-skipped with a reason, 1 a case failed, 2 bad input (unknown check, unavailable platform).
+Prints one line per case (check, dtype, measured error, tolerance, status, reason; a failure's detail below
+it) and a summary; with ``--report DIR`` also writes conformance-<platform>.json / .md there. Exit codes: 0 all
+cases passed or were skipped with a reason, 1 a case failed (or, with ``--fail-on-unexpected-skip``, was
+skipped for a reason the platform does not explain: a missing component, a golden file the repository should
+hold), 2 bad input (unknown check, unavailable platform). CI runs with ``--fail-on-unexpected-skip``.
 ``--platform`` sets PORTABLE_RL_PLATFORM for the run, so spawned workers see the same platform.
 """
 
@@ -30,7 +33,7 @@ def _list(checks) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from portable_rl.conformance import Context, select, summary
+    from portable_rl.conformance import Context, select, summary, unexpected_skips
     from portable_rl.conformance import run as run_checks
     from portable_rl.conformance.report import format_table, write_reports
     from portable_rl.errors import UserError
@@ -57,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
             tol = "-" if res.tolerance is None else f"{res.tolerance:.3g}"
             extra = f"  ({res.reason})" if res.reason else ""
             print(f"  {res.status:<7} {res.id:<48} error {err:<9} tol {tol:<8} {res.seconds:5.1f}s{extra}")
+            if res.status == "fail" and res.detail:  # where the error is: what to look at first
+                for line in res.detail.strip().splitlines()[-6:]:
+                    print(f"            {line}")
             sys.stdout.flush()
 
         try:
@@ -74,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         if args.report:
             json_path, md_path = write_reports(results, ctx, args.report, started, seconds)
             print(f"report: {json_path} {md_path}")
-        return 1 if counts["fail"] else 0
+        unexpected = unexpected_skips(results) if args.fail_on_unexpected_skip else []
+        for res in unexpected:
+            print(f"unexpected skip (--fail-on-unexpected-skip): {res.id}: {res.reason}")
+        return 1 if counts["fail"] or unexpected else 0
     finally:
         if previous is None:
             os.environ.pop(PLATFORM_ENV, None)
@@ -107,4 +116,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run only these checks (exact names or groups such as 'kernels'; see --list)",
     )
     p.add_argument("--list", action="store_true", help="list the checks and what each measures, then exit")
+    p.add_argument(
+        "--fail-on-unexpected-skip",
+        action="store_true",
+        help=(
+            "exit 1 when a check is skipped for a reason the platform does not explain (a missing component "
+            "module, a golden file the repository should hold); GPU-only checks on CPU, another vendor's "
+            "checks and too few devices stay plain skips. CI runs with it"
+        ),
+    )
     p.set_defaults(func=run)

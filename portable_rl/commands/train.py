@@ -228,7 +228,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--check-weight-update",
         action="store_true",
-        help="after every weight sync compare trainer and engine weight checksums (slow; for debugging)",
+        help=(
+            "after every weight sync compare trainer and engine weight checksums (the run fails on a "
+            "difference) and log weights_changed_frac, the share of trainer tensors each step changed "
+            "(slow on large models; for debugging and tests)"
+        ),
     )
     p.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
     p.set_defaults(func=run, accepts_pass_through=True)

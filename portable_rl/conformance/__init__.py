@@ -28,15 +28,17 @@ from portable_rl.conformance.registry import (  # noqa: E402
     Check,
     CheckResult,
     Context,
+    ExpectedSkip,
     Measurement,
     all_cases,
+    is_expected_skip,
     load_all,
     register,
     select,
     unmet_requirement,
 )
 from portable_rl.conformance.report import write_reports  # noqa: E402
-from portable_rl.conformance.runner import run, run_case, summary  # noqa: E402
+from portable_rl.conformance.runner import run, run_case, summary, unexpected_skips  # noqa: E402
 
 __all__ = [
     "CHECKS",
@@ -44,14 +46,17 @@ __all__ = [
     "Check",
     "CheckResult",
     "Context",
+    "ExpectedSkip",
     "Measurement",
     "all_cases",
+    "is_expected_skip",
     "load_all",
     "register",
     "run",
     "run_case",
     "select",
     "summary",
+    "unexpected_skips",
     "unmet_requirement",
     "write_reports",
 ]

@@ -1,16 +1,20 @@
-"""Collective checks: two processes, the platform's torch.distributed backend, one device each.
+"""Collective checks: three processes, the platform's torch.distributed backend, one device each.
 
 One spawn (``torch.multiprocessing``, rendezvous over TCP on 127.0.0.1) runs every collective once and saves
 what each rank holds; the parent then compares with values it computes itself:
 
-* all_reduce: small integers (exact in float32 and bfloat16) and float32 random data — with two operands the
-  sum is correctly rounded whatever the reduction order, so the expected value is exact (tolerance 0);
+* all_reduce: small integers (exact in float32 and bfloat16) and float32 random data from ranks 0 and 1 (the
+  other ranks add zeros) — a sum of two non-zero operands is correctly rounded whatever the reduction order,
+  so the expected value is exact (tolerance 0);
 * broadcast from rank 1 and all_gather: every rank must hold the source tensors bit for bit;
-* determinism: all_reduce of the same 4 Mi float32 random elements twice must give identical bits, on both
-  ranks (counts differing elements; tolerance 0).
+* determinism: all_reduce of the same 4 Mi float32 random elements (non-zero on every rank) twice must give
+  identical bits, on every rank (counts differing elements; tolerance 0). Three ranks, because with two the
+  sum a + b is bit-identical in either order and no reduction-order change could show: with three,
+  (a + b) + c and a + (b + c) differ in about a third of the elements, so a backend whose reduction order
+  changes between runs, or that leaves ranks holding differently ordered sums, fails.
 
 Workers are given the platform by name, call ``prepare_process_env()`` and pick device ``rank`` on device
-platforms (hence ``min_devices=2`` there). ``run_workers`` is the one seam a meta-test corrupts.
+platforms (hence ``min_devices=WORLD`` there). ``run_workers`` is the one seam a meta-test corrupts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from portable_rl.conformance.registry import Context, Measurement, register
 from portable_rl.distributed import free_port
 
-WORLD = 2
+WORLD = 3  # >= 3 so reduction order shows in float32 sums (module docstring)
 EXACT_LEN = 4099  # odd, so no backend can hide an off-by-one behind a power-of-two chunking
 DETERMINISM_LEN = 1 << 22
 COLLECTIVE_DTYPES = ("float32", "bfloat16")
@@ -36,7 +40,8 @@ def rank_inputs(rank: int) -> dict[str, Any]:
     small = (torch.arange(EXACT_LEN) % 50 + 10 * rank).to(torch.float64)  # sums stay exact integers < 256
     out: dict[str, Any] = {
         "small": small,
-        "random32": torch.randn(EXACT_LEN, generator=gen, dtype=torch.float32),
+        # Two non-zero operands (ranks 0 and 1): their float32 sum is exact in any order, zeros included.
+        "random32": torch.randn(EXACT_LEN, generator=gen, dtype=torch.float32) * (rank < 2),
         "gather": {d: torch.randn(EXACT_LEN, generator=gen).to(getattr(torch, d)) for d in COLLECTIVE_DTYPES},
         "bcast": {d: torch.randn(EXACT_LEN, generator=gen).to(getattr(torch, d)) for d in COLLECTIVE_DTYPES},
         "det": torch.randn(DETERMINISM_LEN, generator=gen, dtype=torch.float32),
@@ -93,7 +98,7 @@ def _worker(rank: int, platform_name: str, init_method: str, out_dir: str) -> No
 
 
 def run_workers(platform_name: str, out_dir: Path) -> list[dict[str, Any]]:
-    """Spawn the two ranks, wait for them, and return what each rank held (index = rank)."""
+    """Spawn the ranks, wait for them, and return what each rank held (index = rank)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -128,7 +133,7 @@ def _max_abs(a, b) -> float:
 
 @register(
     "collectives.all_reduce",
-    "max |all_reduce(sum) result - exact sum| over both ranks (integers, and float32 random data as 'float32')",
+    "max |all_reduce(sum) result - exact sum| over every rank (integers, and float32 random data as 'float32')",
     dtypes=COLLECTIVE_DTYPES,
     min_devices=WORLD,
 )
@@ -140,14 +145,14 @@ def check_all_reduce(ctx: Context, dtype: str | None) -> Measurement:
     expected = sum(i["small"] for i in inputs).to(getattr(torch, dtype))
     err = max(_max_abs(h["all_reduce"][dtype], expected) for h in held)
     if dtype == "float32":
-        exact = inputs[0]["random32"] + inputs[1]["random32"]  # two operands: correctly rounded either way
+        exact = inputs[0]["random32"] + inputs[1]["random32"]  # two non-zero operands: exact in any order
         err = max(err, *(_max_abs(h["all_reduce"]["random32"], exact) for h in held))
     return Measurement(err, f"{EXACT_LEN} elements x {WORLD} ranks")
 
 
 @register(
     "collectives.broadcast",
-    "max |broadcast(src=1) result - source| over both ranks",
+    "max |broadcast(src=1) result - source| over every rank",
     dtypes=COLLECTIVE_DTYPES,
     min_devices=WORLD,
 )
@@ -159,7 +164,7 @@ def check_broadcast(ctx: Context, dtype: str | None) -> Measurement:
 
 @register(
     "collectives.all_gather",
-    "max |all_gather part r - rank r's tensor| over both ranks and parts",
+    "max |all_gather part r - rank r's tensor| over every rank and part",
     dtypes=COLLECTIVE_DTYPES,
     min_devices=WORLD,
 )
@@ -177,7 +182,8 @@ def check_all_gather(ctx: Context, dtype: str | None) -> Measurement:
 
 @register(
     "collectives.all_reduce_determinism",
-    "elements that differ between two all_reduce runs of the same float32 data, and between ranks",
+    "elements that differ between two all_reduce runs of the same float32 data, and between ranks "
+    "(three ranks: reduction order shows)",
     min_devices=WORLD,
 )
 def check_all_reduce_determinism(ctx: Context, dtype: str | None) -> Measurement:

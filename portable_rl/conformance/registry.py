@@ -10,8 +10,13 @@ Contract
   markers (``gpu``, ``cuda``, ``rocm``, ``slow``) and also runtime requirements: a ``gpu`` check is skipped,
   with the reason, on a platform without devices. ``min_devices`` applies only to device platforms (on CPU
   processes share the host). ``requires`` names portable_rl modules from other components; a check whose
-  module does not exist yet is skipped with "component not yet available".
-* Check functions take ``(ctx, dtype)``; ``ctx.memo`` shares expensive work (one 2-process collective run,
+  module does not exist is skipped with "component not available".
+* Expected and unexpected skips: a skip the platform explains (a GPU check on CPU, a vendor's check on another
+  vendor, too few devices, or a reason an ``available`` hook returns as ``ExpectedSkip``, such as no golden
+  file recorded for the platform yet) is expected. Any other skip (a required module missing, a golden file
+  that the repository should hold gone) means something broke; ``CheckResult.skip_expected`` tells them
+  apart, ``portable-rl conformance --fail-on-unexpected-skip`` and the pytest suite fail on the unexpected.
+* Check functions take ``(ctx, dtype)``; ``ctx.memo`` shares expensive work (one 3-process collective run,
   one tiny checkpoint) between the cases of one run.
 """
 
@@ -28,6 +33,14 @@ from portable_rl.platform import Platform
 
 KNOWN_MARKERS = ("gpu", "cuda", "rocm", "slow")
 STATUSES = ("pass", "fail", "skipped")
+
+
+class ExpectedSkip(str):
+    """A skip reason the platform explains (see module docstring); any other reason is unexpected."""
+
+
+def is_expected_skip(reason: str | None) -> bool:
+    return isinstance(reason, ExpectedSkip)
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,7 @@ class CheckResult:
     detail: str = ""
     seconds: float = 0.0
     measures: str = ""
+    skip_expected: bool = False  # a skip the platform explains (see module docstring)
 
     @property
     def id(self) -> str:
@@ -105,6 +119,7 @@ class CheckResult:
             "detail": self.detail,
             "seconds": round(self.seconds, 3),
             "measures": self.measures,
+            "skip_expected": self.skip_expected,
         }
 
 
@@ -207,22 +222,25 @@ def _module_exists(module: str) -> bool:
 
 
 def unmet_requirement(check: Check, platform: Platform) -> str | None:
-    """Why ``check`` cannot run on ``platform`` (one line), or None when it can."""
+    """Why ``check`` cannot run on ``platform`` (one line), or None when it can. Reasons the platform explains
+    are ``ExpectedSkip`` instances; any other reason is an unexpected skip."""
     if "gpu" in check.markers and platform.torch_device_type == "cpu":
-        return f"needs a GPU platform; this run is on {platform.name!r}"
+        return ExpectedSkip(f"needs a GPU platform; this run is on {platform.name!r}")
     for vendor in ("cuda", "rocm"):
         if vendor in check.markers and platform.name != vendor:
-            return f"needs the {vendor} platform; this run is on {platform.name!r}"
+            return ExpectedSkip(f"needs the {vendor} platform; this run is on {platform.name!r}")
     if (
         check.min_devices
         and platform.torch_device_type != "cpu"
         and len(platform.devices) < check.min_devices
     ):
-        return f"needs {check.min_devices} devices; platform {platform.name!r} has {len(platform.devices)}"
+        return ExpectedSkip(
+            f"needs {check.min_devices} devices; platform {platform.name!r} has {len(platform.devices)}"
+        )
     missing = [m for m in check.requires if not _module_exists(m)]
     if missing:
         note = f" ({check.depends_on})" if check.depends_on else ""
-        return f"component not yet available: {', '.join(missing)} missing{note}"
+        return f"component not available: {', '.join(missing)} missing{note}"
     if check.available is not None:
         return check.available(platform)
     return None

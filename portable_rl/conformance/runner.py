@@ -1,6 +1,7 @@
 """Run conformance cases on one platform and turn measurements into verdicts.
 
-``run_case(case, ctx)`` returns a ``CheckResult``: skipped (with the unmet requirement), pass
+``run_case(case, ctx)`` returns a ``CheckResult``: skipped (with the unmet requirement, and whether the
+platform explains it: ``skip_expected``), pass
 (``error <= tolerance``), or fail (``error > tolerance``, a NaN error, or the check raised — the exception's
 one-line summary becomes the reason). ``run(checks, ctx)`` runs every case of every check in order; a failing
 case never stops the run.
@@ -13,7 +14,14 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 
-from portable_rl.conformance.registry import Case, Check, CheckResult, Context, unmet_requirement
+from portable_rl.conformance.registry import (
+    Case,
+    Check,
+    CheckResult,
+    Context,
+    is_expected_skip,
+    unmet_requirement,
+)
 from portable_rl.conformance.tolerances import tolerance
 
 
@@ -22,7 +30,8 @@ def run_case(case: Case, ctx: Context) -> CheckResult:
     result = CheckResult(check.name, case.dtype, "skipped", measures=check.measures)
     why = unmet_requirement(check, ctx.platform)
     if why:
-        result.reason = why
+        result.reason = str(why)
+        result.skip_expected = is_expected_skip(why)
         return result
     start = time.perf_counter()
     try:
@@ -61,6 +70,11 @@ def run(
             if on_result is not None:
                 on_result(res)
     return results
+
+
+def unexpected_skips(results: list[CheckResult]) -> list[CheckResult]:
+    """Skipped cases the platform does not explain: something the check needs is missing or broken."""
+    return [r for r in results if r.status == "skipped" and not r.skip_expected]
 
 
 def summary(results: list[CheckResult]) -> dict[str, int]:

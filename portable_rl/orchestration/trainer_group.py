@@ -5,7 +5,9 @@
   engines; every other rank still iterates the generator because the gathers inside it are collective.
 * ``TrainerWorker.train_rl_step(groups, algo)`` is one RL step inside the trainer process: the reference (and,
   for a KL penalty in the reward, the old-policy) log-probs are computed there and go straight into the
-  advantages and the loss; only the groups go in and only float metrics come out.
+  advantages and the loss; only the groups go in and only float metrics come out. With the run's
+  ``check_weight_update`` it also reports ``weights_changed_frac`` (parameter checksums before and after the
+  step), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
 * ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
   device Ray gave that bundle: ``devices[r]``, see ``orchestration.devices``), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).
@@ -31,7 +33,7 @@ from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform, current_platform
 from portable_rl.rollout_to_train import make_loss_fn, prepare_train_batch
 from portable_rl.training.actor import ActorConfig, MegatronActor
-from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync
+from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync, tensor_checksum
 
 
 class TrainerWorker(MegatronActor):
@@ -58,11 +60,24 @@ class TrainerWorker(MegatronActor):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "cpu_affinity": self.cpu_affinity}
 
-    def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
-        """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``."""
+    def train_rl_step(self, groups: list[Group], algo: AlgoConfig, check: bool = False) -> dict[str, float]:
+        """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``.
+
+        With ``check`` it also reports ``weights_changed_frac``: the fraction of this rank's parameter tensors
+        whose bits the optimizer step changed (0 means the step changed nothing: a no-op optimizer, zero
+        advantages, a zero learning rate)."""
+        before = self._param_checksums() if check else None
         batch, adv_metrics = prepare_train_batch(groups, algo, self.compute_logprobs)
         metrics = self.train_step(batch, make_loss_fn(algo))
-        return {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, **adv_metrics}
+        out = {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, **adv_metrics}
+        if before is not None:
+            after = self._param_checksums()
+            out["weights_changed_frac"] = sum(after[n] != d for n, d in before.items()) / max(len(before), 1)
+        return out
+
+    def _param_checksums(self) -> dict[str, str]:
+        # Checksums, not copies: a check must not double the trainer's memory.
+        return {name: tensor_checksum(p) for name, p in self.model.named_parameters()}
 
     def connect_weight_sync(
         self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
@@ -90,7 +105,8 @@ class TrainerWorker(MegatronActor):
             out["weight_check_ok"] = float(report.ok)
             if not report.ok:
                 raise RuntimeError(
-                    f"--check-weight-update: engine weights differ from the trainer's: {report}"
+                    f"--check-weight-update: engine weights differ from the trainer's after sync {version}: "
+                    + report.summary().replace("\n", "; ")
                 )
         return out
 
@@ -161,7 +177,7 @@ class TrainerGroup:
         return self._all(lambda a: a.info)[0]
 
     def train_rl_step(self, groups: list[Group], algo: AlgoConfig) -> dict[str, float]:
-        return self._all(lambda a: a.train_rl_step, groups, algo)[0]
+        return self._all(lambda a: a.train_rl_step, groups, algo, self.check_weight_update)[0]
 
     def connect_weight_sync(
         self, engine_urls: list[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None

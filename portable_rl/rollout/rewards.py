@@ -1,4 +1,4 @@
-"""Reward hub: the built-in math reward and user reward functions loaded by dotted path.
+"""Reward hub: the built-in math reward, a token-rule reward for tests, and user reward functions by dotted path.
 
 Contract
 --------
@@ -12,6 +12,11 @@ Contract
   math-verify (symbolic/numeric equivalence: "0.5" = "1/2" = "\\frac{1}{2}", "1,000" = "1000"). Score:
   ``correct`` if equal else ``wrong``, plus ``format_bonus`` when the response contains a ``\\boxed{}`` answer.
   math-verify's signal-based timeouts are off, so the reward runs in any thread (Ray actors, executors).
+* ``even_token_fraction`` (``"portable_rl.rollout.rewards:even_token_fraction"``): the fraction of the
+  response's token ids that are even; 0.0 for an empty response; needs no label. A rule on the generated
+  tokens themselves, so a randomly initialised model earns about half of it from its first step and the
+  samples of a group almost never tie: every step has non-zero advantages and a gradient, and the policy can
+  learn it (move probability to even ids). The tiny test recipe uses it so end-to-end tests see learning.
 * Output: the reward runs under the training progress bar, so math-verify's log records are filtered
   (``quiet_math_verify``): its notice that timeouts are off is dropped (they are off on purpose, above), any
   other warning is shown once per process, errors always.
@@ -160,6 +165,14 @@ class MathReward:
         right = answer is not None and answers_match(answer, label)
         score = self.cfg.correct if right else self.cfg.wrong
         return float(score + (self.cfg.format_bonus if boxed else 0.0))
+
+
+def even_token_fraction(response: str, label: Any = None, sample: Any = None) -> float:
+    """Fraction of ``sample.response_tokens`` with an even id (see module docstring)."""
+    if sample is None:
+        raise ValueError("even_token_fraction scores token ids: call it with the Sample being scored")
+    tokens = sample.response_tokens
+    return sum(1 for t in tokens if t % 2 == 0) / len(tokens) if tokens else 0.0
 
 
 def load_callable(spec: str, what: str = "reward function") -> Callable[..., Any]:

@@ -19,3 +19,13 @@ def test_every_check_is_collected_by_exactly_one_file():
     for check in load_all().values():
         kinds = [is_platform_check(check), is_component_check(check), is_golden_check(check)]
         assert kinds.count(True) == 1, check.name
+
+
+def test_the_shared_cache_belongs_to_this_run(conformance_ctx, tmp_path_factory, request):
+    # A cache outside this run's own temp directory would hand later runs results of older code.
+    shared, base = conformance_ctx.shared_dir, tmp_path_factory.getbasetemp()
+    worker_input = getattr(request.config, "workerinput", None)
+    if worker_input is None:
+        assert base in shared.parents, (shared, base)
+    else:  # base is this worker's popen-gwN; its parent is the run's base temp
+        assert base.parent in shared.parents and worker_input["testrunuid"] in shared.name, (shared, base)

@@ -9,7 +9,8 @@ steps). From outside the run, like an OOM killer or a stuck driver would:
     but never answers; only the health monitor's probe timeout can find it) and the other carries on.
 The run must finish, report both replacements, train each prompt the source handed out exactly once in the
 step it was handed out, and every sample must come from the weights of the previous step — also the samples
-of the replacement engines, which therefore got the trainer's weights before they served.
+of the replacement engines, which therefore got the trainer's weights before they served. Every step must
+train (non-zero gradient, every weight changed) and every sync leave the engines bit-equal to the trainer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from learning import assert_trained_and_synced
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "tiny_cpu.yaml"
@@ -145,6 +147,8 @@ def test_killed_and_hung_engines_are_replaced_and_no_prompt_is_lost(tmp_path):
     requeued = [r["prompts_requeued"] for r in rows]
     assert requeued[0] == 0 and requeued[1] >= 1 and requeued[3] == requeued[2], requeued
     assert all(r["num_samples"] == PROMPTS * 4 for r in rows)
+    # It trained through the failures, and after every sync (also into the replacements) engines = trainer.
+    assert_trained_and_synced(rows)
     assert "is hung: no answer to /health_generate within 5s" in out  # found by the probe, not by luck
     # Every prompt the source handed out is trained once, in the step it was handed out in.
     from transformers import AutoTokenizer

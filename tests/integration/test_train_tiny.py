@@ -1,5 +1,7 @@
 """The tiny recipe end to end through `portable-rl train`: both modes, async rollout, and exact resume of a
-run killed (SIGKILL, whole process tree) in the middle of a step."""
+run killed (SIGKILL, whole process tree) in the middle of a step. Every run must train (non-zero gradient,
+every weight changed each step) and every sync must leave the engines bit-equal to the trainer
+(``learning.assert_trained_and_synced``); so a resume that did not reload the weights shows in its metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from learning import assert_trained_and_synced
 
 from portable_rl.conformance.golden import is_recorded_metric
 
@@ -47,6 +50,7 @@ def test_disaggregated_async_run(tmp_path):
     rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["num_samples"] == 8 for r in rows)
+    assert_trained_and_synced(rows)
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "curves.png").is_file()
 
@@ -96,6 +100,8 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     want, got = _metrics(full), _metrics(part)
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # the killed step's line was dropped, then re-run
+    assert_trained_and_synced(want)
+    assert_trained_and_synced(got)  # also the resumed steps: the checkpoint's weights reached the engines
     for w, g in zip(want[2:], got[2:], strict=True):
         for key, value in w.items():
             if key.startswith(TIMING) or key in TIMING or not is_recorded_metric(key, value):

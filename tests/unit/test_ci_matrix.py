@@ -142,7 +142,7 @@ def test_cpu_leg_runs_the_repository_ci_entry_on_a_hosted_runner(ci):
     assert job["runs-on"].startswith("ubuntu-") and "container" not in job
     assert steps_run(job) == ["bash ci/legs/cpu.sh"]
     script = (ROOT / "ci/legs/cpu.sh").read_text()
-    assert "bash .ci/run" in script and "conformance --platform cpu --report" in script
+    assert "bash .ci/run" in script and "conformance --platform cpu --fail-on-unexpected-skip" in script
     assert upload_paths(job) == [job["env"]["LEG_REPORT_DIR"]]
 
 
@@ -151,7 +151,7 @@ def test_cuda_leg(ci):
     assert job["runs-on"][:2] == ["self-hosted", "linux"] and "nvidia" in job["runs-on"]
     assert job["container"]["image"] == versions.image_ref("cuda")
     assert "--gpus all" in job["container"]["options"]
-    assert job["env"]["LEG_PYTEST_MARKERS"] == "cuda or gpu or not rocm"
+    assert job["env"]["LEG_PYTEST_MARKERS"] == "(cuda or gpu or not rocm) and not sglang"
     assert job["env"]["PORTABLE_RL_PLATFORM"] == "cuda" and int(job["env"]["LEG_GPUS"]) > 0
     assert steps_run(job) == ["bash ci/legs/cuda.sh"]
     assert upload_paths(job) == [job["env"]["LEG_REPORT_DIR"]]
@@ -173,7 +173,7 @@ def test_rocm_legs(ci, leg, variant):
     ):
         assert flag in options, flag
     assert job["env"]["LEG_GPU_ARCH"] == variant
-    assert job["env"]["LEG_PYTEST_MARKERS"] == "rocm or gpu or not cuda"
+    assert job["env"]["LEG_PYTEST_MARKERS"] == "(rocm or gpu or not cuda) and not sglang"
     assert steps_run(job) == [f"bash ci/legs/{leg}.sh"]
     assert upload_paths(job) == [job["env"]["LEG_REPORT_DIR"]]
 
@@ -181,7 +181,7 @@ def test_rocm_legs(ci, leg, variant):
 def test_gpu_legs_run_tests_and_conformance_with_a_report():
     common = (ROOT / "ci/legs/gpu-common.sh").read_text()
     assert 'pytest -q -m "$LEG_PYTEST_MARKERS"' in common
-    assert 'portable-rl conformance --platform "$LEG_PLATFORM" --report "$LEG_REPORT_DIR"' in common
+    assert 'portable-rl conformance --platform "$LEG_PLATFORM" --fail-on-unexpected-skip' in common
     for leg in ("cuda", "rocm-mi300x", "rocm-mi355x"):
         assert "leg_run" in (ROOT / f"ci/legs/{leg}.sh").read_text()
 
@@ -199,7 +199,7 @@ def test_leg_env_is_evaluable_in_bash():
         env={**tool_env(), "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])},
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "rocm or gpu or not cuda|gfx950"
+    assert out.stdout.strip() == "(rocm or gpu or not cuda) and not sglang|gfx950"
     bad = gen("--leg-env", "tpu")
     assert bad.returncode == 2 and "no leg 'tpu'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
@@ -323,3 +323,99 @@ def test_check_host_on_a_simulated_mi300x(monkeypatch, tmp_path):
         text=True,
     )
     assert out.returncode == 1 and "8 device(s) visible, the leg needs 9" in out.stderr
+
+
+# ---- which tests each leg runs --------------------------------------------------------------------------------
+# What a marker needs, and so which legs can run its tests: a GPU of any vendor, one vendor's GPU, or the CPU
+# SGLang venv (built only by .ci/run's second stage, which selects `-m sglang` itself). `slow` and `netns` run
+# everywhere (netns tests skip, naming the step, where the host refuses namespaces).
+def _unavailable(platform: str) -> set[str]:
+    if platform == "cpu":
+        return {"gpu", "cuda", "rocm", "sglang"}
+    return {"cuda", "rocm"} - {platform} | {"sglang"}
+
+
+def _this_run_collected_everything(config) -> bool:
+    invoked = Path(config.invocation_params.dir)
+    return bool(config.args) and all(
+        (invoked / arg.split("::")[0]).resolve() in (ROOT, ROOT / "tests") for arg in config.args
+    )
+
+
+@pytest.fixture(scope="module")
+def collected_markers(request, tmp_path_factory) -> dict[str, set[str]]:
+    # `make test` collects the whole suite: tests/conftest.py kept every test's markers before deselection.
+    if _this_run_collected_everything(request.config) and getattr(
+        request.config, "portable_rl_markers", None
+    ):
+        return request.config.portable_rl_markers
+    out = tmp_path_factory.mktemp("markers") / "markers.json"
+    env = {**os.environ, "PORTABLE_RL_MARKER_DUMP": str(out), "PYTHONPATH": str(ROOT / "tests" / "unit")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "marker_dump",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {node: set(marks) for node, marks in json.loads(out.read_text()).items()}
+
+
+def _selects(expression: str, markers: set[str]) -> bool:
+    from _pytest.mark.expression import Expression  # what `pytest -m` evaluates
+
+    return Expression.compile(expression).evaluate(lambda name, **kwargs: name in markers)
+
+
+def _leg_expressions() -> dict[str, tuple[str, str]]:
+    """leg -> (platform, the -m expression its pytest run uses): GPU legs from the matrix, the cpu leg from
+    `make test` (what .ci/run runs)."""
+    import re
+
+    from ci.matrix import load
+
+    make_test = re.search(r'pytest .*-m "([^"]+)" tests', (ROOT / "Makefile").read_text())
+    assert make_test, "the Makefile's test target no longer runs pytest -m '...' tests"
+    legs = {}
+    for leg in load().legs:
+        legs[leg.name] = (leg.platform, leg.pytest_markers or make_test.group(1))
+    assert legs["cpu"][1] == make_test.group(1)
+    return legs
+
+
+def test_each_leg_runs_exactly_the_tests_it_can(collected_markers):
+    assert len(collected_markers) > 100
+    for leg, (platform, expression) in _leg_expressions().items():
+        cannot = _unavailable(platform)
+        selected = {t for t, marks in collected_markers.items() if _selects(expression, marks)}
+        runnable = {t for t, marks in collected_markers.items() if not marks & cannot}
+        assert not selected - runnable, (
+            f"leg {leg} ({expression!r}) selects tests it cannot run: {sorted(selected - runnable)[:5]}"
+        )
+        assert not runnable - selected, (
+            f"leg {leg} ({expression!r}) leaves out tests it can run: {sorted(runnable - selected)[:5]}"
+        )
+    gpu_tests = {t for t, marks in collected_markers.items() if "gpu" in marks}
+    assert gpu_tests, "no test is marked gpu: the GPU legs would only rerun CPU tests"
+
+
+def test_the_sglang_stage_of_the_cpu_leg_selects_the_sglang_tests(collected_markers):
+    import re
+
+    stage = re.search(r"pytest -q -m (\S+) (\S+)", (ROOT / ".ci/run").read_text())
+    assert stage and stage.group(1) == "sglang"
+    sglang = {t for t, marks in collected_markers.items() if "sglang" in marks}
+    assert sglang and all(t.startswith(stage.group(2).rstrip("/") + "/") for t in sglang)

@@ -3,7 +3,7 @@
 The ``broken`` fixture swaps one piece of what a check measures (a kernel, the collective results, the
 training run) for a deliberately wrong version through monkeypatch; every test asserts the check that
 should notice reports ``fail``, and that the unbroken version passes. Collective results are simulated
-here from the same inputs a correct backend would reduce (the real 2-process run is in tests/conformance).
+here from the same inputs a correct backend would reduce (the real 3-process run is in tests/conformance).
 """
 
 from __future__ import annotations
@@ -42,19 +42,19 @@ def verdicts(name: str, ctx: Context) -> dict[str | None, str]:
 
 
 def perfect_collectives(platform_name, out_dir):
-    """What two ranks of a correct backend hold after the worker's collectives."""
+    """What the ranks of a correct (deterministic) backend hold after the worker's collectives."""
     import torch
 
     inputs = [collectives.rank_inputs(r) for r in range(collectives.WORLD)]
-    small_sum = inputs[0]["small"] + inputs[1]["small"]
-    det_sum = inputs[0]["det"] + inputs[1]["det"]
+    small_sum = sum(i["small"] for i in inputs)
+    det_sum = (inputs[0]["det"] + inputs[1]["det"]) + inputs[2]["det"]
     held = []
     for _ in range(collectives.WORLD):
         held.append(
             {
                 "all_reduce": {
                     **{d: small_sum.to(getattr(torch, d)) for d in collectives.COLLECTIVE_DTYPES},
-                    "random32": inputs[0]["random32"] + inputs[1]["random32"],
+                    "random32": sum(i["random32"] for i in inputs),
                 },
                 "broadcast": {d: inputs[1]["bcast"][d].clone() for d in collectives.COLLECTIVE_DTYPES},
                 "all_gather": {
@@ -98,6 +98,25 @@ def broken(monkeypatch):
                 return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
             monkeypatch.setitem(kernels.IMPLEMENTATIONS, "trainer_token_logprobs", in_input_dtype)
+        elif kind == "hf_rmsnorm_drops_weight":  # the library the check runs, not a replacement of it
+            from transformers.models.llama import modeling_llama
+
+            def forward(self, hidden_states):
+                var = hidden_states.float().pow(2).mean(-1, keepdim=True)
+                return (hidden_states.float() * torch.rsqrt(var + self.variance_epsilon)).to(
+                    hidden_states.dtype
+                )
+
+            monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+        elif kind == "hf_rotary_turns_backwards":
+            from transformers.models.llama import modeling_llama
+
+            real = modeling_llama.apply_rotary_pos_emb
+            monkeypatch.setattr(
+                modeling_llama,
+                "apply_rotary_pos_emb",
+                lambda q, k, cos, sin, *a, **kw: real(q, k, cos, -sin, *a, **kw),
+            )
         elif kind.startswith("collective_"):
             what = kind.removeprefix("collective_")
 
@@ -111,9 +130,11 @@ def broken(monkeypatch):
                     ][0]
                 elif what == "all_gather":
                     held[0]["all_gather"]["float32"].reverse()
-                elif what == "determinism":
-                    run = held[1]["determinism"][1]
-                    run.view(torch.int32)[123] ^= 1  # one flipped mantissa bit
+                elif (
+                    what == "determinism"
+                ):  # the second run reduced in another order, as a real backend could
+                    i = [collectives.rank_inputs(r)["det"] for r in range(collectives.WORLD)]
+                    held[1]["determinism"][1] = i[0] + (i[1] + i[2])
                 return held
 
             monkeypatch.setattr(collectives, "run_workers", corrupted)
@@ -138,15 +159,9 @@ def broken(monkeypatch):
         ("kernel_scaled", "kernels.rmsnorm", ("float32", "bfloat16")),
         ("attention_not_causal", "kernels.attention", ("float32", "bfloat16")),
         ("logprobs_off_by_one_token", "kernels.token_logprobs", ("float32", "bfloat16")),
-        pytest.param(
-            "trainer_logprobs_without_upcast",
-            "kernels.trainer_token_logprobs",
-            ("bfloat16",),
-            marks=pytest.mark.skipif(
-                unmet_requirement(CHECKS["kernels.trainer_token_logprobs"], load("cpu")) is not None,
-                reason="portable_rl.training.logprobs is not available",
-            ),
-        ),
+        ("trainer_logprobs_without_upcast", "kernels.trainer_token_logprobs", ("bfloat16",)),
+        ("hf_rmsnorm_drops_weight", "kernels.rmsnorm_hf", ("float32", "bfloat16")),
+        ("hf_rotary_turns_backwards", "kernels.rotary", ("float32", "bfloat16")),
     ],
 )
 def test_broken_kernel_fails(kind, check, dtypes, ctx, broken):
@@ -222,9 +237,104 @@ def test_requirements_become_reasons():
     missing = Check(
         "meta.missing", "x", lambda c, d: Measurement(0.0), requires=("portable_rl.no_such_part",)
     )
-    assert unmet_requirement(missing, cpu).startswith("component not yet available: portable_rl.no_such_part")
+    assert unmet_requirement(missing, cpu).startswith("component not available: portable_rl.no_such_part")
     two = Check("meta.two", "x", lambda c, d: Measurement(0.0), min_devices=2)
     assert unmet_requirement(two, cpu) is None  # on CPU ranks share the host
+
+
+def test_a_renamed_component_is_an_unexpected_skip_and_fails_the_cli_flag(monkeypatch, capsys, tmp_path):
+    from portable_rl.cli import main
+    from portable_rl.conformance import registry
+
+    check = CHECKS["kernels.trainer_token_logprobs"]
+    assert "portable_rl.training.logprobs" in check.requires
+    real = registry._module_exists
+    monkeypatch.setattr(
+        registry, "_module_exists", lambda m: m != "portable_rl.training.logprobs" and real(m)
+    )
+    cpu = load("cpu")
+    why = unmet_requirement(check, cpu)
+    assert why.startswith("component not available: portable_rl.training.logprobs")
+    result = run_case(check.cases()[0], Context(cpu, workdir=tmp_path))
+    assert result.status == "skipped" and not result.skip_expected
+    only = ["conformance", "--platform", "cpu", "--only", "kernels.trainer_token_logprobs"]
+    assert main(only) == 0  # without the flag a skip with a reason passes ...
+    assert main([*only, "--fail-on-unexpected-skip"]) == 1  # ... with it (what CI runs) it fails
+    out = capsys.readouterr().out
+    assert "unexpected skip (--fail-on-unexpected-skip): kernels.trainer_token_logprobs[float32]" in out
+
+
+def test_platform_skips_are_expected_and_pass_the_cli_flag(monkeypatch):
+    from portable_rl.cli import main
+
+    cpu = load("cpu")
+    gpu_check = Check("meta.gpu", "x", lambda c, d: Measurement(0.0), markers=("gpu",))
+    assert conformance.is_expected_skip(unmet_requirement(gpu_check, cpu))
+    assert conformance.is_expected_skip(
+        unmet_requirement(Check("meta.r", "x", lambda c, d: Measurement(0.0), markers=("rocm",)), cpu)
+    )
+    assert CHECKS["ray.device_placement"].markers == ("gpu",)
+    assert (
+        main(
+            [
+                "conformance",
+                "--platform",
+                "cpu",
+                "--only",
+                "ray.device_placement",
+                "--fail-on-unexpected-skip",
+            ]
+        )
+        == 0
+    )
+
+
+def test_a_deleted_golden_file_is_unexpected_an_unrecorded_platform_is_not(monkeypatch, tmp_path):
+    from portable_rl.conformance import golden
+
+    monkeypatch.setattr(
+        golden, "golden_path", lambda name: golden.REPO / "tests" / "golden" / f"gone_{name}.json"
+    )
+    cpu_why = golden._golden_available(load("cpu"))
+    assert "which the repository holds" in cpu_why and not conformance.is_expected_skip(cpu_why)
+    monkeypatch.setattr(golden, "RECORDED_PLATFORMS", ())
+    assert conformance.is_expected_skip(golden._golden_available(load("cpu")))
+
+
+def test_recorded_platforms_are_the_golden_files_the_repository_holds():
+    from portable_rl.conformance import golden
+
+    on_disk = sorted(
+        p.stem.removeprefix(f"{golden.RECIPE}_") for p in (golden.REPO / "tests" / "golden").glob("*.json")
+    )
+    assert on_disk == sorted(golden.RECORDED_PLATFORMS)
+
+
+def test_pytest_cases_skip_only_what_the_platform_explains(monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(golden_repo() / "tests" / "conformance"))
+    try:
+        import conformance_cases
+    finally:
+        sys.path.pop(0)
+    from portable_rl.conformance import registry
+
+    real = registry._module_exists
+    monkeypatch.setattr(
+        registry, "_module_exists", lambda m: m != "portable_rl.training.logprobs" and real(m)
+    )
+    params = {p.id: p for p in conformance_cases.params(lambda c: True)}
+    renamed = params["kernels.trainer_token_logprobs[float32]"]
+    assert not [m for m in renamed.marks if m.name == "skip"]  # runs, and fails with the reason
+    gpu_only = params["ray.device_placement"]
+    assert [m for m in gpu_only.marks if m.name == "skip"]
+
+
+def golden_repo():
+    from portable_rl.conformance import golden
+
+    return golden.REPO
 
 
 def test_requirements_on_a_one_gpu_host(monkeypatch):
@@ -233,7 +343,7 @@ def test_requirements_on_a_one_gpu_host(monkeypatch):
     simulate_cuda(monkeypatch, [(9, 0)])
     cuda = load("cuda")
     conformance.load_all()
-    assert "needs 2 devices" in unmet_requirement(CHECKS["collectives.all_reduce"], cuda)
+    assert "needs 3 devices" in unmet_requirement(CHECKS["collectives.all_reduce"], cuda)
     assert unmet_requirement(CHECKS["ray.device_placement"], cuda) is None
     assert "needs the rocm platform" in unmet_requirement(
         Check("meta.rocm", "x", lambda c, d: Measurement(0.0), markers=("rocm",)), cuda
@@ -249,6 +359,51 @@ def test_ray_env_comparison_reports_each_mismatch():
     assert compare_worker_env(expected, [[0], [0]], [good, good], "pg") == []
     problems = compare_worker_env(expected, [[0], [0]], [good, bad], "pg")
     assert len(problems) == 3 and all(p.startswith("worker 1:") for p in problems)
+
+
+def test_ray_worker_env_fails_when_the_shipped_placement_loses_the_bundle(ctx, monkeypatch):
+    # Break what the check calls (portable_rl's own actor_options), on a real local Ray: actors placed
+    # outside the placement group must be counted. The unbroken run passes in tests/conformance.
+    from portable_rl.orchestration import placement
+
+    real = placement.actor_options
+
+    def without_bundle(*args, **kwargs):
+        opts = real(*args, **kwargs)
+        opts.pop("scheduling_strategy", None)
+        return opts
+
+    monkeypatch.setattr(placement, "actor_options", without_bundle)
+    res = run_case(CHECKS["ray.worker_env"].cases()[0], ctx)
+    assert res.status == "fail" and res.error >= 2, (res.reason, res.detail)
+    assert "placement group" in res.detail
+
+
+def test_weight_sync_fails_when_the_shipped_strategy_is_broken(ctx, monkeypatch):
+    # The real CPU engine and the real shared-tensor strategy, with its own code broken in two ways a bug
+    # could: the last tensor never sent (a partial sync), and one bit flipped in the staging buffer.
+    import torch
+
+    from portable_rl.weight_sync import shared_tensor
+
+    real_update, real_flatten = shared_tensor.update_in_buckets, shared_tensor.flatten
+
+    def partial(engines, cfg, staging, named, version, send):
+        return real_update(engines, cfg, staging, list(named)[:-1], version, send)
+
+    monkeypatch.setattr(shared_tensor, "update_in_buckets", partial)
+    res = run_case(CHECKS["weight_sync.shared_tensor"].cases()[0], ctx)
+    assert res.status == "fail" and res.error >= 1, (res.reason, res.detail)
+    monkeypatch.setattr(shared_tensor, "update_in_buckets", real_update)
+
+    def flipped(bucket, staging):
+        flat, metas = real_flatten(bucket, staging)
+        flat.view(torch.uint8)[0] ^= 1
+        return flat, metas
+
+    monkeypatch.setattr(shared_tensor, "flatten", flipped)
+    res = run_case(CHECKS["weight_sync.shared_tensor"].cases()[0], ctx)
+    assert res.status == "fail" and res.error >= 1, (res.reason, res.detail)
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------
@@ -345,10 +500,6 @@ TRAINER_CHECKS = [n for n in CHECKS if n.startswith("training.")] + [
     "determinism.megatron_train_steps",
     "rollout.engine_vs_trainer_logprobs",
 ]
-needs_trainer = pytest.mark.skipif(
-    any(unmet_requirement(CHECKS[n], load("cpu")) for n in TRAINER_CHECKS),
-    reason="the Megatron trainer or the rollout engine is not available",
-)
 
 
 @pytest.mark.parametrize(
@@ -365,7 +516,6 @@ needs_trainer = pytest.mark.skipif(
         ("trainer_scores_engine_samples_differently", "rollout.engine_vs_trainer_logprobs"),
     ],
 )
-@needs_trainer
 def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, tmp_path):
     import copy
 
@@ -415,10 +565,6 @@ def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, t
 
 
 # ---- rollout engine, weight sync, golden run: the checks' own logic with stand-ins -----------------------
-@pytest.mark.skipif(
-    unmet_requirement(CHECKS["rollout.engine_vs_hf_logprobs"], load("cpu")) is not None,
-    reason="the rollout engine is not available",
-)
 def test_engine_logprobs_off_by_a_little_fail(ctx, monkeypatch):
     from portable_rl.conformance import engine, engine_fixture
 
@@ -483,10 +629,6 @@ class _StandInEngine:
         return WeightCheckReport([rep])
 
 
-@pytest.mark.skipif(
-    unmet_requirement(CHECKS["weight_sync.broadcast"], load("cpu")) is not None,
-    reason="portable_rl.weight_sync or the rollout engine is not available",
-)
 @pytest.mark.parametrize(
     "corrupt,expected", [(None, "pass"), ("bit", "fail"), ("drop", "fail"), ("noop", "fail")]
 )
@@ -538,6 +680,77 @@ def test_golden_run_compares_every_recorded_metric(ctx, monkeypatch, tmp_path):
     res = run_with(shifted)
     assert res.status == "fail" and "step 2 loss" in res.detail
     assert run_with(steps[:1]).status == "fail"  # a missing step
+
+
+def _golden_case(monkeypatch, tmp_path, steps):
+    """The golden check against a golden file of ``steps``; returns run(rows) -> CheckResult."""
+    from portable_rl.conformance import golden
+
+    path = tmp_path / "tiny_cpu_cpu.json"
+    path.write_text(json.dumps({"schema": 1, "steps": steps}))
+    monkeypatch.setattr(golden, "golden_path", lambda name: path)
+    check = CHECKS["golden.tiny_recipe"]
+    monkeypatch.setitem(
+        CHECKS, "golden.tiny_recipe", check.__class__(**{**check.__dict__, "requires": (), "available": None})
+    )
+
+    def run_with(rows):
+        monkeypatch.setattr(golden, "run_recipe", lambda name, out: rows)
+        return run_case(CHECKS["golden.tiny_recipe"].cases()[0], Context(load("cpu"), workdir=tmp_path))
+
+    return run_with
+
+
+@pytest.mark.parametrize(
+    "key,value,got,status",
+    [
+        ("logp_abs_diff", 3e-7, 6e-7, "pass"),  # engine/trainer rounding: within its absolute bound
+        ("logp_abs_diff", 3e-7, 9e-5, "fail"),  # 300x at a tiny scale: an engine that missed a step
+        ("advantage_mean", 7e-9, -7e-9, "pass"),  # zero by construction: the sign of the residue is noise
+        ("advantage_mean", 7e-9, 1e-4, "fail"),  # advantages that no longer cancel
+        ("grad_norm", 2.0, 2.0 * (1 + 5e-6), "pass"),
+        ("grad_norm", 2.0, 2.0 * (1 + 5e-5), "fail"),
+        ("num_tokens", 128.0, 129.0, "fail"),  # counts are exact
+        ("weights_changed_frac", 1.0, 0.0, "fail"),  # a step that changed no weight
+    ],
+)
+def test_golden_bounds_hold_each_metric_at_its_own_scale(key, value, got, status, monkeypatch, tmp_path):
+    run_with = _golden_case(monkeypatch, tmp_path, [{"step": 1.0, key: value}])
+    res = run_with([{"step": 1, key: got}])
+    assert res.status == status, (res.reason, res.detail)
+    if status == "fail":
+        assert f"step 1 {key}" in res.detail
+
+
+def test_golden_metric_without_a_bound_is_a_failure_naming_it(monkeypatch, tmp_path):
+    run_with = _golden_case(monkeypatch, tmp_path, [{"step": 1.0, "new_metric": 1.0}])
+    res = run_with([{"step": 1, "new_metric": 1.0}])
+    assert res.status == "fail" and "'new_metric' has no bound" in res.reason
+
+
+def test_every_golden_file_metric_has_a_bound_and_shows_learning():
+    from portable_rl.conformance import golden
+
+    files = sorted((golden.REPO / "tests" / "golden").glob("*.json"))
+    assert files, "no golden files"
+    for path in files:
+        steps = json.loads(path.read_text())["steps"]
+        for row in steps:
+            for key in row:
+                if key != "step":
+                    golden.bound_for(key)
+        assert golden.learning_problems(steps) == [], path.name
+
+
+def test_record_refuses_a_run_that_does_not_learn(monkeypatch, tmp_path):
+    from portable_rl.conformance import golden
+
+    row = {"step": 1, "grad_norm": 0.0, "advantage_abs_mean": 0.0, "weights_changed_frac": 0.0}
+    monkeypatch.setattr(golden, "run_recipe", lambda name, out: [row])
+    monkeypatch.setattr(golden, "golden_path", lambda name: tmp_path / "g.json")
+    with pytest.raises(RuntimeError, match="did not train.*grad_norm=0.0"):
+        golden.record("cpu", tmp_path / "run")
+    assert not (tmp_path / "g.json").exists()
 
 
 def test_golden_without_a_file_is_skipped_naming_it(monkeypatch, tmp_path):

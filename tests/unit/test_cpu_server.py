@@ -1,7 +1,9 @@
 """The CPU engine server speaks SGLang's protocol and generates what the HF model computes.
 
-One engine process (tiny random Llama, bearer token set) serves the whole module. Tests that change its weights
-put the original checkpoint back before they end, so the tests do not depend on their order.
+Two engine processes (tiny random Llama, bearer token set): ``engine`` serves the tests that only read it
+(generation, log-probs, auth, the client), ``mutable_engine`` the tests that change its state (weights, pause,
+abort). Those also put the original checkpoint back before they end, so they do not depend on their order
+either, and a failed restore cannot leak into a reading test.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPTS = [[1, 17, 42, 99, 7], [3, 250, 11], [5, 6, 7, 8, 9, 10, 11, 12, 13], [400]]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    proc = launch_engine(
+def _launch(tiny_llama):
+    return launch_engine(
         EngineSpec(
             model_path=str(tiny_llama),
             kind="cpu",
@@ -39,6 +40,18 @@ def engine(tiny_llama):
             startup_timeout_s=300,
         )
     )
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    proc = _launch(tiny_llama)
+    yield proc
+    assert proc.stop() is not None
+
+
+@pytest.fixture(scope="module")
+def mutable_engine(tiny_llama):
+    proc = _launch(tiny_llama)
     yield proc
     assert proc.stop() is not None
 
@@ -142,12 +155,12 @@ def test_max_new_tokens_stop_tokens_and_seeds(engine):
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
 
 
-def test_abort_and_pause_continue(engine):
+def test_abort_and_pause_continue(mutable_engine):
     results: dict[str, dict] = {}
 
     def long(rid):
         r = post(
-            engine,
+            mutable_engine,
             "/generate",
             {
                 "input_ids": [1, 2, 3],
@@ -163,19 +176,31 @@ def test_abort_and_pause_continue(engine):
     # is a no-op (as in SGLang), and a fixed sleep races with a fast machine finishing all 450 tokens.
     deadline = time.monotonic() + 60
     while t.is_alive() and time.monotonic() < deadline:
-        assert post(engine, "/abort_request", {"rid": "job-7-a"}).status_code == 200
+        assert post(mutable_engine, "/abort_request", {"rid": "job-7-a"}).status_code == 200
         time.sleep(0.05)
     t.join(60)
     out = results["job-7-a"]
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
     assert len(out["output_ids"]) < 450
 
-    assert post(engine, "/pause_generation", {"mode": "in_place"}).json()["status"] == "ok"
-    t = threading.Thread(target=lambda: results.update(p=generate(engine, [4, 5], max_new_tokens=3)))
+    assert post(mutable_engine, "/pause_generation", {"mode": "in_place"}).json()["status"] == "ok"
+    t = threading.Thread(target=lambda: results.update(p=generate(mutable_engine, [4, 5], max_new_tokens=3)))
     t.start()
-    time.sleep(1.5)
-    assert "p" not in results  # queued while paused
-    assert post(engine, "/continue_generation").status_code == 200
+
+    def state():
+        return requests.get(f"{mutable_engine.url}/server_info", headers=AUTH, timeout=60).json()[
+            "internal_states"
+        ][0]
+
+    # Until the mutable_engine holds the request (a poll with a deadline, not a sleep), then: it waits, undecoded.
+    deadline = time.monotonic() + 60
+    while (now := state())["waiting"] < 1:
+        assert time.monotonic() < deadline, f"the request never reached the paused mutable_engine: {now}"
+        time.sleep(0.02)
+    assert now["paused"] and now["running"] == 0
+    steps = now["decode_steps"]
+    assert state()["decode_steps"] == steps and "p" not in results  # queued while paused
+    assert post(mutable_engine, "/continue_generation").status_code == 200
     t.join(60)
     assert len(results["p"]["output_ids"]) >= 1
 
@@ -197,30 +222,35 @@ def _engine_checksums(engine, names):
     return post(engine, "/get_weights_checksum", {"names": names}).json()["checksums"]
 
 
-def test_update_weights_from_disk_takes_effect(engine, tiny_llama, tmp_path):
+def test_update_weights_from_disk_takes_effect(mutable_engine, tiny_llama, tmp_path):
     new_dir, new = _perturbed(tiny_llama, tmp_path, 0.05)
     try:
-        before = generate(engine, PROMPTS[1], temperature=0.0)
-        r = post(engine, "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": "7"})
+        before = generate(mutable_engine, PROMPTS[1], temperature=0.0)
+        r = post(
+            mutable_engine, "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": "7"}
+        )
         assert r.status_code == 200 and r.json()["success"], r.text
         assert (
-            requests.get(engine.url + "/model_info", headers=AUTH, timeout=10).json()["weight_version"] == "7"
+            requests.get(mutable_engine.url + "/model_info", headers=AUTH, timeout=10).json()[
+                "weight_version"
+            ]
+            == "7"
         )
-        assert _engine_checksums(engine, list(new)) == {k: tensor_checksum(v) for k, v in new.items()}
-        after = generate(engine, PROMPTS[1], temperature=0.0)
+        assert _engine_checksums(mutable_engine, list(new)) == {k: tensor_checksum(v) for k, v in new.items()}
+        after = generate(mutable_engine, PROMPTS[1], temperature=0.0)
         assert after["meta_info"]["weight_version"] == "7"
         ref_model = AutoModelForCausalLM.from_pretrained(new_dir, dtype=torch.float32).eval()
         ref = reference_logprobs(ref_model, PROMPTS[1], after["output_ids"], 0.0)
         torch.testing.assert_close(served_logprobs(after), ref, atol=1e-4, rtol=0)
         assert not torch.allclose(served_logprobs(before)[:1], served_logprobs(after)[:1])
-        bad = post(engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "missing")})
+        bad = post(mutable_engine, "/update_weights_from_disk", {"model_path": str(tmp_path / "missing")})
         assert bad.status_code == 400 and "safetensors" in bad.json()["message"]
     finally:
-        restore(engine, tiny_llama)
+        restore(mutable_engine, tiny_llama)
 
 
 @pytest.mark.parametrize("load_format", [None, "flattened_bucket"])
-def test_update_weights_from_distributed_over_gloo(engine, tiny_llama, tmp_path, load_format):
+def test_update_weights_from_distributed_over_gloo(mutable_engine, tiny_llama, tmp_path, load_format):
     _, new = _perturbed(tiny_llama, tmp_path, 0.03)
     names = sorted(new)
     port, group_name = free_port(), f"test_group_{load_format}"
@@ -228,7 +258,7 @@ def test_update_weights_from_distributed_over_gloo(engine, tiny_llama, tmp_path,
     t = threading.Thread(
         target=lambda: joined.update(
             r=post(
-                engine,
+                mutable_engine,
                 "/init_weights_update_group",
                 {
                     "master_address": "127.0.0.1",
@@ -263,12 +293,12 @@ def test_update_weights_from_distributed_over_gloo(engine, tiny_llama, tmp_path,
     if load_format:
         request["load_format"] = load_format
     try:
-        refused = post(engine, "/update_weights_from_distributed", request)
+        refused = post(mutable_engine, "/update_weights_from_distributed", request)
         assert refused.status_code == 400 and "begin_weight_update" in refused.json()["message"]
-        assert post(engine, "/begin_weight_update").status_code == 200
+        assert post(mutable_engine, "/begin_weight_update").status_code == 200
         answer: dict = {}
         t = threading.Thread(
-            target=lambda: answer.update(r=post(engine, "/update_weights_from_distributed", request))
+            target=lambda: answer.update(r=post(mutable_engine, "/update_weights_from_distributed", request))
         )
         t.start()
         if load_format:
@@ -279,38 +309,38 @@ def test_update_weights_from_distributed_over_gloo(engine, tiny_llama, tmp_path,
                 group.broadcast(new[n].contiguous())
         t.join(60)
         assert answer["r"].status_code == 200, answer["r"].text
-        assert post(engine, "/end_weight_update").status_code == 200
-        assert requests.get(engine.url + "/get_weight_version", headers=AUTH, timeout=10).json() == {
+        assert post(mutable_engine, "/end_weight_update").status_code == 200
+        assert requests.get(mutable_engine.url + "/get_weight_version", headers=AUTH, timeout=10).json() == {
             "weight_version": "11"
         }
-        assert _engine_checksums(engine, names) == {n: tensor_checksum(new[n]) for n in names}
+        assert _engine_checksums(mutable_engine, names) == {n: tensor_checksum(new[n]) for n in names}
     finally:
-        post(engine, "/destroy_weights_update_group", {"group_name": group_name})
+        post(mutable_engine, "/destroy_weights_update_group", {"group_name": group_name})
         group.destroy()
-        restore(engine, tiny_llama)
+        restore(mutable_engine, tiny_llama)
 
 
-def test_update_weights_from_tensor_shared_memory(engine, tiny_llama, tmp_path):
+def test_update_weights_from_tensor_shared_memory(mutable_engine, tiny_llama, tmp_path):
     _, new = _perturbed(tiny_llama, tmp_path, 0.02)
     pairs = sorted(new.items())
     payload = serialize_tensors(pairs)
     try:
-        assert post(engine, "/begin_weight_update").status_code == 200
+        assert post(mutable_engine, "/begin_weight_update").status_code == 200
         r = post(
-            engine,
+            mutable_engine,
             "/update_weights_from_tensor",
             {"serialized_named_tensors": [payload], "weight_version": "12"},
         )
         assert r.status_code == 200, r.text
-        assert post(engine, "/end_weight_update").status_code == 200
-        assert _engine_checksums(engine, list(new)) == {k: tensor_checksum(v) for k, v in new.items()}
+        assert post(mutable_engine, "/end_weight_update").status_code == 200
+        assert _engine_checksums(mutable_engine, list(new)) == {k: tensor_checksum(v) for k, v in new.items()}
         unknown = serialize_tensors([("not.a.weight", torch.zeros(2))])
-        post(engine, "/begin_weight_update")
-        bad = post(engine, "/update_weights_from_tensor", {"serialized_named_tensors": [unknown]})
-        post(engine, "/end_weight_update")
+        post(mutable_engine, "/begin_weight_update")
+        bad = post(mutable_engine, "/update_weights_from_tensor", {"serialized_named_tensors": [unknown]})
+        post(mutable_engine, "/end_weight_update")
         assert bad.status_code == 400 and "not.a.weight" in bad.json()["message"]
     finally:
-        restore(engine, tiny_llama)
+        restore(mutable_engine, tiny_llama)
 
 
 def test_async_client_reads_the_protocol(engine):

@@ -6,6 +6,7 @@ import asyncio
 import textwrap
 
 import pytest
+import torch
 
 from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.types import Group, Sample
@@ -91,6 +92,28 @@ def test_user_reward_by_dotted_path(tmp_path, monkeypatch):
         load_reward_fn("my_rewards:not_callable")
     with pytest.raises(RewardLoadError, match="package.module:function"):
         load_reward_fn("my_rewards.length_reward")
+
+
+def test_even_token_fraction_scores_the_generated_token_ids():
+    fn = load_reward_fn("portable_rl.rollout.rewards:even_token_fraction")
+
+    def sample(tokens):
+        return Sample(prompt_index=0, group_id=0, prompt_tokens=[1, 2], response_tokens=tokens)
+
+    score = lambda tokens: asyncio.run(call_reward(fn, "text", None, sample(tokens)))  # noqa: E731
+    assert score([2, 4, 6, 8]) == 1.0
+    assert score([1, 3, 5, 7]) == 0.0
+    assert score([2, 3, 4, 5, 7]) == 0.4  # prompt tokens do not count
+    assert score([]) == 0.0
+    # A uniform random policy earns about half of it, and four samples of 16 tokens rarely tie.
+    gen = torch.Generator().manual_seed(0)
+    draws = [torch.randint(0, 512, (16,), generator=gen).tolist() for _ in range(400)]
+    rewards = [fn("text", None, sample(d)) for d in draws]
+    assert 0.45 < sum(rewards) / len(rewards) < 0.55
+    ties = sum(len(set(rewards[i : i + 4])) == 1 for i in range(0, len(rewards), 4))
+    assert ties <= 2
+    with pytest.raises(ValueError, match="needs the Sample|with the Sample"):
+        fn("text", None, None)
 
 
 def test_reward_must_return_a_number():
