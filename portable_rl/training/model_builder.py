@@ -128,7 +128,12 @@ def padded_vocab_size(spec: ModelSpec, tp: int) -> int:
 
 
 def check_parallel_layout(spec: ModelSpec, tp: int, pp: int) -> None:
-    """Raise ValueError naming the field when ``spec`` cannot be split over TP=tp, PP=pp."""
+    """Raise ValueError naming the field when ``spec`` cannot be split over TP=tp, PP=pp (the vocabulary is
+    padded to a multiple of TP, so it always splits)."""
+    if spec.num_attention_heads % tp:
+        raise ValueError(
+            f"tensor_parallel={tp} does not divide num_attention_heads={spec.num_attention_heads}; pick a divisor"
+        )
     if spec.num_kv_heads % tp:
         raise ValueError(
             f"tensor_parallel={tp} does not divide num_key_value_heads={spec.num_kv_heads}; pick a divisor"

@@ -56,6 +56,7 @@ def work(tmp_path_factory) -> Path:
     (run / "sentinel.txt").write_bytes(b"keep me\x00\xff")
     (run / "checkpoints" / "step_1" / "COMPLETE").write_text("1", encoding="utf-8")
     (run / "checkpoints" / "step_1" / "data_state.json").write_text('{"step": 1}', encoding="utf-8")
+    write_trainer_meta(run / "checkpoints" / "step_1", tiny_model_facts())
     (root / "runs" / "no_checkpoint").mkdir()
     (root / "runs" / "no_checkpoint" / "config.yaml").write_text("run: {}\n", encoding="utf-8")
     (root / "runs" / "a_file").write_text("not a directory", encoding="utf-8")
@@ -75,6 +76,32 @@ def work(tmp_path_factory) -> Path:
     return root
 
 
+def tiny_model_facts(**changes) -> dict:
+    """The ModelSpec facts of the default tiny model (what its checkpoints record), with ``changes``."""
+    from dataclasses import asdict, replace
+
+    from portable_rl.models.tiny import TinySpec, hf_config, train_tokenizer
+    from portable_rl.training.model_builder import ModelSpec
+
+    tok = train_tokenizer(TinySpec().vocab_size)
+    ids = tok.convert_tokens_to_ids
+    cfg = hf_config(TinySpec(), len(tok), ids("<|im_end|>"), ids("<|endoftext|>")).to_dict()
+    return asdict(replace(ModelSpec.from_hf(cfg), **changes))
+
+
+def write_trainer_meta(checkpoint: Path, model: dict) -> None:
+    """The trainer's meta.json of a checkpoint (what ``portable_rl.training.checkpoint`` writes last)."""
+    (checkpoint / "trainer").mkdir(parents=True, exist_ok=True)
+    layout = {
+        "tensor_parallel": 1,
+        "pipeline_parallel": 1,
+        "data_parallel": 1,
+        "distributed_optimizer": False,
+    }
+    meta = {"format": 1, "step": 1, "layout": layout, "hf_checkpoint": "gone", "model": model}
+    (checkpoint / "trainer" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
 def tree(path: Path) -> dict[str, bytes | None]:
     """Every file and directory under ``path`` with the bytes of each file (None for directories)."""
     return {
@@ -86,7 +113,7 @@ def tree(path: Path) -> dict[str, bytes | None]:
 def _tripwire(monkeypatch):
     from portable_rl.run_dir import RunDir
 
-    def refuse(self, resolved_config):
+    def refuse(self, resolved_config, resume=False):
         raise ReachedPrepare(str(self.path))
 
     monkeypatch.setattr(RunDir, "prepare", refuse)
