@@ -198,7 +198,7 @@ def check_model(recipe, run_dir, resume: bool, found: Preflight) -> None:
     try:
         check_parallel_layout(spec, p.tensor_parallel, p.pipeline_parallel)
     except ValueError as exc:
-        raise UserError(f"train.parallel: {exc} of {where}; choose a divisor") from None
+        raise UserError(f"train.parallel.{exc} of {where}; choose a divisor of it") from None
     tp = recipe.rollout.engine_tp_size
     if spec.num_attention_heads % tp:
         raise UserError(

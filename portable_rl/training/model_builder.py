@@ -132,11 +132,11 @@ def check_parallel_layout(spec: ModelSpec, tp: int, pp: int) -> None:
     padded to a multiple of TP, so it always splits)."""
     if spec.num_attention_heads % tp:
         raise ValueError(
-            f"tensor_parallel={tp} does not divide num_attention_heads={spec.num_attention_heads}; pick a divisor"
+            f"tensor_parallel={tp} does not divide num_attention_heads={spec.num_attention_heads}"
         )
     if spec.num_kv_heads % tp:
         raise ValueError(
-            f"tensor_parallel={tp} does not divide num_key_value_heads={spec.num_kv_heads}; pick a divisor"
+            f"tensor_parallel={tp} does not divide num_key_value_heads={spec.num_kv_heads}"
         )
     if spec.intermediate_size % tp:
         raise ValueError(f"tensor_parallel={tp} does not divide intermediate_size={spec.intermediate_size}")
