@@ -135,9 +135,7 @@ def check_parallel_layout(spec: ModelSpec, tp: int, pp: int) -> None:
             f"tensor_parallel={tp} does not divide num_attention_heads={spec.num_attention_heads}"
         )
     if spec.num_kv_heads % tp:
-        raise ValueError(
-            f"tensor_parallel={tp} does not divide num_key_value_heads={spec.num_kv_heads}"
-        )
+        raise ValueError(f"tensor_parallel={tp} does not divide num_key_value_heads={spec.num_kv_heads}")
     if spec.intermediate_size % tp:
         raise ValueError(f"tensor_parallel={tp} does not divide intermediate_size={spec.intermediate_size}")
     if spec.num_layers % pp:
