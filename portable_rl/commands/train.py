@@ -59,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
             f"portable-rl train: {run_dir.path} held a run that ended before its first checkpoint; starting it over",
             file=sys.stderr,
         )
-    handler = _log_to(run_dir, " ".join(["portable-rl", "train", *sys.argv[2:]]))
+    root = logging.getLogger()
+    level, handler = (
+        root.level,
+        _log_to(run_dir, f"portable-rl train {args.recipe}" + (" --resume" * args.resume)),
+    )
     try:
         from portable_rl.train import train
 
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("portable_rl").error("interrupted:\n%s", traceback.format_exc())
         raise RunFailed(failure_line(None, run_dir), exit_code=130) from None
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
         run_dir.release()
     summary = json.loads((run_dir.path / "summary.json").read_text(encoding="utf-8"))
@@ -80,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _log_to(run_dir, command: str) -> logging.Handler:
-    """Every log record of this attempt (and a failure's traceback) goes to RUN_DIR/train.log, appended."""
+    """Every log record of this attempt (and a failure's traceback) goes to RUN_DIR/train.log, appended.
+
+    The attempt's header names the recipe only: the command line may carry credentials (--sglang-api-key)."""
     handler = logging.FileHandler(run_dir.log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
