@@ -14,7 +14,10 @@
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
    refused), one prompt templated;
-8. the reward function and group filter import (every dotted path of the recipe).
+8. the reward function and group filter import (every dotted path of the recipe);
+9. pass-through flags: every ``--megatron-<name>`` is a TransformerConfig field and not one the model or the
+   layout sets; every ``--sglang-<name>`` reaches the engine: one the job sets itself (port, host, model path,
+   TP size) is refused, and on the CPU engine an SGLang-only option is named in one warning (it has no effect).
 
 Numbers (finite, in range) and names are checked earlier, when the recipe's dataclasses are built.
 """
@@ -57,6 +60,7 @@ class Preflight:
     context: int | None = None
     max_prompt_tokens: int | None = None
     prompts: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # printed once, one line each, by the command
 
 
 def preflight(recipe, resume: bool, platform) -> Preflight:
@@ -80,6 +84,7 @@ def preflight(recipe, resume: bool, platform) -> Preflight:
         check_ports(recipe)
         check_prompts(recipe, found)
         check_reward_and_filter(recipe)
+        check_pass_through(recipe, platform, found)
     except (ConfigError, RunDirError, PromptFileError) as exc:
         raise UserError(str(exc)) from None
     return found
@@ -343,6 +348,65 @@ def check_reward_and_filter(recipe) -> None:
             f"rollout.reward_options={r.reward_options!r} do not fit reward {r.reward!r} ({exc}); "
             "pass only the function's keyword arguments"
         ) from None
+
+
+# Engine options the job sets for every engine itself: a pass-through value would be overwritten or contradict
+# the placement, so it is refused with the setting that owns it.
+JOB_OWNED_ENGINE_ARGS = {
+    "model_path": "model.path",
+    "host": "the job (127.0.0.1, or the Ray node's address on a cluster)",
+    "port": "the job (a free port per engine)",
+    "tp_size": "rollout.engine_tp_size",
+    "tensor_parallel_size": "rollout.engine_tp_size",
+}
+
+
+def _flags(prefix: str, names) -> str:
+    return ", ".join(f"--{prefix}-{str(n).replace('_', '-')}" for n in sorted(names))
+
+
+def check_pass_through(recipe, platform, found: Preflight) -> None:
+    """Every --megatron-* / --sglang-* flag does something on this layout, or is refused (or warned about once)."""
+    import difflib
+
+    from portable_rl.rollout.engines.launcher import engine_kind
+    from portable_rl.training.model_builder import LAYOUT_OWNED_FIELDS, transformer_config_fields
+
+    megatron = {str(k) for k in recipe.train.megatron_args}
+    for name in sorted(megatron & set(LAYOUT_OWNED_FIELDS)):
+        raise UserError(
+            f"{_flags('megatron', [name])} is set by {LAYOUT_OWNED_FIELDS[name]}; drop the flag and set that instead"
+        )
+    fields = transformer_config_fields()
+    unknown = sorted(megatron - fields) if fields is not None else []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f"did you mean {_flags('megatron', close)}?" if close else "see Megatron's TransformerConfig"
+        raise UserError(f"{_flags('megatron', unknown)} is not a Megatron TransformerConfig field; {hint}")
+
+    r = recipe.rollout
+    args = {str(k).replace("-", "_") for k in r.engine_args}
+    for name in sorted(args & set(JOB_OWNED_ENGINE_ARGS)):
+        raise UserError(
+            f"{_flags('sglang', [name])} is set for every engine by {JOB_OWNED_ENGINE_ARGS[name]}; drop the flag"
+        )
+    kind = engine_kind(r.engine, platform)
+    if kind != "cpu":
+        return
+    if r.engine_tp_size > 1:
+        raise UserError(
+            f"rollout.engine_tp_size={r.engine_tp_size}: the CPU engine has no tensor parallelism (one process "
+            "per engine); use rollout.engine_tp_size=1 and more rollout.num_engines"
+        )
+    from portable_rl.rollout.engines.cpu_server import build_parser
+
+    known = {a.dest for a in build_parser()._actions} - {"help"}
+    ignored = sorted(args - known)
+    if ignored:
+        found.warnings.append(
+            f"{_flags('sglang', ignored)} apply to SGLang only; the CPU engine (rollout.engine={r.engine!r} on "
+            f"{platform.name}) ignores them (it takes {_flags('sglang', known - set(JOB_OWNED_ENGINE_ARGS))})"
+        )
 
 
 def plan(recipe, platform, found: Preflight) -> dict[str, Any]:

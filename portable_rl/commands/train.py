@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     platform = current_platform()  # an unavailable PORTABLE_RL_PLATFORM fails here, before any write
     found = preflight(recipe, args.resume, platform)
+    for warning in found.warnings:  # options this layout ignores: named once, before anything starts
+        print(f"portable-rl train: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(yaml.safe_dump(plan(recipe, platform, found), sort_keys=False).rstrip(), file=sys.stdout)
         return 0
