@@ -238,7 +238,7 @@ def check_resume_model(run_dir, spec, where: str) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(
             f"--resume: checkpoint step_{step} has no readable trainer/meta.json, so it cannot be resumed; "
-            "remove checkpoints/step_" + f"{step} to resume from an earlier one, or start a new run"
+            f"move checkpoints/step_{step} aside to resume from an earlier one, or start a new run"
         ) from None
     saved = meta.get("model")
     if not isinstance(saved, dict):

@@ -71,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
         history = train(recipe, run_dir, resume=args.resume)
     except Exception as exc:
-        logging.getLogger("portable_rl").error("the run failed:\n%s", traceback.format_exc())
+        _to_log_only(handler, "the run failed")
         raise RunFailed(failure_line(exc, run_dir)) from None
     except KeyboardInterrupt:
-        logging.getLogger("portable_rl").error("interrupted:\n%s", traceback.format_exc())
+        _to_log_only(handler, "interrupted")
         raise RunFailed(failure_line(None, run_dir), exit_code=130) from None
     finally:
         root.removeHandler(handler)
@@ -100,20 +100,47 @@ def _log_to(run_dir, command: str) -> logging.Handler:
     return handler
 
 
+def _to_log_only(handler: logging.Handler, title: str) -> None:
+    """The traceback being handled, into the run's log file only (never a terminal handler)."""
+    record = logging.makeLogRecord(
+        {
+            "name": "portable_rl",
+            "levelno": logging.ERROR,
+            "levelname": "ERROR",
+            "msg": f"{title}:\n{traceback.format_exc()}",
+        }
+    )
+    handler.handle(record)
+
+
 def _cause(exc: BaseException) -> BaseException:
     """The error a worker raised, where a remote-call wrapper (e.g. Ray's task error) carries it as ``cause``."""
     inner = getattr(exc, "cause", None)
     return inner if isinstance(inner, BaseException) else exc
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a Python traceback: "ValueError: ..." (possibly dotted, e.g. ray.exceptions.RayTaskError: ...).
+_FINAL = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Timeout|Exit|Interrupt)): (\S.*)$")
+
+
+def _what(exc: BaseException) -> str:
+    """``Type: first line`` of the error; where its text carries a worker's traceback (an actor that died in
+    its constructor), that traceback's own last error instead of the wrapper's."""
+    cause = _cause(exc)
+    text = _ANSI.sub("", str(cause))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    finals = [m for line in lines[1:] if (m := _FINAL.match(line))]
+    if finals:
+        name, message = finals[-1].group(1).rsplit(".", 1)[-1], finals[-1].group(2)
+    else:
+        name, message = type(cause).__name__, lines[0] if lines else ""
+    return f"{name}: {message[:300]}" if message else name
+
+
 def failure_line(exc: BaseException | None, run_dir) -> str:
     """One line: what failed, where the log is, and the command that continues from here."""
-    if exc is None:
-        what = "the run was interrupted"
-    else:
-        cause = _cause(exc)
-        text = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
-        what = f"the run failed: {type(cause).__name__}" + (f": {text[:300]}" if text else "")
+    what = "the run was interrupted" if exc is None else f"the run failed: {_what(exc)}"
     last = run_dir.last_checkpoint()
     then = (
         f"the last checkpoint is step {last[0]}; continue with --resume"

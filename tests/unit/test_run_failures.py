@@ -108,6 +108,24 @@ def test_failure_after_a_checkpoint_names_the_worker_error_and_resume(recipe, tm
     assert "already holds a run; pass --resume" in one_line(capsys.readouterr().err)
 
 
+class ActorDied(Exception):
+    """An actor that died in its constructor: no cause, the worker's traceback inside the text, colour codes."""
+
+
+def test_an_actor_that_died_is_named_by_its_own_error(recipe, tmp_path, capsys, monkeypatch):
+    text = (
+        "The actor died because of an error raised in its creation task, \x1b[36mray::TrainerWorker.__init__()"
+        '\x1b[39m (pid=1, ip=10.0.0.1)\n  File "actor.py", line 238, in _build\n    tconfig = ...\n'
+        '  File "transformer_config.py", line 1156, in __post_init__\n    raise ValueError(\n'
+        'ValueError: When using recompute_granuarlity: bogus must be "full"or "selective".'
+    )
+    monkeypatch.setattr("portable_rl.train.train", fake_train(ActorDied(text)))
+    assert main(["train", str(recipe), "--output-dir", str(tmp_path / "run")]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "the run failed: ValueError: When using recompute_granuarlity: bogus" in line, line
+    assert "\x1b" not in line and "ray::" not in line
+
+
 def test_interrupt_is_one_line_and_exit_130(recipe, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setattr("portable_rl.train.train", fake_train(KeyboardInterrupt()))
