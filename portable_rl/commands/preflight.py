@@ -10,7 +10,8 @@
 4. the model: directory complete (config, tokenizer, safetensors headers and sizes vs the index), architecture
    supported, layout divisible (TP vs heads, kv heads, FFN; PP vs layers; the engine's TP vs heads), context
    vs ``rollout.max_new_tokens`` and ``data.max_prompt_tokens``;
-5. ``--resume``: the checkpoint's model (architecture, shapes, vocabulary) equals the recipe's model;
+5. ``--resume``: the checkpoint's model (architecture, shapes, vocabulary) equals the recipe's model, and its
+   trainer layout (TP, PP, DP, distributed optimizer) the recipe's;
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
    refused), one prompt templated;
@@ -226,11 +227,12 @@ def check_model(recipe, run_dir, resume: bool, found: Preflight) -> None:
         )
     found.max_prompt_tokens = limit if limit is not None else context - new
     if resume:
-        check_resume_model(run_dir, spec, where)
+        check_resume_model(run_dir, spec, where, recipe)
 
 
-def check_resume_model(run_dir, spec, where: str) -> None:
-    """The checkpoint to resume holds the same model (architecture, shapes, vocabulary) as the recipe's."""
+def check_resume_model(run_dir, spec, where: str, recipe=None) -> None:
+    """The checkpoint to resume holds the same model (architecture, shapes, vocabulary) as the recipe's, saved
+    with the trainer layout the recipe asks for (the trainer restores shards only onto the same layout)."""
     step, path = run_dir.last_checkpoint()
     meta_path = path / "trainer" / "meta.json"
     try:
@@ -240,6 +242,28 @@ def check_resume_model(run_dir, spec, where: str) -> None:
             f"--resume: checkpoint step_{step} has no readable trainer/meta.json, so it cannot be resumed; "
             f"move checkpoints/step_{step} aside to resume from an earlier one, or start a new run"
         ) from None
+    saved_layout = meta.get("layout")
+    if recipe is not None and isinstance(saved_layout, dict):
+        t = recipe.train
+        mine_layout = {
+            "tensor_parallel": t.parallel.tensor_parallel,
+            "pipeline_parallel": t.parallel.pipeline_parallel,
+            "data_parallel": t.data_parallel,
+            "distributed_optimizer": t.parallel.distributed_optimizer,
+        }
+        if any(saved_layout.get(k) != v for k, v in mine_layout.items()):
+
+            def show(d: dict) -> str:
+                return (
+                    f"TP {d.get('tensor_parallel')} x PP {d.get('pipeline_parallel')} x DP {d.get('data_parallel')}"
+                    f" (distributed_optimizer={d.get('distributed_optimizer')})"
+                )
+
+            raise UserError(
+                f"--resume: checkpoint step_{step} was saved with {show(saved_layout)} but the recipe asks for "
+                f"{show(mine_layout)}; resume with the run's train.parallel and train.data_parallel, or start a "
+                "new run from its exported model"
+            )
     saved = meta.get("model")
     if not isinstance(saved, dict):
         # Checkpoints written before the model's facts were recorded: the model directory they name, if any.

@@ -429,6 +429,23 @@ def test_resume_onto_another_models_checkpoint(work, capsys, changes, needles):
     assert tree(run) == before
 
 
+def test_resume_with_another_trainer_layout(work, capsys):
+    """The checkpoint's shards fit only the layout they were saved with: refused before anything starts."""
+    existing = work / "runs" / "existing"
+    before = tree(existing)
+    argv = [
+        "train",
+        str(work / "recipe.yaml"),
+        "train.data_parallel=2",
+        "--output-dir",
+        str(existing),
+        "--resume",
+    ]
+    needles = ("saved with TP 1 x PP 1 x DP 1", "asks for TP 1 x PP 1 x DP 2", "train.data_parallel")
+    assert_one_line_error(*run_cli(capsys, argv), needles)
+    assert tree(existing) == before
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(work, capsys):
     fresh = work / "runs" / "fresh_dry"
     argv = ["train", str(work / "recipe.yaml"), "train.parallel.tensor_parallel=2", "--dry-run"]
