@@ -10,7 +10,8 @@
 4. the model: directory complete (config, tokenizer, safetensors headers and sizes vs the index), architecture
    supported, layout divisible (TP vs heads, kv heads, FFN; PP vs layers; the engine's TP vs heads), context
    vs ``rollout.max_new_tokens`` and ``data.max_prompt_tokens``;
-5. ``--resume``: the checkpoint's model (architecture, shapes, vocabulary) equals the recipe's model, and its
+5. ``--resume``: the checkpoint complete (trainer shards are whole torch files), its model (architecture,
+   shapes, vocabulary) equal to the recipe's model, and its
    trainer layout (TP, PP, DP, distributed optimizer) the recipe's;
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
@@ -242,6 +243,15 @@ def check_resume_model(run_dir, spec, where: str, recipe=None) -> None:
             f"--resume: checkpoint step_{step} has no readable trainer/meta.json, so it cannot be resumed; "
             f"move checkpoints/step_{step} aside to resume from an earlier one, or start a new run"
         ) from None
+    import zipfile
+
+    for shard in sorted((path / "trainer").glob("*.pt")):
+        # torch.save writes a zip archive; one cut short has no central directory at its end (read in ms).
+        if not zipfile.is_zipfile(shard):
+            raise UserError(
+                f"--resume: checkpoint step_{step} holds a corrupt trainer shard ({shard.name} is not a complete "
+                f"torch file); move checkpoints/step_{step} aside to resume from an earlier one, or start a new run"
+            )
     saved_layout = meta.get("layout")
     if recipe is not None and isinstance(saved_layout, dict):
         t = recipe.train

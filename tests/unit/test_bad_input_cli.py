@@ -446,6 +446,25 @@ def test_resume_with_another_trainer_layout(work, capsys):
     assert tree(existing) == before
 
 
+def test_resume_from_a_corrupt_trainer_shard(work, capsys):
+    """A checkpoint shard cut short (a copy that failed, a full disk): one line, not a torch.load traceback."""
+    import torch
+
+    run = work / "runs" / "corrupt_shard"
+    shutil.copytree(work / "runs" / "existing", run)
+    shard = run / "checkpoints" / "step_1" / "trainer" / "mp_rank_00_000_dp_000.pt"
+    torch.save({"step": 1, "model": {"w": torch.zeros(64)}}, shard)
+    argv = ["train", str(work / "recipe.yaml"), "--output-dir", str(run), "--resume"]
+    with pytest.raises(ReachedPrepare):  # control: the complete shard passes
+        main(argv)
+    capsys.readouterr()
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = tree(run)
+    needles = ("checkpoint step_1 holds a corrupt trainer shard", "mp_rank_00_000_dp_000.pt")
+    assert_one_line_error(*run_cli(capsys, argv), needles)
+    assert tree(run) == before
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(work, capsys):
     fresh = work / "runs" / "fresh_dry"
     argv = ["train", str(work / "recipe.yaml"), "train.parallel.tensor_parallel=2", "--dry-run"]
