@@ -481,9 +481,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(work, capsys):
     assert plan["data"]["train"] == {"prompts": 2, "lines_too_long": 0}
     assert set(plan) >= {"platform", "ports", "steps"}
 
-    existing = work / "runs" / "existing"
+    existing = work / "runs" / "existing"  # saved with TP 1: resumed with TP 1
     before = tree(existing)
-    code, out, err = run_cli(capsys, [*argv, "--output-dir", str(existing), "--resume"])
+    argv_tp1 = ["train", str(work / "recipe.yaml"), "--dry-run"]
+    code, out, err = run_cli(capsys, [*argv_tp1, "--output-dir", str(existing), "--resume"])
     assert code == 0, err
     assert yaml.safe_load(out)["run_dir"]["action"] == "resume from checkpoint step 1"
     assert tree(existing) == before
@@ -574,8 +575,16 @@ def test_trainer_ranks_exceed_visible_gpus(work, capsys, monkeypatch, vendor, vi
     from portable_rl.platform import reset_current_platform
 
     reset_current_platform()
-    with pytest.raises(ReachedPrepare):
-        main(argv)
+    with pytest.raises(ReachedPrepare):  # a fresh run: the existing run's checkpoint has another layout
+        main(
+            [
+                "train",
+                str(work / "recipe.yaml"),
+                *extra,
+                "--output-dir",
+                str(work / "runs" / f"fresh_{vendor}"),
+            ]
+        )
 
 
 # ---- argparse and the other commands -------------------------------------------------------------------------
