@@ -19,7 +19,8 @@
 8. the reward function and group filter import (every dotted path of the recipe);
 9. pass-through flags: every ``--megatron-<name>`` is a TransformerConfig field and not one the model or the
    layout sets; every ``--sglang-<name>`` reaches the engine: one the job sets itself (port, host, model path,
-   TP size) is refused, and on the CPU engine an SGLang-only option is named in one warning (it has no effect).
+   TP size) is refused, for SGLang one its installed ``ServerArgs`` lacks is refused, and on the CPU engine an
+   SGLang-only option is named in one warning (it has no effect).
 
 Numbers (finite, in range) and names are checked earlier, when the recipe's dataclasses are built.
 """
@@ -399,6 +400,27 @@ def _flags(prefix: str, names) -> str:
     return ", ".join(f"--{prefix}-{str(n).replace('_', '-')}" for n in sorted(names))
 
 
+def sglang_server_args() -> frozenset[str] | None:
+    """Field names of SGLang's ServerArgs, read from the installed source without importing SGLang (which needs
+    its GPU kernels); None where SGLang is not installed here (a cluster's engines may have it elsewhere)."""
+    import ast
+    import importlib.util
+
+    found = importlib.util.find_spec("sglang")
+    for base in (found.submodule_search_locations or []) if found else []:
+        path = Path(base) / "srt" / "server_args.py"
+        if not path.is_file():
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef) and node.name == "ServerArgs":
+                return frozenset(
+                    st.target.id
+                    for st in node.body
+                    if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)
+                )
+    return None
+
+
 def check_pass_through(recipe, platform, found: Preflight) -> None:
     """Every --megatron-* / --sglang-* flag does something on this layout, or is refused (or warned about once)."""
     import difflib
@@ -426,6 +448,18 @@ def check_pass_through(recipe, platform, found: Preflight) -> None:
         )
     kind = engine_kind(r.engine, platform)
     if kind != "cpu":
+        known_sglang = sglang_server_args()
+        unknown = sorted(args - known_sglang) if known_sglang is not None else []
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(known_sglang), n=1)
+            hint = (
+                f"did you mean {_flags('sglang', close)}?"
+                if close
+                else "see python -m sglang.launch_server --help"
+            )
+            raise UserError(
+                f"{_flags('sglang', unknown)} is not an option of the installed SGLang server; {hint}"
+            )
         return
     if r.engine_tp_size > 1:
         raise UserError(

@@ -143,3 +143,22 @@ def test_transformer_config_fields_read_from_source_match_the_class():
     from portable_rl.training.model_builder import transformer_config_fields
 
     assert {f.name for f in dataclasses.fields(TransformerConfig)} <= transformer_config_fields()
+
+
+def test_sglang_options_are_checked_against_the_installed_server(recipe, capsys, tmp_path, monkeypatch):
+    """With SGLang installed, an option its ServerArgs lacks is refused (read from source, not imported)."""
+    pkg = tmp_path / "fake_site" / "sglang"
+    (pkg / "srt").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('importing sglang is not allowed in preflight')\n")
+    (pkg / "srt" / "server_args.py").write_text(
+        "import dataclasses\n@dataclasses.dataclass\nclass ServerArgs:\n"
+        "    model_path: str\n    mem_fraction_static: float = 0.9\n    enable_metrics: bool = False\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
+    ok = dry_run(capsys, recipe, "rollout.engine=sglang", "--sglang-mem-fraction-static", "0.5")
+    assert ok[0] == 0 and ok[2] == "", ok[2]
+    assert yaml.safe_load(ok[1])["engines"]["pass_through"] == {"mem_fraction_static": 0.5}
+    code, _, err = dry_run(capsys, recipe, "rollout.engine=sglang", "--sglang-mem-fraction-statik", "0.5")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--sglang-mem-fraction-statik is not an option of the installed SGLang server" in err
+    assert "did you mean --sglang-mem-fraction-static?" in err
