@@ -15,7 +15,7 @@
    trainer layout (TP, PP, DP, distributed optimizer) the recipe's;
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
-   refused), one prompt templated;
+   refused), one prompt templated; with ``data.long_prompts=refuse`` every prompt measured in tokens;
 8. the reward function and group filter import (every dotted path of the recipe);
 9. pass-through flags: every ``--megatron-<name>`` is a TransformerConfig field and not one the model or the
    layout sets; every ``--sglang-<name>`` reaches the engine: one the job sets itself (port, host, model path,
@@ -335,13 +335,27 @@ def check_prompts(recipe, found: Preflight) -> None:
                 f"data.max_prompt_tokens={limit} can take ({every} of the file); shorten the prompts"
                 + ("" if not prompts.records else " or set data.long_prompts=skip")
             )
+        refuse = recipe.data.long_prompts == "refuse" and limit is not None
         # The tiny and demo models ship a chat template; a user's HF directory may not.
-        if cfg.apply_chat_template and recipe.model.path not in ("tiny", "smollm2"):
-            tokenizer = tokenizer or _load_tokenizer(recipe.model.path)
-            try:
-                PromptSource(cfg, tokenizer, prompts=prompts).make_item(0, 0)
-            except PromptFileError as exc:
-                raise UserError(f"data.{split}: {exc}") from None
+        user_template = cfg.apply_chat_template and recipe.model.path not in ("tiny", "smollm2")
+        if not (refuse or user_template):
+            continue
+        tokenizer = tokenizer or _tokenizer_of(recipe)
+        try:
+            source = PromptSource(cfg, tokenizer, limit, recipe.data.long_prompts, prompts=prompts)
+            # long_prompts=refuse: every prompt is measured now, so a long one stops the run before it starts.
+            for index in range(len(source) if refuse else 1):
+                source.fits(source.make_item(index, 0))
+        except PromptFileError as exc:
+            raise UserError(f"data.{split}: {exc}") from None
+
+
+def _tokenizer_of(recipe):
+    if recipe.model.path == "tiny":
+        from portable_rl.models.tiny import TinySpec, train_tokenizer
+
+        return train_tokenizer(TinySpec().vocab_size)  # what build_tiny_checkpoint saves with the model
+    return _load_tokenizer(recipe.model.path)
 
 
 def _load_tokenizer(path: str):

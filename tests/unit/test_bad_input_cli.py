@@ -82,6 +82,10 @@ def work(tmp_path_factory) -> Path:
     (root / "no-tokenizer" / "tokenizer.json").unlink()
     huge = b'{"prompt": "' + b"1 + 1 = ? " * (HUGE_LINE // 10) + b'"}'
     (data / "huge.jsonl").write_bytes(huge + b"\n")
+    long_prompt = {"prompt": "1 + 1 = ? " * 400, "label": "x"}  # ~4 kB: under the byte cap, over 504 tokens
+    (data / "long_tokens.jsonl").write_text(
+        json.dumps(PROMPTS[0]) + "\n" + json.dumps(long_prompt) + "\n", encoding="utf-8"
+    )
     (data / "mixed_huge.jsonl").write_bytes(json.dumps(PROMPTS[0]).encode() + b"\n" + huge + b"\n")
 
     reward_mod = root / "pkg_user_reward"
@@ -314,6 +318,11 @@ TRAIN_CASES = {
         ["data.train.path=data/mixed_huge.jsonl", "data.long_prompts=refuse"],
         ("mixed_huge.jsonl line 2", "data.long_prompts=skip"),
     ),
+    "long_prompt_refused_in_tokens": (
+        BASE,
+        ["data.train.path=data/long_tokens.jsonl", "data.long_prompts=refuse"],
+        ("long_tokens.jsonl line 2: the prompt has", "more than data.max_prompt_tokens=504"),
+    ),
     "master_port_the_strategy_ignores": (
         BASE,
         ["weight_sync.master_port=29555"],
@@ -383,6 +392,9 @@ def test_control_long_lines_are_skipped_by_default(work, capsys):
     argv = ["train", str(work / "recipe.yaml"), "data.train.path=data/mixed_huge.jsonl"]
     with pytest.raises(ReachedPrepare):
         main([*argv, "--output-dir", str(work / "runs" / "fresh_mixed")])
+    argv = ["train", str(work / "recipe.yaml"), "data.train.path=data/long_tokens.jsonl"]
+    with pytest.raises(ReachedPrepare):  # a prompt over the token limit: skipped while the run goes
+        main([*argv, "--output-dir", str(work / "runs" / "fresh_long_tokens")])
     capsys.readouterr()
 
 
