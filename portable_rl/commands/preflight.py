@@ -58,7 +58,7 @@ class Preflight:
     """What preflight found; ``plan`` prints it for ``--dry-run``."""
 
     run_dir_action: str
-    kernels: Any
+    kernels: Any  # the TrainerKernels that Platform.trainer_kernels chose (what the trainer will build)
     model: dict[str, Any] = field(default_factory=dict)  # ModelSpec facts (empty: not known before start)
     context: int | None = None
     max_prompt_tokens: int | None = None
