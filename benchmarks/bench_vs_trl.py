@@ -188,7 +188,7 @@ def trl_dataset_rows(recipe) -> list[dict[str, Any]]:
 
     cfg = recipe.data.train
     rows = []
-    records, _ = read_prompt_file(cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template)
+    records = read_prompt_file(cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template).records
     for rec in records:
         prompt = rec.prompt
         if cfg.apply_chat_template and isinstance(prompt, str):

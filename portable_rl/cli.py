@@ -13,7 +13,7 @@ import sys
 from typing import NoReturn
 
 from portable_rl import __version__
-from portable_rl.errors import UserError
+from portable_rl.errors import RunFailed, UserError
 
 # Sub-command modules, in the order `--help` lists them.
 COMMANDS = (
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, PlatformUnavailable, VisibilityError) as exc:
         print(f"portable-rl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # the traceback is in the run's log; the terminal gets one line
+        print(f"portable-rl {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

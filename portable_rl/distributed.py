@@ -8,6 +8,8 @@ Contract
   could get the same one; each picked port is therefore also claimed, for the life of this process, with an
   exclusive lock on a file named after it in a per-user directory under the temp dir: a port another
   portable_rl process (a parallel test worker, another job's launcher) holds a claim on is never handed out.
+* ``port_in_use(port, host="")``: whether binding TCP ``port`` fails now (a port the user asked for is checked
+  before anything starts, instead of timing out in a rendezvous with EADDRINUSE).
 * ``NODE_ADDRESS`` / ``resolve_master_address(value)`` / ``default_master_address()``: the address other
   processes reach a rendezvous on (None: this host; "node": its Ray node's address, for multi-node jobs).
 * ``collective_errors(group=, backend=, rank=, world_size=, timeout_s=, what=)``: a collective that times out or
@@ -38,6 +40,7 @@ __all__ = [
     "free_port",
     "free_ports",
     "is_collective_failure",
+    "port_in_use",
     "resolve_master_address",
 ]
 
@@ -88,6 +91,17 @@ def free_ports(n: int, host: str = "") -> list[int]:
 def free_port(host: str = "") -> int:
     """One unused TCP port on ``host`` ("" or "0.0.0.0": every interface)."""
     return free_ports(1, host)[0]
+
+
+def port_in_use(port: int, host: str = "") -> bool:
+    """True when TCP ``port`` cannot be bound on ``host`` now (another process listens or holds it)."""
+    bind_host = "" if host in ("", "0.0.0.0") else host
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((bind_host, port))
+        except OSError:
+            return True
+    return False
 
 
 NODE_ADDRESS = "node"  # master_address value: the Ray node address of the process hosting the rendezvous

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portable_rl.config import refuse_non_finite
 from portable_rl.config.algo import AlgoConfig
-from portable_rl.config.data import PromptConfig
+from portable_rl.config.data import LONG_PROMPTS, PromptConfig
 from portable_rl.config.placement import NodePlacementConfig
 from portable_rl.config.rollout import RolloutConfig
 from portable_rl.config.training import TRAINER_ATTENTION, OptimConfig, ParallelConfig
@@ -41,6 +42,7 @@ class ModelConfig:
     tiny_seed: int = 0
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "model.")
         if self.tiny_arch not in ("llama", "qwen2", "qwen3"):
             raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of llama, qwen2, qwen3")
         if self.path not in ("tiny", "smollm2") and not (Path(self.path) / "config.json").is_file():
@@ -55,12 +57,26 @@ class DataConfig:
     train: PromptConfig = field(default_factory=PromptConfig)
     eval: PromptConfig | None = None
     eval_size: int = 32  # prompts of the eval file used per evaluation
+    # Longest prompt (tokens, after the chat template); None: the model's context minus rollout.max_new_tokens.
+    max_prompt_tokens: int | None = None
+    long_prompts: str = "skip"  # skip (counted in the metrics) | refuse (the run stops naming the line)
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "data.")
         if not self.train.path:
             raise ValueError("data.train.path is empty; point it at a JSONL prompt file")
         if self.eval_size < 1:
             raise ValueError(f"data.eval_size={self.eval_size} must be >= 1")
+        limit = self.max_prompt_tokens
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(
+                f"data.max_prompt_tokens={limit!r} must be an integer >= 1, or unset for the model's context "
+                "minus rollout.max_new_tokens"
+            )
+        if self.long_prompts not in LONG_PROMPTS:
+            raise ValueError(
+                f"data.long_prompts={self.long_prompts!r} is not one of {', '.join(LONG_PROMPTS)}"
+            )
 
 
 @dataclass
@@ -76,6 +92,7 @@ class TrainConfig:
     max_tokens_per_micro_batch: int | None = None  # set: pack samples into micro-batches of this many tokens
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "train.")
         if self.data_parallel < 1:
             raise ValueError(f"train.data_parallel={self.data_parallel} must be >= 1")
         if self.micro_batch_size < 1:
@@ -117,6 +134,7 @@ class RunConfig:
     num_cpus: int | None = None  # Ray CPUs on the CPU platform (None: all cores)
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "run.")
         if self.steps < 1:
             raise ValueError(f"run.steps={self.steps} must be >= 1")
         if self.mode not in MODES:
@@ -211,9 +229,12 @@ def reference_markdown() -> str:
         if section.name == "data":
             rows.append("| `data.train.*`, `data.eval.*` | PromptConfig | see below |")
             walk(PromptConfig, "data.train.")
+            data_fields = DataConfig.__dataclass_fields__
+            rows.append(f"| `data.eval_size` | int | `{data_fields['eval_size'].default!r}` |")
             rows.append(
-                f"| `data.eval_size` | int | `{DataConfig.__dataclass_fields__['eval_size'].default!r}` |"
+                f"| `data.max_prompt_tokens` | int &#124; None | `{data_fields['max_prompt_tokens'].default!r}` |"
             )
+            rows.append(f"| `data.long_prompts` | str | `{data_fields['long_prompts'].default!r}` |")
             continue
         walk(tp, section.name + ".")
     return "\n".join(rows) + "\n"

@@ -1,30 +1,36 @@
-"""`portable-rl train RECIPE.yaml [overrides] [--resume] [--check-weight-update]`: the training job.
+"""`portable-rl train RECIPE.yaml [overrides] [--resume] [--dry-run] [--check-weight-update]`: the training job.
 
-Everything the user gave is validated before anything is written (recipe, overrides, platform, run directory,
-trainer ranks vs this host's CPUs/devices, the trainer's attention choice, model, prompt files and chat template, reward and filter imports);
-a bad value is one line on stderr and exit code 2. The resolved config written to the run directory shows
-credentials (e.g. ``--sglang-api-key``) as ``***``.
+Everything that can be known before the run starts is checked first, before the run directory is created or
+touched (``portable_rl.commands.preflight``: recipe numbers and names, platform, run directory, trainer ranks vs
+this host, trainer kernels, the model directory and its layout, the resume checkpoint's model, ports, prompt
+files, reward and filter imports); a bad value is one line on stderr and exit code 2. ``--dry-run`` stops there
+and prints the resolved plan (layout, engines, ports, weight-sync strategy, kernels chosen) as YAML.
+
+A run that fails after it started prints one line (what failed, where the log is, what to run next) and exits 1;
+its full traceback goes to ``RUN_DIR/train.log``, never the terminal. A run that ends before its first checkpoint
+is replaced by the same command (``portable_rl.run_dir``); one with a checkpoint is continued with ``--resume``.
+The resolved config written to the run directory shows credentials (e.g. ``--sglang-api-key``) as ``***``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-from portable_rl.errors import UserError
+import yaml
 
-# Cores that make one "device" on the CPU platform; the job's placement reads the same variable.
-CPUS_PER_DEVICE_ENV = "PORTABLE_RL_CPUS_PER_DEVICE"
+from portable_rl.errors import RunFailed, UserError
 
 
 def run(args: argparse.Namespace) -> int:
+    from portable_rl.commands.preflight import plan, preflight
     from portable_rl.config_loader import ConfigError, to_dict
-    from portable_rl.data.prompts import PromptFileError
     from portable_rl.platform import current_platform
     from portable_rl.recipe import load_recipe
     from portable_rl.run_dir import RunDir, RunDirError
@@ -36,23 +42,112 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"run.output_dir={args.output_dir}")
     try:
         recipe = load_recipe(args.recipe, overrides)
-        platform = current_platform()  # an unavailable PORTABLE_RL_PLATFORM fails here, before any write
-        run_dir = RunDir(Path(recipe.run.output_dir))
-        run_dir.check(resume=args.resume)
-        _check_placement(recipe, platform)
-        _check_trainer_kernels(recipe, platform)
-        _check_model(recipe)
-        _check_prompts(recipe)
-        _check_reward_and_filter(recipe)
-    except (ConfigError, RunDirError, PromptFileError) as exc:
+    except ConfigError as exc:
         raise UserError(str(exc)) from None
-    run_dir.prepare(redact_secrets(to_dict(recipe)))
-    from portable_rl.train import train
+    platform = current_platform()  # an unavailable PORTABLE_RL_PLATFORM fails here, before any write
+    found = preflight(recipe, args.resume, platform)
+    for warning in found.warnings:  # options this layout ignores: named once, before anything starts
+        print(f"portable-rl train: warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(yaml.safe_dump(plan(recipe, platform, found), sort_keys=False).rstrip(), file=sys.stdout)
+        return 0
+    run_dir = RunDir(Path(recipe.run.output_dir))
+    try:
+        replaced = run_dir.prepare(redact_secrets(to_dict(recipe)), resume=args.resume)
+    except RunDirError as exc:
+        raise UserError(str(exc)) from None
+    if replaced:
+        print(
+            f"portable-rl train: {run_dir.path} held a run that ended before its first checkpoint; starting it over",
+            file=sys.stderr,
+        )
+    root = logging.getLogger()
+    level, handler = (
+        root.level,
+        _log_to(run_dir, f"portable-rl train {args.recipe}" + (" --resume" * args.resume)),
+    )
+    try:
+        from portable_rl.train import train
 
-    history = train(recipe, run_dir, resume=args.resume)
+        history = train(recipe, run_dir, resume=args.resume)
+    except Exception as exc:
+        _to_log_only(handler, "the run failed")
+        raise RunFailed(failure_line(exc, run_dir)) from None
+    except KeyboardInterrupt:
+        _to_log_only(handler, "interrupted")
+        raise RunFailed(failure_line(None, run_dir), exit_code=130) from None
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+        run_dir.release()
     summary = json.loads((run_dir.path / "summary.json").read_text(encoding="utf-8"))
     print(json.dumps({"run_dir": str(run_dir.path), **summary}, indent=2), file=sys.stdout)
     return 0 if history else 1
+
+
+def _log_to(run_dir, command: str) -> logging.Handler:
+    """Every log record of this attempt (and a failure's traceback) goes to RUN_DIR/train.log, appended.
+
+    The attempt's header names the recipe only: the command line may carry credentials (--sglang-api-key)."""
+    handler = logging.FileHandler(run_dir.log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.getLogger("portable_rl").info("attempt: %s", command)
+    return handler
+
+
+def _to_log_only(handler: logging.Handler, title: str) -> None:
+    """The traceback being handled, into the run's log file only (never a terminal handler)."""
+    record = logging.makeLogRecord(
+        {
+            "name": "portable_rl",
+            "levelno": logging.ERROR,
+            "levelname": "ERROR",
+            "msg": f"{title}:\n{traceback.format_exc()}",
+        }
+    )
+    handler.handle(record)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error a worker raised, where a remote-call wrapper (e.g. Ray's task error) carries it as ``cause``."""
+    inner = getattr(exc, "cause", None)
+    return inner if isinstance(inner, BaseException) else exc
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a Python traceback: "ValueError: ..." (possibly dotted, e.g. ray.exceptions.RayTaskError: ...).
+_FINAL = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Timeout|Exit|Interrupt)): (\S.*)$")
+
+
+def _what(exc: BaseException) -> str:
+    """``Type: first line`` of the error; where its text carries a worker's traceback (an actor that died in
+    its constructor), that traceback's own last error instead of the wrapper's."""
+    cause = _cause(exc)
+    text = _ANSI.sub("", str(cause))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    finals = [m for line in lines[1:] if (m := _FINAL.match(line))]
+    if finals:
+        name, message = finals[-1].group(1).rsplit(".", 1)[-1], finals[-1].group(2)
+    else:
+        name, message = type(cause).__name__, lines[0] if lines else ""
+    return f"{name}: {message[:300]}" if message else name
+
+
+def failure_line(exc: BaseException | None, run_dir) -> str:
+    """One line: what failed, where the log is, and the command that continues from here."""
+    what = "the run was interrupted" if exc is None else f"the run failed: {_what(exc)}"
+    last = run_dir.last_checkpoint()
+    then = (
+        f"the last checkpoint is step {last[0]}; continue with --resume"
+        if last
+        else "no checkpoint was written; the same command starts the run over"
+    )
+    return f"{what} (full traceback in {run_dir.log_path}); {then}"
 
 
 # Keys whose values are credentials (engine api keys, a judge's token): never written to the run directory.
@@ -69,140 +164,6 @@ def redact_secrets(data: Any) -> Any:
     if isinstance(data, list):
         return [redact_secrets(v) for v in data]
     return data
-
-
-def _check_placement(recipe, platform) -> None:
-    """The trainer ranks (TP x PP x DP) and engine devices must fit what this host's Ray will have.
-
-    Only for the private single-node Ray the job starts itself; a cluster joined through RAY_ADDRESS is
-    checked by the placement group (its nodes' resources are not known here).
-    """
-    from portable_rl.orchestration.placement import PlacementConfig
-
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    t, r = recipe.train, recipe.rollout
-    ranks = (
-        f"TP {t.parallel.tensor_parallel} x PP {t.parallel.pipeline_parallel} x DP {t.data_parallel} "
-        f"= {t.world_size} trainer rank(s)"
-    )
-    engine_devices = r.num_engines * r.engine_tp_size
-    if recipe.run.mode == "colocated" and engine_devices > t.world_size:
-        raise UserError(
-            f"run.mode=colocated puts every engine device on a trainer rank, but rollout.num_engines x "
-            f"rollout.engine_tp_size = {engine_devices} > {ranks}; lower rollout.num_engines or use "
-            "run.mode=disaggregated"
-        )
-    raw_share = os.environ.get(CPUS_PER_DEVICE_ENV, "0.5")
-    try:
-        share = float(raw_share)
-        cfg = PlacementConfig(
-            mode=recipe.run.mode,
-            trainer_ranks=t.world_size,
-            num_engines=r.num_engines,
-            devices_per_engine=r.engine_tp_size,
-            cpus_per_device=share,
-        )
-    except ValueError as exc:
-        raise UserError(f"{ranks}: {exc} ({CPUS_PER_DEVICE_ENV}={raw_share!r})") from None
-    engines = "" if recipe.run.mode == "colocated" else f" + {engine_devices} engine device(s)"
-    if platform.ray_resource:
-        have = len(platform.resolve_visible_devices())
-        if cfg.total_devices > have:
-            raise UserError(
-                f"{ranks}{engines} need {cfg.total_devices} {platform.name} device(s) but {have} are visible; "
-                "lower train.parallel / train.data_parallel / rollout.num_engines or expose more devices"
-            )
-        return
-    need = cfg.total_devices * share
-    limit = recipe.run.num_cpus
-    have = limit if limit is not None else (os.cpu_count() or 1)
-    if need > have:
-        source = f"run.num_cpus={limit}" if limit is not None else "this host"
-        raise UserError(
-            f"{ranks}{engines} need {need:g} CPUs ({share:g} per device, {CPUS_PER_DEVICE_ENV}) but {source} "
-            f"gives {have}; lower train.parallel / train.data_parallel / rollout.num_engines or raise run.num_cpus"
-        )
-
-
-def _check_trainer_kernels(recipe, platform) -> None:
-    """train.attention must be one this platform runs (the trainer asks the same ``trainer_kernels``)."""
-    from portable_rl.platform import UnsupportedKernel
-
-    try:
-        platform.trainer_kernels(recipe.train.attention)
-    except UnsupportedKernel as exc:
-        raise UserError(str(exc)) from None
-
-
-def _check_model(recipe) -> None:
-    """A model the recipe names must exist now (a HF dir is checked by ModelConfig; the demo model here)."""
-    if recipe.model.path == "smollm2":
-        from portable_rl.models.smollm2 import gguf_path
-
-        try:
-            gguf_path()
-        except FileNotFoundError as exc:
-            raise UserError(f"model.path='smollm2': {exc}") from None
-
-
-def _check_prompts(recipe) -> None:
-    """Read the prompt files (and template one prompt) so a bad file fails before the run dir is created."""
-    from portable_rl.data.prompts import PromptFileError, PromptSource, read_prompt_file
-
-    tokenizer = None
-    for split, cfg in (("train", recipe.data.train), ("eval", recipe.data.eval)):
-        if cfg is None:
-            continue
-        read_prompt_file(cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template)
-        # The tiny and demo models ship a chat template; a user's HF directory may not.
-        if cfg.apply_chat_template and recipe.model.path not in ("tiny", "smollm2"):
-            tokenizer = tokenizer or _load_tokenizer(recipe.model.path)
-            try:
-                PromptSource(cfg, tokenizer).make_item(0, 0)
-            except PromptFileError as exc:
-                raise UserError(f"data.{split}: {exc}") from None
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"model.path={path!r}: cannot load its tokenizer ({first}); add the tokenizer files to the directory"
-        ) from None
-
-
-def _check_reward_and_filter(recipe) -> None:
-    """Import the reward function and group filter now: a typo fails before the job starts Ray and engines."""
-    import inspect
-
-    from portable_rl.rollout.filters import load_filter
-    from portable_rl.rollout.rewards import RewardLoadError, load_callable, load_reward_fn
-
-    r = recipe.rollout
-    try:
-        if r.reward == "math":
-            load_reward_fn(r.reward, **r.reward_options)
-        else:
-            fn = load_callable(r.reward)
-            try:
-                signature = inspect.signature(fn)
-            except (TypeError, ValueError):  # builtins and some callables have none; nothing to check
-                signature = None
-            if signature is not None:
-                signature.bind("response", None, None, **r.reward_options)
-        load_filter(r.filter)
-    except RewardLoadError as exc:
-        raise UserError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise UserError(
-            f"rollout.reward_options={r.reward_options!r} do not fit reward {r.reward!r} ({exc}); "
-            "pass only the function's keyword arguments"
-        ) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -233,6 +194,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "difference) and log weights_changed_frac, the share of trainer tensors each step changed "
             "(slow on large models; for debugging and tests)"
         ),
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the preflight checks only and print the resolved plan (layout, engines, ports, weight sync, "
+        "kernels); writes nothing",
     )
     p.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
     p.set_defaults(func=run, accepts_pass_through=True)

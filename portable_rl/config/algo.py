@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from portable_rl.config import refuse_non_finite
+
 AdvantageEstimator = Literal["grpo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae"]
 ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
 KLMode = Literal["loss", "reward"]
@@ -62,6 +64,7 @@ class AlgoConfig:
     whiten_gae: bool = True  # batch-whiten GAE advantages
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "algo.")
         _choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("kl_mode", self.kl_mode, KL_MODES)

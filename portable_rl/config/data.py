@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a prompt longer than data.max_prompt_tokens does: skipped (counted in the metrics) or refused (the run
+# stops with one line naming the file's line).
+LONG_PROMPTS = ("skip", "refuse")
+
 
 @dataclass
 class PromptConfig:

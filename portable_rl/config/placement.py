@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from portable_rl.config import refuse_non_finite
+
 Mode = Literal["colocated", "disaggregated"]
 _RAY_OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
@@ -81,6 +83,7 @@ class PlacementConfig:
     engine_resource: str | None = None  # custom node resource the engines' bundles ask for
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "")
         if self.mode not in ("colocated", "disaggregated"):
             raise ValueError(f"mode={self.mode!r} is not one of 'colocated', 'disaggregated'")
         for name in ("trainer_ranks", "num_engines", "devices_per_engine"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from portable_rl.config import refuse_non_finite
+
 ENGINE_KINDS = ("auto", "cpu", "sglang")
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
 
@@ -67,6 +69,8 @@ class RolloutConfig:
     max_engine_restarts: int = 3
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "rollout.")
+
         def positive_int(name: str) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

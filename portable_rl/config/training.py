@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from portable_rl.config import refuse_non_finite
+
 # Trainer core-attention choices (``train.attention``):
 #   transformer_engine  Megatron's TE layer spec (fused kernels; packed sequences through TE's own attention)
 #   sdpa                Megatron's local layer spec with portable_rl's torch scaled_dot_product_attention core
@@ -28,6 +30,7 @@ class ParallelConfig:
     collective_timeout_s: float = 1800.0  # every trainer collective (world and Megatron groups)
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "train.parallel.")
         for name in ("tensor_parallel", "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -56,6 +59,7 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "train.optim.")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.clip_grad < 0:

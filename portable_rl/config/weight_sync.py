@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from portable_rl.config import refuse_non_finite
+
 STRATEGIES = ("auto", "shared_tensor", "broadcast", "disk")
 MODES = ("colocated", "disaggregated")
 FLATTEN_CHOICES = ("auto", "on", "off")
@@ -61,6 +63,7 @@ class WeightSyncConfig:
     manage_session: bool = True
 
     def __post_init__(self) -> None:
+        refuse_non_finite(self, "weight_sync.")
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"weight_sync.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}; pick one of them"

@@ -9,6 +9,13 @@ Any problem in the file is a ``PromptFileError`` raised at construction whose on
 file and the 1-based line: missing file, empty file, bytes that are not UTF-8, a line that is not JSON or
 not an object, a missing or wrongly typed prompt field.
 
+Bounded: the file is read line by line, never whole, and a line longer than ``max_line_bytes`` (from
+``line_byte_limit(max_prompt_tokens)``: more bytes than any prompt within the token limit needs) is skipped
+while it is read, 1 MiB at a time, never held: a 200 MB line costs no more memory than a short one. Such lines
+are listed in ``PromptFile.oversized`` (line, bytes). ``PromptSource`` with ``max_prompt_tokens`` skips a prompt
+whose tokens exceed it (counted in ``skipped_too_long``; an epoch of nothing but such prompts raises) or, with
+``long_prompts="refuse"``, raises ``PromptFileError`` naming the line, its length and the limit.
+
 Order: epoch ``e`` visits every prompt once, in a permutation drawn from ``(seed, e)`` (or in file order
 with ``shuffle: false``). ``next_batch(n)`` continues across epoch boundaries. ``state_dict()`` holds
 ``(epoch, offset)`` and a fingerprint of the file, so ``load_state_dict`` resumes exactly at the next
@@ -30,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_rl.config.data import PromptConfig
+from portable_rl.config.data import LONG_PROMPTS, PromptConfig
 
 
 class PromptFileError(ValueError):
@@ -99,52 +106,112 @@ def _check_prompt(value: Any, where: str, key: str, chat: bool) -> str | list[di
     )
 
 
+# Bytes per allowed prompt token a line may hold (JSON escapes, chat fields, the label) before it is too large
+# for any prompt within the limit; lines are never refused below LINE_BYTES_FLOOR. Unknown limit: the cap.
+BYTES_PER_TOKEN = 64
+LINE_BYTES_FLOOR = 1024 * 1024
+LINE_BYTES_UNKNOWN = 16 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+
+
+def line_byte_limit(max_prompt_tokens: int | None) -> int:
+    """The largest line (bytes) a prompt of at most ``max_prompt_tokens`` tokens is read from."""
+    if max_prompt_tokens is None:
+        return LINE_BYTES_UNKNOWN
+    return max(LINE_BYTES_FLOOR, BYTES_PER_TOKEN * max_prompt_tokens)
+
+
+@dataclass
+class PromptFile:
+    records: list[_Record]
+    fingerprint: str  # sha256 of every byte of the file (first 16 hex digits)
+    oversized: list[tuple[int, int]] = field(default_factory=list)  # (line, bytes) of lines too large to read
+
+
+def _lines(fh, max_line_bytes: int, digest) -> Any:
+    """(line number, content or None for an oversized line, content bytes), hashing every byte read."""
+    n = 0
+    while True:
+        chunk = fh.readline(max_line_bytes + 1)
+        if not chunk:
+            return
+        n += 1
+        digest.update(chunk)
+        if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+            size = len(chunk)
+            while not chunk.endswith(b"\n"):  # drain the rest of the line without keeping it
+                chunk = fh.readline(_READ_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                size += len(chunk)
+            yield n, None, size - chunk.endswith(b"\n")
+        else:
+            yield n, chunk[:-1] if chunk.endswith(b"\n") else chunk, len(chunk)
+
+
 def read_prompt_file(
-    path: str | Path, prompt_key: str = "prompt", label_key: str = "label", chat: bool = True
-) -> tuple[list[_Record], str]:
-    """Parse and validate the whole file; returns the records and a content fingerprint."""
+    path: str | Path,
+    prompt_key: str = "prompt",
+    label_key: str = "label",
+    chat: bool = True,
+    max_line_bytes: int = LINE_BYTES_UNKNOWN,
+) -> PromptFile:
+    """Parse and validate the file line by line; the records, a content fingerprint and the oversized lines."""
     p = Path(path)
     if not p.is_file():
         raise PromptFileError(f"prompt file '{p}' does not exist; pass a JSONL file with one object per line")
-    data = p.read_bytes()
     records: list[_Record] = []
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{p} line {n}"
-        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte-order mark some editors write
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PromptFileError(
-                f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
-                "re-save the file as UTF-8"
-            ) from None
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PromptFileError(
-                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
-            ) from None
-        if not isinstance(obj, dict):
-            raise PromptFileError(
-                f'{where}: expected a JSON object like {{"{prompt_key}": "..."}}, got {_describe(obj)}'
-            )
-        if prompt_key not in obj:
-            fields = ", ".join(repr(k) for k in obj) or "none"
-            raise PromptFileError(
-                f"{where}: missing field {prompt_key!r} (fields: {fields}); "
-                "set prompt_key to the field that holds the prompt"
-            )
-        prompt = _check_prompt(obj[prompt_key], where, prompt_key, chat)
-        metadata = {k: v for k, v in obj.items() if k not in (prompt_key, label_key)}
-        records.append(_Record(n, prompt, obj.get(label_key), metadata))
-    if not records:
+    oversized: list[tuple[int, int]] = []
+    digest = hashlib.sha256()
+    with p.open("rb") as fh:
+        for n, raw, size in _lines(fh, max_line_bytes, digest):
+            if raw is None:
+                oversized.append((n, size))
+                continue
+            record = _parse_line(p, n, raw, prompt_key, label_key, chat)
+            if record is not None:
+                records.append(record)
+    if not records and not oversized:
         raise PromptFileError(
             f"prompt file '{p}' is empty (no JSON lines); write one object per line with a {prompt_key!r} field"
         )
-    return records, hashlib.sha256(data).hexdigest()[:16]
+    return PromptFile(records, digest.hexdigest()[:16], oversized)
+
+
+def _parse_line(p: Path, n: int, raw: bytes, prompt_key: str, label_key: str, chat: bool) -> _Record | None:
+    """One line of the file as a record (None: a blank line)."""
+    where = f"{p} line {n}"
+    if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark some editors write
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(
+            f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+            "re-save the file as UTF-8"
+        ) from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptFileError(
+            f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
+        ) from None
+    if not isinstance(obj, dict):
+        raise PromptFileError(
+            f'{where}: expected a JSON object like {{"{prompt_key}": "..."}}, got {_describe(obj)}'
+        )
+    if prompt_key not in obj:
+        fields = ", ".join(repr(k) for k in obj) or "none"
+        raise PromptFileError(
+            f"{where}: missing field {prompt_key!r} (fields: {fields}); "
+            "set prompt_key to the field that holds the prompt"
+        )
+    prompt = _check_prompt(obj[prompt_key], where, prompt_key, chat)
+    metadata = {k: v for k, v in obj.items() if k not in (prompt_key, label_key)}
+    return _Record(n, prompt, obj.get(label_key), metadata)
 
 
 def tokenizer_name(tokenizer: Any) -> str:
@@ -154,7 +221,16 @@ def tokenizer_name(tokenizer: Any) -> str:
 class PromptSource:
     """Endless, resumable stream of ``PromptItem`` over the epochs of one JSONL file."""
 
-    def __init__(self, cfg: PromptConfig, tokenizer: Any) -> None:
+    def __init__(
+        self,
+        cfg: PromptConfig,
+        tokenizer: Any,
+        max_prompt_tokens: int | None = None,
+        long_prompts: str = "skip",
+        prompts: PromptFile | None = None,
+    ) -> None:
+        if long_prompts not in LONG_PROMPTS:
+            raise ValueError(f"long_prompts={long_prompts!r} is not one of {', '.join(LONG_PROMPTS)}")
         if cfg.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise PromptFileError(
                 f"tokenizer {tokenizer_name(tokenizer)!r} has no chat template; use an instruct/chat "
@@ -162,9 +238,29 @@ class PromptSource:
             )
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.records, self.fingerprint = read_prompt_file(
-            cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template
+        self.max_prompt_tokens = max_prompt_tokens
+        self.long_prompts = long_prompts
+        read = prompts or read_prompt_file(
+            cfg.path,
+            cfg.prompt_key,
+            cfg.label_key,
+            cfg.apply_chat_template,
+            line_byte_limit(max_prompt_tokens),
         )
+        self.records, self.fingerprint, self.oversized = read.records, read.fingerprint, read.oversized
+        if not self.records:
+            line, size = self.oversized[0]
+            raise PromptFileError(
+                f"{cfg.path} line {line} is {size} bytes and every line of the file is too large for a prompt "
+                f"of data.max_prompt_tokens={max_prompt_tokens} tokens; shorten the prompts"
+            )
+        if self.oversized and long_prompts == "refuse":
+            line, size = self.oversized[0]
+            raise PromptFileError(
+                f"{cfg.path} line {line} is {size} bytes, too large for a prompt of data.max_prompt_tokens="
+                f"{max_prompt_tokens} tokens; shorten it or set data.long_prompts=skip"
+            )
+        self.skipped_too_long = 0  # prompts handed over because their tokens exceed max_prompt_tokens
         self.epoch = 0
         self.offset = 0  # prompts of the current epoch already handed out
         self._order_epoch = -1
@@ -189,13 +285,38 @@ class PromptSource:
         if n < 0:
             raise ValueError(f"batch size {n} must be >= 0")
         items = []
+        skipped_in_a_row = 0
         while len(items) < n:
             if self.offset >= len(self.records):
                 self.epoch, self.offset = self.epoch + 1, 0
             index = int(self.order(self.epoch)[self.offset])
-            items.append(self.make_item(index, self.epoch))
+            item = self.make_item(index, self.epoch)
             self.offset += 1
+            if self.fits(item):
+                items.append(item)
+                skipped_in_a_row = 0
+                continue
+            self.skipped_too_long += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= len(self.records):  # a whole epoch without one prompt that fits
+                raise PromptFileError(
+                    f"every prompt of {self.cfg.path} is longer than data.max_prompt_tokens="
+                    f"{self.max_prompt_tokens} tokens; shorten the prompts or raise the limit"
+                )
         return items
+
+    def fits(self, item: PromptItem) -> bool:
+        """Whether ``item`` is within ``max_prompt_tokens``; with long_prompts="refuse" a long one raises."""
+        limit = self.max_prompt_tokens
+        if limit is None or len(item.prompt_tokens) <= limit:
+            return True
+        if self.long_prompts == "refuse":
+            line = self.records[item.index].line
+            raise PromptFileError(
+                f"{self.cfg.path} line {line}: the prompt has {len(item.prompt_tokens)} tokens, more than "
+                f"data.max_prompt_tokens={limit}; shorten it or set data.long_prompts=skip"
+            )
+        return False
 
     def make_item(self, index: int, epoch: int) -> PromptItem:
         rec = self.records[index]

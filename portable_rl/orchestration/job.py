@@ -85,7 +85,7 @@ class Job:
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def __enter__(self) -> Job:
         import ray
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         r = self.recipe
         self.platform.prepare_process_env()
@@ -97,9 +97,15 @@ class Job:
         self.memory_saver = EngineMemorySaver(self.platform, r.run.mode, engines, self.api_key)
         self.model_dir = resolve_model(r, self.run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.prompts = PromptSource(r.data.train, self.tokenizer)
+        # Prompts longer than this never reach an engine (which would refuse them beyond its context).
+        context = int(getattr(AutoConfig.from_pretrained(self.model_dir), "max_position_embeddings", 0) or 0)
+        self.max_prompt_tokens = r.data.max_prompt_tokens or (
+            context - r.rollout.max_new_tokens if context else None
+        )
+        limits = {"max_prompt_tokens": self.max_prompt_tokens, "long_prompts": r.data.long_prompts}
+        self.prompts = PromptSource(r.data.train, self.tokenizer, **limits)
         self.buffer = DataBuffer(self.prompts)
-        self.eval_prompts = PromptSource(r.data.eval, self.tokenizer) if r.data.eval else None
+        self.eval_prompts = PromptSource(r.data.eval, self.tokenizer, **limits) if r.data.eval else None
         if not ray.is_initialized():
             self.platform.check_ray_compatible()
             if os.environ.get("RAY_ADDRESS"):
@@ -176,16 +182,13 @@ class Job:
                 "backend": self.platform.dist_backend,
             }
             layout_path = self.run_dir.path / "layout.json"  # where every rank and engine ran
-            write_layout(
-                layout_path,
-                self.plan,
-                self.pg,
-                self.trainer.actors,
-                self.engines.actors,
-                engine_urls=self.engines.urls,
-                weight_sync=sync,
-                bundle_devices=[asdict(b) for b in found],
+            layout_args = (layout_path, self.plan, self.pg, self.trainer.actors, self.engines.actors)
+            layout_kwargs = dict(
+                engine_urls=self.engines.urls, weight_sync=sync, bundle_devices=[asdict(b) for b in found]
             )
+            self._write_layout = lambda: write_layout(*layout_args, **layout_kwargs)
+            if self.run_dir.last_checkpoint() is None:
+                self._write_layout()  # a resumed run rewrites it only once its checkpoint is restored
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -228,9 +231,13 @@ class Job:
         rollout's ``rollout/`` counts."""
         r = self.recipe
         self.memory_saver.resume(self.engines.urls)
-        out = self.engines.rollout(self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer)
+        groups, metrics = self.engines.rollout(
+            self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer
+        )
         self.memory_saver.release(self.engines.urls)  # co-located: the trainer computes next
-        return out
+        metrics["prompts_skipped_too_long"] = float(self.prompts.skipped_too_long)  # over the whole run
+        metrics["prompt_lines_too_long"] = float(len(self.prompts.oversized))
+        return groups, metrics
 
     def train(self, groups: list[Group]) -> dict[str, float]:
         """One RL step on ``groups`` in the trainer (advantages, reference log-probs, loss, optimizer)."""
@@ -265,8 +272,9 @@ class Job:
             return {}
         self.memory_saver.resume(self.engines.urls)
         items = [
-            self.eval_prompts.make_item(i, 0)
+            item
             for i in range(min(self.recipe.data.eval_size, len(self.eval_prompts)))
+            if self.eval_prompts.fits(item := self.eval_prompts.make_item(i, 0))
         ]
         groups = self.engines.evaluate(items, tokenizer=self.tokenizer)
         rewards = [s.reward for s in flatten(groups)]
@@ -295,6 +303,7 @@ class Job:
         state = json.loads((path / "data_state.json").read_text(encoding="utf-8"))
         self.buffer.load_state_dict(state["buffer"])
         self.sync_weights(version=restored)  # engines start from the checkpoint's weights
+        self._write_layout()  # the resume works: now the run's layout may change
         return step
 
     def export_final_model(self) -> str:

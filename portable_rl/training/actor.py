@@ -71,6 +71,7 @@ the trainer world, this rank and the ranks it waited for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import math
@@ -503,7 +504,12 @@ class MegatronActor:
     @_names_collective_failures
     def save_checkpoint(self, path: str) -> str:
         self.platform.prepare_training_runtime()
-        extra = {"hf_checkpoint": self.config.hf_checkpoint, "model_type": self.spec.model_type}
+        # The model's facts let a resume check, before anything starts, that it loads onto the same model.
+        extra = {
+            "hf_checkpoint": self.config.hf_checkpoint,
+            "model_type": self.spec.model_type,
+            "model": dataclasses.asdict(self.spec),
+        }
         save_checkpoint(path, self.model, self.optimizer, self.step, self.layout, extra)
         return str(path)
 

@@ -128,15 +128,60 @@ def padded_vocab_size(spec: ModelSpec, tp: int) -> int:
 
 
 def check_parallel_layout(spec: ModelSpec, tp: int, pp: int) -> None:
-    """Raise ValueError naming the field when ``spec`` cannot be split over TP=tp, PP=pp."""
-    if spec.num_kv_heads % tp:
+    """Raise ValueError naming the field when ``spec`` cannot be split over TP=tp, PP=pp (the vocabulary is
+    padded to a multiple of TP, so it always splits)."""
+    if spec.num_attention_heads % tp:
         raise ValueError(
-            f"tensor_parallel={tp} does not divide num_key_value_heads={spec.num_kv_heads}; pick a divisor"
+            f"tensor_parallel={tp} does not divide num_attention_heads={spec.num_attention_heads}"
         )
+    if spec.num_kv_heads % tp:
+        raise ValueError(f"tensor_parallel={tp} does not divide num_key_value_heads={spec.num_kv_heads}")
     if spec.intermediate_size % tp:
         raise ValueError(f"tensor_parallel={tp} does not divide intermediate_size={spec.intermediate_size}")
     if spec.num_layers % pp:
         raise ValueError(f"pipeline_parallel={pp} does not divide num_hidden_layers={spec.num_layers}")
+
+
+# TransformerConfig fields portable_rl sets from the model's config.json and the trainer layout: a --megatron-*
+# override of one would contradict the checkpoint or train.parallel, so preflight refuses it (naming the owner).
+LAYOUT_OWNED_FIELDS = {
+    "tensor_model_parallel_size": "train.parallel.tensor_parallel",
+    "pipeline_model_parallel_size": "train.parallel.pipeline_parallel",
+    "num_layers": "the model's config.json",
+    "hidden_size": "the model's config.json",
+    "ffn_hidden_size": "the model's config.json",
+    "num_attention_heads": "the model's config.json",
+    "num_query_groups": "the model's config.json",
+    "kv_channels": "the model's config.json",
+}
+
+
+def transformer_config_fields() -> frozenset[str] | None:
+    """Names of Megatron's TransformerConfig fields, read from its source without importing megatron (an
+    import takes seconds and prints warnings); None where megatron-core is not installed."""
+    import ast
+    import importlib.util
+
+    found = importlib.util.find_spec("megatron")
+    if found is None or not found.submodule_search_locations:
+        return None
+    names: set[str] = set()
+    for base in found.submodule_search_locations:
+        for rel, cls in (
+            ("core/transformer/transformer_config.py", "TransformerConfig"),
+            ("core/model_parallel_config.py", "ModelParallelConfig"),
+        ):
+            path = Path(base) / rel
+            if not path.is_file():
+                continue
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.ClassDef) and node.name == cls:
+                    names |= {
+                        st.target.id
+                        for st in node.body
+                        if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)
+                    }
+    return frozenset(names) or None
 
 
 def transformer_config(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ import yaml
 from portable_rl.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
+HUGE_LINE = 20 * 1024 * 1024  # bytes of the prompt text of the one-line prompt file
 PROMPTS = [{"prompt": "What is 2 + 3?", "label": "5"}, {"prompt": "What is 4 + 4?", "label": "8"}]
 
 
@@ -56,6 +59,7 @@ def work(tmp_path_factory) -> Path:
     (run / "sentinel.txt").write_bytes(b"keep me\x00\xff")
     (run / "checkpoints" / "step_1" / "COMPLETE").write_text("1", encoding="utf-8")
     (run / "checkpoints" / "step_1" / "data_state.json").write_text('{"step": 1}', encoding="utf-8")
+    write_trainer_meta(run / "checkpoints" / "step_1", tiny_model_facts())
     (root / "runs" / "no_checkpoint").mkdir()
     (root / "runs" / "no_checkpoint" / "config.yaml").write_text("run: {}\n", encoding="utf-8")
     (root / "runs" / "a_file").write_text("not a directory", encoding="utf-8")
@@ -68,11 +72,53 @@ def work(tmp_path_factory) -> Path:
     (model / "chat_template.jinja").unlink(missing_ok=True)
     (model / "chat_template.json").unlink(missing_ok=True)
 
+    # Late failures of old, now caught by preflight: a model cut in half, one without a tokenizer, a prompt
+    # file whose one line is 20 MB (the tiny model's context is 512 tokens), and one with a short line first.
+    good = build_tiny_checkpoint(root / "good-model", TinySpec(arch="llama"))
+    for name in ("truncated-model", "no-tokenizer"):
+        shutil.copytree(good, root / name)
+    weights = root / "truncated-model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (root / "no-tokenizer" / "tokenizer.json").unlink()
+    huge = b'{"prompt": "' + b"1 + 1 = ? " * (HUGE_LINE // 10) + b'"}'
+    (data / "huge.jsonl").write_bytes(huge + b"\n")
+    long_prompt = {"prompt": "1 + 1 = ? " * 400, "label": "x"}  # ~4 kB: under the byte cap, over 504 tokens
+    (data / "long_tokens.jsonl").write_text(
+        json.dumps(PROMPTS[0]) + "\n" + json.dumps(long_prompt) + "\n", encoding="utf-8"
+    )
+    (data / "mixed_huge.jsonl").write_bytes(json.dumps(PROMPTS[0]).encode() + b"\n" + huge + b"\n")
+
     reward_mod = root / "pkg_user_reward"
     reward_mod.mkdir()
     (reward_mod / "__init__.py").write_text("", encoding="utf-8")
     (reward_mod / "broken.py").write_text("import no_such_dependency_xyz\n", encoding="utf-8")
     return root
+
+
+def tiny_model_facts(**changes) -> dict:
+    """The ModelSpec facts of the default tiny model (what its checkpoints record), with ``changes``."""
+    from dataclasses import asdict, replace
+
+    from portable_rl.models.tiny import TinySpec, hf_config, train_tokenizer
+    from portable_rl.training.model_builder import ModelSpec
+
+    tok = train_tokenizer(TinySpec().vocab_size)
+    ids = tok.convert_tokens_to_ids
+    cfg = hf_config(TinySpec(), len(tok), ids("<|im_end|>"), ids("<|endoftext|>")).to_dict()
+    return asdict(replace(ModelSpec.from_hf(cfg), **changes))
+
+
+def write_trainer_meta(checkpoint: Path, model: dict) -> None:
+    """The trainer's meta.json of a checkpoint (what ``portable_rl.training.checkpoint`` writes last)."""
+    (checkpoint / "trainer").mkdir(parents=True, exist_ok=True)
+    layout = {
+        "tensor_parallel": 1,
+        "pipeline_parallel": 1,
+        "data_parallel": 1,
+        "distributed_optimizer": False,
+    }
+    meta = {"format": 1, "step": 1, "layout": layout, "hf_checkpoint": "gone", "model": model}
+    (checkpoint / "trainer" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
 def tree(path: Path) -> dict[str, bytes | None]:
@@ -86,7 +132,7 @@ def tree(path: Path) -> dict[str, bytes | None]:
 def _tripwire(monkeypatch):
     from portable_rl.run_dir import RunDir
 
-    def refuse(self, resolved_config):
+    def refuse(self, resolved_config, resume=False):
         raise ReachedPrepare(str(self.path))
 
     monkeypatch.setattr(RunDir, "prepare", refuse)
@@ -213,6 +259,75 @@ TRAIN_CASES = {
         ["rollout.filter=no_such_filter_mod:keep"],
         ("group filter", "cannot import"),
     ),
+    # Late failures that preflight now stops before anything starts (exit 2, nothing written):
+    "truncated_safetensors": (
+        BASE,
+        ["model.path=truncated-model"],
+        ("model.safetensors is truncated", "its header declares", "copy the model directory again"),
+    ),
+    "model_without_tokenizer": (
+        BASE,
+        ["model.path=no-tokenizer"],
+        ("no tokenizer", "tokenizer.save_pretrained"),
+    ),
+    "tp_does_not_divide_heads": (
+        BASE,
+        ["train.parallel.tensor_parallel=3", "run.num_cpus=4"],
+        ("train.parallel.tensor_parallel=3 does not divide num_attention_heads=4", "choose a divisor"),
+    ),
+    "pp_does_not_divide_layers": (
+        BASE,
+        ["train.parallel.pipeline_parallel=3", "run.num_cpus=4"],
+        ("pipeline_parallel=3 does not divide num_hidden_layers=2",),
+    ),
+    "engine_tp_does_not_divide_heads": (
+        BASE,
+        ["rollout.engine_tp_size=3", "run.mode=disaggregated", "run.num_cpus=8"],
+        ("rollout.engine_tp_size=3 does not divide num_attention_heads=4",),
+    ),
+    "lr_nan": (BASE, ["train.optim.lr=nan"], ("train.optim.lr=nan", "finite")),
+    "timeout_inf": (BASE, ["rollout.request_timeout_s=.inf"], ("rollout.request_timeout_s=inf", "finite")),
+    "nan_in_the_yaml": (
+        "model: {path: tiny}\ndata: {train: {path: data/train.jsonl}}\ntrain: {optim: {clip_grad: .nan}}\n",
+        [],
+        ("train.optim.clip_grad=nan", "finite"),
+    ),
+    "collective_timeout_nan": (
+        BASE,
+        ["train.parallel.collective_timeout_s=nan"],
+        ("train.parallel.collective_timeout_s=nan",),
+    ),
+    "max_new_tokens_fill_the_context": (
+        BASE,
+        ["rollout.max_new_tokens=512"],
+        ("rollout.max_new_tokens=512", "context of 512"),
+    ),
+    "max_prompt_tokens_beyond_context": (
+        BASE,
+        ["data.max_prompt_tokens=600"],
+        ("data.max_prompt_tokens=600", "at most 504"),
+    ),
+    "long_prompts_unknown_choice": (BASE, ["data.long_prompts=truncate"], ("data.long_prompts='truncate'",)),
+    "prompt_line_of_20_mb": (
+        BASE,
+        ["data.train.path=data/huge.jsonl"],
+        ("huge.jsonl line 1 is", "every line", "shorten the prompts"),
+    ),
+    "long_line_refused": (
+        BASE,
+        ["data.train.path=data/mixed_huge.jsonl", "data.long_prompts=refuse"],
+        ("mixed_huge.jsonl line 2", "data.long_prompts=skip"),
+    ),
+    "long_prompt_refused_in_tokens": (
+        BASE,
+        ["data.train.path=data/long_tokens.jsonl", "data.long_prompts=refuse"],
+        ("long_tokens.jsonl line 2: the prompt has", "more than data.max_prompt_tokens=504"),
+    ),
+    "master_port_the_strategy_ignores": (
+        BASE,
+        ["weight_sync.master_port=29555"],
+        ("weight_sync.master_port=29555", "strategy=broadcast"),
+    ),
     "override_without_equals": (BASE, ["run.steps"], ("'run.steps'", "section.key=value")),
     "override_into_a_value": (BASE, ["run.steps.max=3"], ("'steps' is not a section",)),
     "megatron_arg_wrong_section": (BASE, ["train.megatron_args=3"], ("train.megatron_args", "mapping")),
@@ -270,6 +385,124 @@ def test_control_the_base_recipe_passes_validation(work, capsys):
             ]
         )
     capsys.readouterr()
+
+
+def test_control_long_lines_are_skipped_by_default(work, capsys):
+    """A file with one short prompt and one 20 MB line passes preflight: the long line is skipped (counted)."""
+    argv = ["train", str(work / "recipe.yaml"), "data.train.path=data/mixed_huge.jsonl"]
+    with pytest.raises(ReachedPrepare):
+        main([*argv, "--output-dir", str(work / "runs" / "fresh_mixed")])
+    argv = ["train", str(work / "recipe.yaml"), "data.train.path=data/long_tokens.jsonl"]
+    with pytest.raises(ReachedPrepare):  # a prompt over the token limit: skipped while the run goes
+        main([*argv, "--output-dir", str(work / "runs" / "fresh_long_tokens")])
+    capsys.readouterr()
+
+
+def test_master_port_in_use(work, capsys):
+    """A port the recipe asks for and another process holds: one line now, not EADDRINUSE after the timeout."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        extra = ["weight_sync.strategy=broadcast", f"weight_sync.master_port={port}"]
+        existing = work / "runs" / "existing"
+        before = tree(existing)
+        argv = ["train", str(work / "recipe.yaml"), *extra, "--output-dir", str(existing), "--resume"]
+        needles = (f"weight_sync.master_port={port} is already in use", "choose a free port")
+        assert_one_line_error(*run_cli(capsys, argv), needles)
+        assert tree(existing) == before
+        fresh = work / "runs" / "fresh_port"
+        argv = ["train", str(work / "recipe.yaml"), *extra, "--output-dir", str(fresh)]
+        assert_one_line_error(*run_cli(capsys, argv), needles)
+        assert not fresh.exists()
+    # Control: the same port once free passes.
+    with pytest.raises(ReachedPrepare):
+        main(["train", str(work / "recipe.yaml"), *extra, "--output-dir", str(fresh)])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("changes", "needles"),
+    [
+        ({"hidden_size": 128}, ("checkpoint step_1 holds a model with hidden_size=128", "hidden_size=64")),
+        ({"model_type": "qwen2", "qkv_bias": True}, ("model_type='qwen2'", "model_type='llama'")),
+        ({"vocab_size": 1024}, ("vocab_size=1024",)),
+    ],
+)
+def test_resume_onto_another_models_checkpoint(work, capsys, changes, needles):
+    """--resume onto a checkpoint of another model: one line before anything starts; the run is untouched."""
+    name = "other_" + "_".join(changes)
+    run = work / "runs" / name
+    shutil.copytree(work / "runs" / "existing", run)
+    write_trainer_meta(run / "checkpoints" / "step_1", tiny_model_facts(**changes))
+    before = tree(run)
+    argv = ["train", str(work / "recipe.yaml"), "--output-dir", str(run), "--resume"]
+    assert_one_line_error(*run_cli(capsys, argv), (*needles, "--resume", "start a new run"))
+    assert tree(run) == before
+
+
+def test_resume_with_another_trainer_layout(work, capsys):
+    """The checkpoint's shards fit only the layout they were saved with: refused before anything starts."""
+    existing = work / "runs" / "existing"
+    before = tree(existing)
+    argv = [
+        "train",
+        str(work / "recipe.yaml"),
+        "train.data_parallel=2",
+        "--output-dir",
+        str(existing),
+        "--resume",
+    ]
+    needles = ("saved with TP 1 x PP 1 x DP 1", "asks for TP 1 x PP 1 x DP 2", "train.data_parallel")
+    assert_one_line_error(*run_cli(capsys, argv), needles)
+    assert tree(existing) == before
+
+
+def test_resume_from_a_corrupt_trainer_shard(work, capsys):
+    """A checkpoint shard cut short (a copy that failed, a full disk): one line, not a torch.load traceback."""
+    import torch
+
+    run = work / "runs" / "corrupt_shard"
+    shutil.copytree(work / "runs" / "existing", run)
+    shard = run / "checkpoints" / "step_1" / "trainer" / "mp_rank_00_000_dp_000.pt"
+    torch.save({"step": 1, "model": {"w": torch.zeros(64)}}, shard)
+    argv = ["train", str(work / "recipe.yaml"), "--output-dir", str(run), "--resume"]
+    with pytest.raises(ReachedPrepare):  # control: the complete shard passes
+        main(argv)
+    capsys.readouterr()
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = tree(run)
+    needles = ("checkpoint step_1 holds a corrupt trainer shard", "mp_rank_00_000_dp_000.pt")
+    assert_one_line_error(*run_cli(capsys, argv), needles)
+    assert tree(run) == before
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(work, capsys):
+    fresh = work / "runs" / "fresh_dry"
+    argv = ["train", str(work / "recipe.yaml"), "train.parallel.tensor_parallel=2", "--dry-run"]
+    code, out, err = run_cli(capsys, [*argv, "--output-dir", str(fresh)])
+    assert code == 0, err
+    plan = yaml.safe_load(out)
+    assert not fresh.exists()
+    assert plan["run_dir"] == {"path": str(fresh), "action": "create"}
+    assert plan["layout"]["tensor_parallel"] == 2 and plan["layout"]["trainer_ranks"] == 2
+    assert plan["engines"]["kind"] == "cpu" and plan["engines"]["count"] == 1
+    assert plan["weight_sync"] == {"strategy": "shared_tensor", "backend": "gloo", "bucket_mb": 512.0}
+    assert plan["kernels"]["attention"] == "sdpa"
+    assert plan["model"]["context"] == 512 and plan["model"]["max_prompt_tokens"] == 512 - 8
+    assert plan["data"]["train"] == {"prompts": 2, "lines_too_long": 0}
+    assert set(plan) >= {"platform", "ports", "steps"}
+
+    existing = work / "runs" / "existing"  # saved with TP 1: resumed with TP 1
+    before = tree(existing)
+    argv_tp1 = ["train", str(work / "recipe.yaml"), "--dry-run"]
+    code, out, err = run_cli(capsys, [*argv_tp1, "--output-dir", str(existing), "--resume"])
+    assert code == 0, err
+    assert yaml.safe_load(out)["run_dir"]["action"] == "resume from checkpoint step 1"
+    assert tree(existing) == before
+    # A bad value stops a dry run the same way it stops a run.
+    bad = [*argv, "train.parallel.tensor_parallel=3", "run.num_cpus=4", "--output-dir", str(fresh)]
+    assert_one_line_error(*run_cli(capsys, bad), ("tensor_parallel=3 does not divide",))
 
 
 # ---- train: the run directory itself ------------------------------------------------------------------------
@@ -354,8 +587,16 @@ def test_trainer_ranks_exceed_visible_gpus(work, capsys, monkeypatch, vendor, vi
     from portable_rl.platform import reset_current_platform
 
     reset_current_platform()
-    with pytest.raises(ReachedPrepare):
-        main(argv)
+    with pytest.raises(ReachedPrepare):  # a fresh run: the existing run's checkpoint has another layout
+        main(
+            [
+                "train",
+                str(work / "recipe.yaml"),
+                *extra,
+                "--output-dir",
+                str(work / "runs" / f"fresh_{vendor}"),
+            ]
+        )
 
 
 # ---- argparse and the other commands -------------------------------------------------------------------------

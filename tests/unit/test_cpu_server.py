@@ -155,6 +155,19 @@ def test_max_new_tokens_stop_tokens_and_seeds(engine):
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
 
 
+def test_a_prompt_beyond_the_context_is_refused_with_both_numbers(engine):
+    """As SGLang does: HTTP 400 naming the prompt's length and the context; the engine keeps serving."""
+    context = requests.get(engine.url + "/server_info", headers=AUTH, timeout=30).json()["context_length"]
+    too_long = [7] * context
+    bad = post(engine, "/generate", {"input_ids": too_long, "sampling_params": {"max_new_tokens": 4}})
+    assert bad.status_code == 400, bad.text
+    message = bad.json()["error"]["message"]
+    assert f"({context} tokens)" in message and f"input ({context} tokens)" in message, message
+    batch = post(engine, "/generate", {"input_ids": [PROMPTS[0], too_long], "sampling_params": {}})
+    assert batch.status_code == 400
+    assert generate(engine, PROMPTS[0], max_new_tokens=2)["output_ids"]  # still serving
+
+
 def test_abort_and_pause_continue(mutable_engine):
     results: dict[str, dict] = {}
 

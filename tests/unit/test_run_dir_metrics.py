@@ -12,10 +12,53 @@ def test_fresh_run_refuses_existing_run(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.check(resume=False)
     rd.prepare({"run": {"steps": 1}})
+    rd.checkpoint_dir(1).mkdir()
+    (rd.checkpoint_dir(1) / "COMPLETE").write_text("1")
+    rd.release()
     before = sorted(p.name for p in rd.path.iterdir())
     with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
         rd.check(resume=False)
     assert sorted(p.name for p in rd.path.iterdir()) == before
+
+
+def test_a_live_run_holds_its_directory(tmp_path):
+    """While a run holds the lock neither a fresh run nor a resume may use the directory; death releases it."""
+    rd = RunDir(tmp_path / "run")
+    rd.prepare({"run": {"steps": 1}})
+    other = RunDir(tmp_path / "run")
+    for resume in (False, True):
+        with pytest.raises(RunDirError, match="in use by a running portable-rl train"):
+            other.check(resume=resume)
+    rd.release()
+    assert not other.in_use()
+    other.check(resume=False)  # no checkpoint yet and nobody holds it: a failed start, replaceable
+
+
+def test_a_failed_start_is_replaced_but_foreign_files_stay(tmp_path):
+    """A run that ended before its first checkpoint: the same command replaces only the run's own files."""
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    (rd.path / "notes.txt").write_text("the user's file")
+    rd.prepare({"run": {"steps": 1}})
+    (rd.path / "layout.json").write_text("{}")
+    (rd.path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (rd.path / "model").mkdir()
+    (rd.path / "model" / "config.json").write_text("{}")
+    rd.log_path.write_text("attempt 1 failed\n")
+    rd.checkpoint_dir(1).mkdir()  # an incomplete checkpoint: no COMPLETE
+    rd.release()  # the process ended (a kill releases the lock the same way)
+
+    again = RunDir(tmp_path / "run")
+    assert again.failed_start()
+    again.check(resume=False)
+    assert again.prepare({"run": {"steps": 2}}) is True
+    names = sorted(p.name for p in again.path.iterdir())
+    assert names == [".lock", "checkpoints", "config.yaml", "notes.txt", "train.log"], names
+    assert (again.path / "notes.txt").read_text() == "the user's file"
+    assert again.log_path.read_text() == "attempt 1 failed\n"  # the earlier attempt's log is kept
+    assert "steps: 2" in again.config_path.read_text()
+    assert list(again.checkpoints.iterdir()) == []
+    again.release()
 
 
 def test_resume_requires_a_run(tmp_path):

@@ -316,7 +316,8 @@ def test_failed_starts_and_logged_commands_redact_the_token(tiny_llama, tmp_path
 
 
 def test_train_writes_no_token_into_the_run_directory(tmp_path, monkeypatch, capsys):
-    """`portable-rl train ... --sglang-api-key T`: the resolved config.yaml shows *** (the job is not run)."""
+    """`portable-rl train ... --sglang-api-key T`: the resolved config.yaml shows *** (the job is not run), and
+    neither the failed run's log nor the terminal shows the key."""
     import portable_rl.train
     from portable_rl.cli import main
 
@@ -353,18 +354,16 @@ def test_train_writes_no_token_into_the_run_directory(tmp_path, monkeypatch, cap
         encoding="utf-8",
     )
     run = tmp_path / "run"
-    with pytest.raises(Stop):
-        main(
-            [
-                "train",
-                str(recipe),
-                "--output-dir",
-                str(run),
-                "--sglang-api-key",
-                TOKEN,
-                "rollout.max_new_tokens=4",
-            ]
-        )
+    argv = [
+        "train",
+        str(recipe),
+        "--output-dir",
+        str(run),
+        "--sglang-api-key",
+        TOKEN,
+        "rollout.max_new_tokens=4",
+    ]
+    assert main(argv) == 1  # the failed run: one line, its traceback in run/train.log (checked below too)
     assert seen["engine_args"]["api_key"] == TOKEN  # the job itself still gets the real key
     written = (run / "config.yaml").read_text(encoding="utf-8")
     assert TOKEN not in written

@@ -65,6 +65,8 @@ def test_spec_refuses_what_it_cannot_represent(tiny_llama, patch, field):
 def test_parallel_layout_checks(tiny_llama):
     spec = ModelSpec.from_hf(tiny_llama)
     check_parallel_layout(spec, 2, 2)
+    with pytest.raises(ValueError, match="tensor_parallel=3 does not divide num_attention_heads=4"):
+        check_parallel_layout(spec, 3, 1)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         check_parallel_layout(spec, 4, 1)
     with pytest.raises(ValueError, match="num_hidden_layers"):

@@ -170,7 +170,12 @@ class Server:
                 raise InvalidRequest("text must be a string or a list of strings")
             prompts = [self.engine.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         vocab = self.engine.model.config.vocab_size
+        context = self.engine.context_length
         for p in prompts:
+            if len(p) >= context:  # SGLang's check and words: the engine never runs such a request
+                raise InvalidRequest(
+                    f"The input ({len(p)} tokens) is longer than the model's context length ({context} tokens)."
+                )
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequest(f"input_ids contain token {bad[0]} outside the vocabulary [0, {vocab})")

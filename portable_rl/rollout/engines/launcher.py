@@ -132,6 +132,8 @@ def engine_command(spec: EngineSpec, port: int, platform: Platform) -> list[str]
     if kind == "sglang":
         args = {**_normalise(platform.sglang_server_args()), **_normalise(spec.engine_args)}
         args.update({"model_path": spec.model_path, "host": spec.host, "port": port})
+        if len(spec.devices) > 1:  # rollout.engine_tp_size reserved these devices for one server: it uses all
+            args.setdefault("tp_size", len(spec.devices))
         if spec.api_key:
             args["api_key"] = spec.api_key  # SGLang reads its key from the command line only
         return [spec.python, "-m", "sglang.launch_server", *to_cli(args)]
