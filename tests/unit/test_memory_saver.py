@@ -96,6 +96,7 @@ def test_the_job_releases_after_rollout_and_resumes_before_generating_or_syncing
     job.memory_saver = saver
     job.recipe = SimpleNamespace(run=SimpleNamespace(seed=0, check_weight_update=False))
     job.buffer = job.tokenizer = None
+    job.prompts = SimpleNamespace(skipped_too_long=0, oversized=[])
     job.engines = SimpleNamespace(
         urls=["http://engine"],
         rollout=lambda *a, **k: events.append("generate") or (["groups"], {}),
@@ -105,7 +106,7 @@ def test_the_job_releases_after_rollout_and_resumes_before_generating_or_syncing
     job.trainer = SimpleNamespace(sync_weights=lambda *a: events.append("sync_weights") or {})
 
     saver.release(job.engines.urls)  # what entering the job does before the trainer is built
-    assert job.rollout(1) == (["groups"], {})
+    assert job.rollout(1)[0] == ["groups"]
     job.sync_weights(version=1)
     job.rollout(2)
     assert events == [
