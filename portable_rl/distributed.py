@@ -3,9 +3,10 @@
 Contract
 --------
 * ``free_port(host="")`` / ``free_ports(n, host="")``: unused TCP ports on ``host`` ("" or "0.0.0.0": every
-  interface). ``free_ports`` holds all n sockets open while it picks, so the n ports differ. A port is asked
-  of the kernel (bind to port 0) and then released for the caller to bind, so two processes picking at once
-  could get the same one; each picked port is therefore also claimed, for the life of this process, with an
+  interface). ``free_ports`` holds all n sockets open while it picks, so the n ports differ. Ports come from
+  below the kernel's ephemeral range (never handed to an outgoing connection in the meantime) and are then
+  released for the caller to bind, so two processes picking at once could get the same one; each picked port
+  is therefore also claimed, for the life of this process, with an
   exclusive lock on a file named after it in a per-user directory under the temp dir: a port another
   portable_rl process (a parallel test worker, another job's launcher) holds a claim on is never handed out.
 * ``port_in_use(port, host="")``: whether binding TCP ``port`` fails now (a port the user asked for is checked
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -66,17 +68,47 @@ def _claim(port: int) -> bool:
     return True
 
 
+# Ports are picked below the kernel's ephemeral range: a port taken from inside it (bind to port 0) can be
+# handed to any outgoing connection of any process (HTTP clients, Ray's gRPC) between the pick and the bind
+# that uses it, which made rendezvous fail with EADDRINUSE on busy hosts. 20000 stays above Ray's default
+# worker-port range (10002-19999).
+_PICK_LOW = 20000
+_EPHEMERAL_DEFAULT = (32768, 60999)  # Linux's default ip_local_port_range
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return low, high
+
+
+def _candidate_ports() -> Iterator[int]:
+    """Ports to try: random ones outside the ephemeral range, or the kernel's pick (0) where none is left."""
+    low, high = _ephemeral_range()
+    pools = [range(_PICK_LOW, low), range(max(high + 1, _PICK_LOW), 65536)]
+    pool = max(pools, key=len)
+    rng = random.SystemRandom()
+    while True:
+        yield rng.choice(pool) if len(pool) >= 1000 else 0
+
+
 def free_ports(n: int, host: str = "") -> list[int]:
     """``n`` distinct unused TCP ports on ``host``, each claimed for this process (module docstring)."""
     bind_host = "" if host in ("", "0.0.0.0") else host
     socks, ports = [], []
+    candidates = _candidate_ports()
     try:
-        for _ in range(64 * n):  # claimed by others: ask again; the kernel hands out other ports meanwhile
+        for _ in range(64 * n):  # taken or claimed by others: try another
             if len(ports) == n:
                 break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             socks.append(s)  # stays bound until all are picked, so this call never gets one port twice
-            s.bind((bind_host, 0))
+            try:
+                s.bind((bind_host, next(candidates)))
+            except OSError:
+                continue  # in use on this host
             port = s.getsockname()[1]
             if _claim(port):
                 ports.append(port)

@@ -246,7 +246,18 @@ def test_slurm_script_runs_head_workers_check_submit_in_order(tmp_path, name):
         'NODE="$node" "$@"\n',
     )
     _stub(bin_dir, "hostname", 'echo "10.9.8.7 fe80::1"\n')
-    _stub(bin_dir, "portable-rl", 'echo "$NODE portable-rl $* env=$PORTABLE_RL_PLATFORM" >> "$CALLS"\n')
+    # `launch check --nodes N` waits, like the real one, until N nodes have started (head and workers are
+    # started in the background, so without the wait their order would be the scheduler's).
+    _stub(
+        bin_dir,
+        "portable-rl",
+        'if [[ "$1 $2" == "launch check" ]]; then want=1; prev=""; '
+        'for a in "$@"; do if [[ "$prev" == --nodes ]]; then want="$a"; fi; prev="$a"; done; '
+        "for _ in $(seq 1200); do "
+        'n=$(grep -cE " launch (head|worker) " "$CALLS" 2>/dev/null || true); '
+        'if [[ "${n:-0}" -ge "$want" ]]; then break; fi; sleep 0.05; done; fi\n'
+        'echo "$NODE portable-rl $* env=$PORTABLE_RL_PLATFORM" >> "$CALLS"\n',
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(slurm_script(TemplateSpec(platform=name, nodes=3, gpus_per_node=4)), encoding="utf-8")
     env = dict(

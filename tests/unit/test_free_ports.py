@@ -46,3 +46,13 @@ def test_free_ports_are_distinct_and_claimed():
     ports = free_ports(5, "127.0.0.1")
     assert len(set(ports)) == 5
     assert not any(distributed._claim(p) for p in ports)  # claimed: not handed out again, here or elsewhere
+
+
+def test_ports_come_from_below_the_ephemeral_range():
+    """A port inside the kernel's ephemeral range can go to any outgoing connection before the caller binds it."""
+    low, high = distributed._ephemeral_range()
+    ports = free_ports(20, "127.0.0.1")
+    if low - distributed._PICK_LOW >= 1000:
+        assert all(distributed._PICK_LOW <= p < low for p in ports), (ports, low)
+    else:  # this host's ephemeral range leaves no room below it: the ports come from above it
+        assert all(p > high for p in ports), (ports, high)
