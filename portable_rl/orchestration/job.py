@@ -160,9 +160,8 @@ class Job:
                 env=engine_env,
                 devices=engine_devices(self.plan, found),
             )
-            self.memory_saver.release(
-                self.engines.urls
-            )  # co-located: the trainer builds in the KV cache's memory
+            # Co-located: the trainer is built in the memory the engines' KV cache gives back.
+            self.memory_saver.release(self.engines.urls)
             self.trainer = TrainerGroup(
                 self._actor_config(),
                 r.train.world_size,
