@@ -28,7 +28,17 @@ class RolloutConfig:
                           rewards are all equal) or "package.module:function" (group -> bool)
     over_sample_factor:   with a filter, prompts launched per missing group
     max_prompts_factor:   with a filter, a rollout launches at most this x prompts_per_step prompts
-    max_concurrency:      in-flight /generate requests per rollout
+    over_sampling_factor: launch this x prompts_per_step prompts at once (>= 1; 1: no over-sampling) and abort
+                          the rest once prompts_per_step groups passed the filter; the cut prompts go back to
+                          the front of the queue (continued with partial_rollout, else generated again)
+    partial_rollout:      a cut rollout keeps what it generated: finished samples of an unfinished group are
+                          reused and cut samples continue from their tokens in a later step; each token span
+                          records the weight version that produced it (rollouts.jsonl: weight_spans)
+    generate:             generate hook, "package.module:function" (async; see docs/customise-rollout.md);
+                          null: one /generate call per sample. generate_options are its keyword arguments
+    max_turns:            turns a multi-turn generate hook may take per sample (>= 1; the shipped
+                          tool-calling example reads it; the default hook makes one call)
+    max_concurrency:      samples in progress per rollout (one in-flight /generate request each)
     num_engines, engine_tp_size, engine ("auto" | "cpu" | "sglang"), engine_args (--sglang-<name> pass-through)
     router_policy:        sglang-router load-balancing policy
     eval_samples_per_prompt, eval_temperature: sampling for evaluation rollouts
@@ -54,6 +64,11 @@ class RolloutConfig:
     filter: str | None = None
     over_sample_factor: float = 1.5
     max_prompts_factor: float = 4.0
+    over_sampling_factor: float = 1.0
+    partial_rollout: bool = False
+    generate: str | None = None
+    generate_options: dict[str, Any] = field(default_factory=dict)
+    max_turns: int = 1
     max_concurrency: int = 256
     request_timeout_s: float = 3600.0
     num_engines: int = 1
@@ -84,6 +99,7 @@ class RolloutConfig:
             "num_engines",
             "engine_tp_size",
             "eval_samples_per_prompt",
+            "max_turns",
         ):
             positive_int(name)
         r = self.max_engine_restarts
@@ -132,6 +148,17 @@ class RolloutConfig:
             )
         if not self.over_sample_factor >= 1.0:
             raise ValueError(f"rollout.over_sample_factor={self.over_sample_factor!r} must be >= 1")
+        f = self.over_sampling_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
+            raise ValueError(
+                f"rollout.over_sampling_factor={f!r} must be a number >= 1 (1: launch exactly prompts_per_step)"
+            )
+        if not isinstance(self.partial_rollout, bool):
+            raise ValueError(f"rollout.partial_rollout={self.partial_rollout!r} must be true or false")
+        if self.generate is not None and (not isinstance(self.generate, str) or ":" not in self.generate):
+            raise ValueError(f"rollout.generate={self.generate!r} must be null or 'package.module:function'")
+        if not isinstance(self.generate_options, dict):
+            raise ValueError("rollout.generate_options must be a mapping (the hook's keyword arguments)")
         if not self.max_prompts_factor >= 1.0:
             raise ValueError(f"rollout.max_prompts_factor={self.max_prompts_factor!r} must be >= 1")
         if not self.request_timeout_s > 0 or not self.engine_startup_timeout_s > 0:

@@ -14,7 +14,9 @@
   prompts from the data buffer one at a time as it launches them (so a prompt is handed out only when it is
   generated, and gets its run-unique group id then), hands finished groups back to the buffer (aborted ones are
   re-queued there, filtered ones discarded); a round that comes back short (a strict filter, aborted groups,
-  an engine failure) is followed by another. Returns ``(groups, metrics)``: exactly ``prompts_per_step``
+  an engine failure) is followed by another. With ``rollout.over_sampling_factor`` a round launches more
+  prompts than it needs and the manager aborts the rest at the target; with ``rollout.partial_rollout`` a
+  re-queued prompt carries its cut group's samples (``metadata[PARTIAL_KEY]``) and continues them next time. Returns ``(groups, metrics)``: exactly ``prompts_per_step``
   groups (fewer only if the filter keeps too few; see the manager) and the rounds' ``rollout/`` counts merged.
 * ``evaluate(items, tokenizer)`` runs an eval rollout (eval sampling params, no filter, no buffer).
 
@@ -53,11 +55,13 @@ from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform
 from portable_rl.rollout.engines.launcher import EngineSpec, remote_engine_actor
 from portable_rl.rollout.manager import (
+    PARTIAL_KEY,
     RolloutError,
     RolloutManager,
     RolloutResult,
     merge_metrics,
     prompt_budget,
+    sample_to_dict,
 )
 from portable_rl.rollout.router import Router, RouterConfig, RouterError
 
@@ -195,7 +199,9 @@ class EngineGroup:
                 self.requeued += len(handed.items)
                 continue
             rounds.append(result.metrics)
-            self.requeued += len(buffer.add_groups(result.groups + result.surplus + result.aborted))
+            requeued = buffer.add_groups(result.groups + result.surplus + result.aborted)
+            self.requeued += len(requeued)
+            self._keep_partial(requeued, result.aborted)
             buffer.discard_groups(result.filtered)
             groups += buffer.pop_groups(missing)
         self.heal(probe=False)  # engines lost in the last round are back before the next weight update
@@ -204,6 +210,20 @@ class EngineGroup:
                 f"step {step}: the rollout produced no trainable group (all filtered or aborted)"
             )
         return groups, merge_metrics(rounds)
+
+    def _keep_partial(self, requeued: list[Any], aborted: list[Group]) -> None:
+        """Partial rollouts: a re-queued prompt carries its cut group's samples, continued when it runs again.
+
+        They travel in the prompt's metadata, so a checkpoint of the buffer keeps them too."""
+        if not self.cfg.partial_rollout:
+            return
+        by_id = {g.group_id: g for g in aborted}
+        for item in requeued:
+            group = by_id.get(item.group_id)
+            kept = [sample_to_dict(s) for s in group.samples] if group is not None else []
+            item.metadata.pop(PARTIAL_KEY, None)
+            if any(s["response_tokens"] or s["status"] != "aborted" for s in kept):
+                item.metadata[PARTIAL_KEY] = kept
 
     def _round(self, tokenizer: Any, prompts: list[Any], **kwargs: Any) -> RolloutResult | None:
         """One manager rollout, watched by the health monitor; None when it failed because engines did."""

@@ -7,15 +7,23 @@ Contract
   optional ``metadata``), e.g. ``portable_rl.data.prompts.PromptItem``. The iterable is consumed lazily: a
   rollout takes only the prompts it launches.
 * ``await generate(prompts, step=, seed=, num_groups=)`` / ``rollout(...)`` (sync): for each prompt,
-  ``samples_per_prompt`` ``/generate`` requests (``return_logprob``; at most ``max_concurrency`` in flight),
-  each with ``rid = "<rollout tag>-<group id>-<sample>"`` and, when ``cfg.seeded``, a ``sampling_seed``
-  derived from (seed, step, prompt_index, sample) only. Finished samples are scored by the reward function.
+  ``samples_per_prompt`` samples, each made by the generate hook (``rollout.generate``; default
+  ``generate_hook.single_turn``: one ``/generate`` request with ``return_logprob``) with at most
+  ``max_concurrency`` samples in progress. A sample's first request has ``rid =
+  "<rollout tag>-<group id>-<sample>"`` and, when ``cfg.seeded``, a ``sampling_seed`` derived from (seed, step,
+  prompt_index, sample) only (see ``generate_hook.HookEngine`` for later requests). Finished samples are scored
+  by the reward function. The hook's loss mask becomes ``Sample.loss_mask``; ``metadata["weight_spans"]`` lists
+  ``[start, end, weight_version]`` of the response's model-token spans.
+* A hook that raises (anything but an engine failure, ``EngineError``) or returns a malformed ``HookOutput``
+  ends the rollout: requests still running are aborted and ``GenerateHookError`` names the hook and the prompt.
 * Group ids: a prompt that carries a ``group_id`` (the data buffer numbers every hand-out for the run) gives
   it to its group, so groups of several rollouts never share an id (the trainer's GRPO baseline is per id).
   Prompts without one (eval items, plain tuples) are numbered by the manager, unique within the manager.
-* With ``num_groups`` the rollout returns once that many groups passed the filter; with a filter it launches
-  ``over_sample_factor`` prompts per missing group (at most ``prompt_budget(cfg, num_groups)`` in all:
-  ``max_prompts_factor x num_groups``, rounded up; ``num_groups`` without a filter).
+* With ``num_groups`` the rollout returns once that many groups passed the filter. It launches
+  ``over_sampling_factor x num_groups`` prompts at once (rounded up; with a filter at least
+  ``over_sample_factor`` per group), and with a filter tops up ``over_sample_factor`` prompts per missing
+  group, at most ``prompt_budget(cfg, num_groups)`` in all (``max_prompts_factor x num_groups`` with a filter,
+  ``num_groups`` without one; at least the over-sampled launch).
   Requests still running then are aborted on every engine (``/abort_request`` by exact rid, which SGLang and
   the CPU engine both honour) and come back as ABORTED groups. Without ``num_groups`` every prompt is used once.
 * ``RolloutResult``: ``groups`` (kept, at most ``num_groups``), ``surplus`` (finished and kept by the filter
@@ -23,6 +31,11 @@ Contract
   not finish: their prompts must be generated again; ``DataBuffer.add_groups`` re-queues them), ``metrics``
   (counts of this rollout under ``rollout/``: launched, kept, filtered, surplus, aborted, errors, generated
   tokens, seconds; ``merge_metrics`` sums several rollouts and adds the rates).
+* Partial rollouts (``cfg.partial_rollout``): an aborted sample keeps the tokens it has (response, engine
+  log-probs, loss mask, weight spans) and its finished siblings keep theirs. A prompt that carries them
+  (``metadata[PARTIAL_KEY]``, a list of sample dicts; the engine group attaches them when it re-queues the
+  prompt) is not generated from scratch: finished samples are reused as they are, the others are continued by
+  the hook from their ``partial`` transcript, under the prompt's new group id.
 * A failed request becomes an ABORTED sample (counted in ``metrics["rollout/errors"]``); if requests failed
   and no group finished at all, ``RolloutError`` is raised with the first failure.
 """
@@ -30,6 +43,7 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -43,11 +57,23 @@ from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.types import Group, Sample, SampleStatus
 from portable_rl.protocol.client import EngineClient, EngineError, GenerateOutput
 from portable_rl.rollout.filters import GroupFilter, keep_all, load_filter
+from portable_rl.rollout.generate_hook import (
+    GenerateHookError,
+    HookEngine,
+    HookFn,
+    HookOutput,
+    HookSample,
+    Transcript,
+    check_output,
+    hook_name,
+    load_generate_hook,
+)
 from portable_rl.rollout.rewards import RewardFn, call_reward, load_reward_fn
 
 log = logging.getLogger(__name__)
 _STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED}
 ABORT_WAIT_S = 60.0
+PARTIAL_KEY = "partial_rollout"  # prompt metadata: the samples of its cut rollout, continued next time
 
 
 class RolloutError(RuntimeError):
@@ -61,6 +87,7 @@ class PromptRef:
     label: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
     group_id: int | None = None  # given by whoever handed the prompt out (the data buffer)
+    partial: list[Sample] | None = None  # the samples of this prompt's cut rollout (partial rollouts)
 
     @classmethod
     def of(cls, item: Any) -> PromptRef:
@@ -69,12 +96,15 @@ class PromptRef:
                 raise ValueError(f"prompt tuple {item!r:.80} must be (prompt_index, prompt_tokens, label)")
             return cls(int(item[0]), list(item[1]), item[2])
         try:
+            metadata = dict(getattr(item, "metadata", {}) or {})
+            kept = metadata.pop(PARTIAL_KEY, None)
             return cls(
                 int(item.index),
                 list(item.prompt_tokens),
                 item.label,
-                dict(getattr(item, "metadata", {}) or {}),
+                metadata,
                 getattr(item, "group_id", None),
+                [sample_from_dict(d) for d in kept] if kept else None,
             )
         except AttributeError:
             raise TypeError(
@@ -92,10 +122,41 @@ class RolloutResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def first_launch(cfg: RolloutConfig, num_groups: int, filtering: bool) -> int:
+    """Prompts a rollout for ``num_groups`` groups launches at once (over-sampling)."""
+    factor = max(cfg.over_sampling_factor, cfg.over_sample_factor if filtering else 1.0)
+    return math.ceil(num_groups * factor)
+
+
 def prompt_budget(cfg: RolloutConfig, num_groups: int, filtering: bool | None = None) -> int:
     """The most prompts a rollout for ``num_groups`` groups may launch (``filtering``: default ``cfg.filter``)."""
     filtering = cfg.filter is not None if filtering is None else filtering
-    return math.ceil(num_groups * cfg.max_prompts_factor) if filtering else num_groups
+    budget = math.ceil(num_groups * cfg.max_prompts_factor) if filtering else num_groups
+    return max(budget, math.ceil(num_groups * cfg.over_sampling_factor))
+
+
+def sample_to_dict(sample: Sample) -> dict[str, Any]:
+    out = dataclasses.asdict(sample)
+    out["status"] = SampleStatus(sample.status).value
+    return out
+
+
+def sample_from_dict(data: dict[str, Any]) -> Sample:
+    return Sample(**{**data, "status": SampleStatus(data["status"])})
+
+
+def transcript_of(sample: Sample) -> Transcript:
+    """The tokens a cut sample has, with each token's weight version rebuilt from its spans."""
+    versions: list[int] = []
+    spans = sorted(sample.metadata.get("weight_spans") or [], key=lambda s: s[0])
+    version = sample.weight_version
+    for i in range(sample.response_length):
+        for start, end, v in spans:
+            if start <= i < end:
+                version = v
+        versions.append(version)
+    logprobs = list(sample.rollout_logprobs) or [0.0] * sample.response_length
+    return Transcript(list(sample.response_tokens), logprobs, list(sample.loss_mask), versions)
 
 
 _COUNTS = (
@@ -106,6 +167,7 @@ _COUNTS = (
     "groups_aborted",
     "errors",
     "generated_tokens",
+    "samples_resumed",
     "reward_sum",
     "rewarded_samples",
     "time_s",
@@ -135,6 +197,11 @@ def _version_int(version: str | None) -> int:
     return int(version) if version is not None and version.isdigit() else 0
 
 
+def _kept(sample: Sample) -> bool:
+    """Whether a cut rollout keeps ``sample`` for later: it finished, or it has tokens to continue from."""
+    return sample.status != SampleStatus.ABORTED or bool(sample.response_tokens)
+
+
 class RolloutManager:
     def __init__(
         self,
@@ -146,6 +213,7 @@ class RolloutManager:
         api_key: str | None = None,
         reward_fn: RewardFn | None = None,
         group_filter: GroupFilter | None = None,
+        generate_hook: HookFn | None = None,
     ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -158,6 +226,13 @@ class RolloutManager:
             reward_fn if reward_fn is not None else load_reward_fn(cfg.reward, **cfg.reward_options)
         )
         self.group_filter = group_filter if group_filter is not None else load_filter(cfg.filter)
+        self.hook = (
+            generate_hook
+            if generate_hook is not None
+            else load_generate_hook(cfg.generate, cfg.generate_options)
+        )
+        self.hook_options = dict(cfg.generate_options) if generate_hook is None else {}
+        self.hook_name = cfg.generate or hook_name(self.hook)
         self._next_group_id = 0
 
     # ---- public -----------------------------------------------------------------------------------------
@@ -230,6 +305,9 @@ class _Rollout:
         self.tasks: dict[asyncio.Task, tuple[PromptRef, int]] = {}
         self.result = RolloutResult(groups=[])
         self.generated_tokens = 0
+        self.resumed = 0
+        self.max_turns = cfg.max_turns
+        self.partial = cfg.partial_rollout and not eval_mode
 
     # ---- launching ----------------------------------------------------------------------------------------
     def _launch(self, k: int) -> None:
@@ -255,18 +333,20 @@ class _Rollout:
 
     async def execute(self) -> RolloutResult:
         t0 = time.perf_counter()
-        cfg = self.mgr.cfg
         if self.num_groups is None:
             self._launch(1 << 62)
         else:
-            factor = 1.0 if self.group_filter is keep_all else cfg.over_sample_factor
-            self._launch(math.ceil(self.num_groups * factor))
-        while self.tasks and not self._target_reached():
-            done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                self.tasks.pop(task)
-                self._classify(task.result())
-            self._top_up()
+            self._launch(first_launch(self.mgr.cfg, self.num_groups, self.group_filter is not keep_all))
+        try:
+            while self.tasks and not self._target_reached():
+                done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self.tasks.pop(task)
+                    self._classify(task.result())
+                self._top_up()
+        except GenerateHookError:
+            await self._abort_leftovers(reraise=False)
+            raise
         if self.tasks:
             await self._abort_leftovers()
         self._finish_metrics(time.perf_counter() - t0)
@@ -293,8 +373,9 @@ class _Rollout:
         else:
             self.result.groups.append(group)
 
-    async def _abort_leftovers(self) -> None:
-        self.stopping = True  # queued samples return ABORTED without a request
+    async def _abort_leftovers(self, reraise: bool = True) -> None:
+        """Abort every request still running; the groups come back (ABORTED) when the requests end."""
+        self.stopping = True  # queued samples and a hook's later calls return ABORTED without a request
         rids = sorted(self.in_flight)
         if rids:
             urls = await self.mgr._engine_urls()
@@ -305,8 +386,12 @@ class _Rollout:
                 )
             finally:
                 await asyncio.gather(*(c.close() for c in calls))
-        done, pending = await asyncio.wait(self.tasks, timeout=ABORT_WAIT_S)
+        done, pending = await asyncio.wait(self.tasks, timeout=ABORT_WAIT_S) if self.tasks else ((), ())
         for task in done:
+            if task.exception() is not None:
+                if reraise:
+                    raise task.exception()
+                continue
             self._classify(task.result())
         for task in pending:
             task.cancel()
@@ -324,10 +409,25 @@ class _Rollout:
         samples = await asyncio.gather(*(self._sample(ref, gid, j) for j in range(self.n)))
         return Group(group_id=gid, prompt_index=ref.index, samples=list(samples))
 
-    def _aborted_sample(self, ref: PromptRef, gid: int, j: int, error: str | None = None) -> Sample:
+    def _kept_sample(self, ref: PromptRef, j: int) -> Sample | None:
+        """Sample ``j`` of the prompt's cut rollout, when partial rollouts keep one."""
+        if not self.partial or ref.partial is None or j >= len(ref.partial):
+            return None
+        return ref.partial[j] if _kept(ref.partial[j]) else None
+
+    def _aborted_sample(
+        self, ref: PromptRef, gid: int, j: int, error: str | None = None, kept: Sample | None = None
+    ) -> Sample:
+        """An ABORTED sample; with partial rollouts it keeps the tokens it had (``kept``) for next time."""
+        kept = kept if kept is not None else self._kept_sample(ref, j)
         meta = {**ref.metadata, "finish_reason": "abort"}
         if error:
             meta["error"] = error
+        if kept is not None and kept.status != SampleStatus.ABORTED:
+            return dataclasses.replace(kept, group_id=gid)  # finished before: stays finished
+        if kept is not None:
+            meta["weight_spans"] = kept.metadata.get("weight_spans", [])
+            return dataclasses.replace(kept, group_id=gid, metadata=meta)
         return Sample(
             ref.index,
             gid,
@@ -337,43 +437,79 @@ class _Rollout:
             metadata=meta,
         )
 
+    async def _call_engine(self, input_ids: list[int], params: dict[str, Any], rid: str) -> GenerateOutput:
+        """One ``/generate`` request for a hook; after the cut-off an empty ``abort`` without a request."""
+        if self.stopping:
+            return GenerateOutput(rid=rid, output_ids=[], output_logprobs=[], finish_reason="abort")
+        self.in_flight.add(rid)
+        try:
+            return await self.mgr.client.generate(input_ids, params, return_logprob=True, rid=rid)
+        finally:
+            self.in_flight.discard(rid)
+
     async def _sample(self, ref: PromptRef, gid: int, j: int) -> Sample:
-        params = dict(self.params)
-        if self.mgr.cfg.seeded:
-            params["sampling_seed"] = sample_seed(self.seed, self.step, ref.index, j)
+        kept = self._kept_sample(ref, j)
+        if kept is not None and kept.status != SampleStatus.ABORTED:
+            self.resumed += 1
+            return dataclasses.replace(kept, group_id=gid)  # finished in the cut rollout: reused as is
+        seed = sample_seed(self.seed, self.step, ref.index, j) if self.mgr.cfg.seeded else None
         rid = f"{self.tag}-{gid}-{j}"
+        engine = HookEngine(self._call_engine, self.mgr.tokenizer, rid, seed)
+        partial = transcript_of(kept) if kept is not None else None
+        hook_sample = HookSample(
+            ref.index, gid, j, list(ref.prompt_tokens), ref.label, dict(ref.metadata), self.max_turns, partial
+        )
+        where = f"generate hook {self.mgr.hook_name!r} on prompt {ref.index} (group {gid}, sample {j})"
         async with self.sem:
             if self.stopping:
                 return self._aborted_sample(ref, gid, j)
-            self.in_flight.add(rid)
+            if partial is not None:
+                self.resumed += 1
             try:
-                out = await self.mgr.client.generate(ref.prompt_tokens, params, return_logprob=True, rid=rid)
+                out = await self.mgr.hook(hook_sample, dict(self.params), engine, **self.mgr.hook_options)
             except EngineError as exc:
                 self.errors.append(str(exc))
                 log.warning("request %s failed: %s", rid, exc)
                 return self._aborted_sample(ref, gid, j, error=str(exc))
-            finally:
-                self.in_flight.discard(rid)
-        return await self._to_sample(out, ref, gid, rid)
+            except Exception as exc:  # noqa: BLE001 - user code: any failure becomes one line naming it
+                raise GenerateHookError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+        out = check_output(out, where)
+        return await self._to_sample(out, ref, gid, rid, engine, partial)
 
-    async def _to_sample(self, out: GenerateOutput, ref: PromptRef, gid: int, rid: str) -> Sample:
+    async def _to_sample(
+        self,
+        out: HookOutput,
+        ref: PromptRef,
+        gid: int,
+        rid: str,
+        engine: HookEngine,
+        partial: Transcript | None,
+    ) -> Sample:
         status = _STATUS.get(out.finish_reason, SampleStatus.ABORTED)
-        self.generated_tokens += len(out.output_ids)
+        self.generated_tokens += sum(out.loss_mask) - (sum(partial.loss_mask) if partial else 0)
+        versions = out.weight_versions
+        last = engine.last_weight_version
+        if versions is None:  # the hook did not say: every token is from its last engine call's weights
+            versions = [_version_int(last)] * len(out.tokens)
+        spans = Transcript(out.tokens, out.logprobs, out.loss_mask, versions).spans()
         sample = Sample(
             prompt_index=ref.index,
             group_id=gid,
             prompt_tokens=list(ref.prompt_tokens),
-            response_tokens=list(out.output_ids),
-            rollout_logprobs=list(out.output_logprobs),
+            response_tokens=list(out.tokens),
+            rollout_logprobs=list(out.logprobs),
+            loss_mask=list(out.loss_mask),
             status=status,
-            weight_version=_version_int(out.weight_version),
-            response_text=self.mgr.tokenizer.decode(out.output_ids, skip_special_tokens=True),
+            weight_version=spans[-1][2] if spans else _version_int(last),
+            response_text=self.mgr.tokenizer.decode(out.tokens, skip_special_tokens=True),
             label=ref.label,
             metadata={
                 **ref.metadata,
                 "rid": rid,
                 "finish_reason": out.finish_reason,
-                "weight_version": out.weight_version,
+                "weight_version": last,
+                "weight_spans": spans,
+                **out.metadata,
             },
         )
         if status != SampleStatus.ABORTED:
@@ -391,6 +527,7 @@ class _Rollout:
             "groups_aborted": len(r.aborted),
             "errors": len(self.errors),
             "generated_tokens": self.generated_tokens,
+            "samples_resumed": self.resumed,
             "reward_sum": sum(rewards),
             "rewarded_samples": len(rewards),
             "time_s": seconds,
