@@ -5,7 +5,8 @@ dropping lines of steps that will be re-run), writes tensorboard events under ``
 ``curves.png`` on ``close()``. wandb is used only if asked for and installed.
 
 ``log_rollout(step, groups)`` appends one line per trained group to ``rollouts.jsonl`` (prompt index, rewards,
-response lengths, the weight version that generated each sample, the first response's text): what a user
+response lengths, the weight version that generated each sample and the ``[start, end, version]`` spans of its
+model tokens, the count of model tokens (loss mask 1), the first response's text): what a user
 reads to see what the policy says, and what tests read to prove every prompt was trained exactly once.
 """
 
@@ -74,6 +75,9 @@ class MetricsLogger:
                     "rewards": [s.reward for s in g.samples],
                     "response_lengths": [s.response_length for s in g.samples],
                     "weight_versions": [s.weight_version for s in g.samples],
+                    # [start, end, version] of each sample's model-token spans (partial rollouts: several)
+                    "weight_spans": [s.metadata.get("weight_spans", []) for s in g.samples],
+                    "model_tokens": [sum(s.loss_mask) for s in g.samples],  # loss mask 1: sampled by the model
                     "response": g.samples[0].response_text if g.samples else "",
                 }
                 fh.write(json.dumps(row) + "\n")

@@ -16,7 +16,8 @@
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
    refused), one prompt templated; with ``data.long_prompts=refuse`` every prompt measured in tokens;
-8. the reward function and group filter import (every dotted path of the recipe);
+8. the reward function, group filter and generate hook import (every dotted path of the recipe); the hook
+   is an ``async def`` taking (sample, sampling_params, engine, **rollout.generate_options);
 9. pass-through flags: every ``--megatron-<name>`` is a TransformerConfig field and not one the model or the
    layout sets; every ``--sglang-<name>`` reaches the engine: one the job sets itself (port, host, model path,
    TP size) is refused, for SGLang one its installed ``ServerArgs`` lacks is refused, and on the CPU engine an
@@ -375,6 +376,7 @@ def check_reward_and_filter(recipe) -> None:
     import inspect
 
     from portable_rl.rollout.filters import load_filter
+    from portable_rl.rollout.generate_hook import load_generate_hook
     from portable_rl.rollout.rewards import RewardLoadError, load_callable, load_reward_fn
 
     r = recipe.rollout
@@ -390,6 +392,7 @@ def check_reward_and_filter(recipe) -> None:
             if signature is not None:
                 signature.bind("response", None, None, **r.reward_options)
         load_filter(r.filter)
+        load_generate_hook(r.generate, r.generate_options)  # importable, async, signature fits the options
     except RewardLoadError as exc:
         raise UserError(str(exc)) from None
     except (TypeError, ValueError) as exc:

@@ -191,8 +191,7 @@ def load_generate_hook(spec: str | None, options: dict[str, Any] | None = None) 
             )
         return single_turn
     fn = load_callable(spec, what="generate hook")
-    target = getattr(fn, "__call__", None) if not inspect.isfunction(fn) else fn
-    if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(target)):
+    if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)):
         raise GenerateHookLoadError(
             f"generate hook {spec!r} is not an async function; define it as "
             "`async def hook(sample, sampling_params, engine, **options)`"
