@@ -77,7 +77,9 @@ class MetricsLogger:
                     "weight_versions": [s.weight_version for s in g.samples],
                     # [start, end, version] of each sample's model-token spans (partial rollouts: several)
                     "weight_spans": [s.metadata.get("weight_spans", []) for s in g.samples],
-                    "model_tokens": [sum(s.loss_mask) for s in g.samples],  # loss mask 1: sampled by the model
+                    "model_tokens": [
+                        sum(s.loss_mask) for s in g.samples
+                    ],  # loss mask 1: sampled by the model
                     "response": g.samples[0].response_text if g.samples else "",
                 }
                 fh.write(json.dumps(row) + "\n")

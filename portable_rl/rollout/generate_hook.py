@@ -190,7 +190,10 @@ def load_generate_hook(spec: str | None, options: dict[str, Any] | None = None) 
                 f"rollout.generate_options={options!r} need rollout.generate (the default hook takes none)"
             )
         return single_turn
-    fn = load_callable(spec, what="generate hook")
+    try:
+        fn = load_callable(spec, what="generate hook")
+    except RewardLoadError as exc:
+        raise GenerateHookLoadError(str(exc)) from None
     if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)):
         raise GenerateHookLoadError(
             f"generate hook {spec!r} is not an async function; define it as "

@@ -259,6 +259,38 @@ TRAIN_CASES = {
         ["rollout.filter=no_such_filter_mod:keep"],
         ("group filter", "cannot import"),
     ),
+    "generate_hook_module_missing": (
+        BASE,
+        ["rollout.generate=no_such_hook_mod:agent"],
+        ("generate hook 'no_such_hook_mod:agent'", "cannot import"),
+    ),
+    "generate_hook_not_async": (
+        BASE,
+        ["rollout.generate=json:dumps"],
+        ("generate hook 'json:dumps' is not an async function", "async def hook("),
+    ),
+    "generate_hook_wrong_signature": (
+        BASE,
+        ["rollout.generate=asyncio:sleep"],
+        (
+            "generate hook 'asyncio:sleep' does not take (sample, sampling_params, engine)",
+            "fix its signature",
+        ),
+    ),
+    "generate_hook_unknown_option": (
+        BASE,
+        [
+            "rollout.generate=portable_rl.rollout.examples.tool_calling:calculator_agent",
+            "rollout.generate_options={bogus: 1}",
+        ],
+        ("bogus=", "rollout.generate_options"),
+    ),
+    "max_turns_zero": (BASE, ["rollout.max_turns=0"], ("rollout.max_turns=0", "integer >= 1")),
+    "over_sampling_below_one": (
+        BASE,
+        ["rollout.over_sampling_factor=0.5"],
+        ("rollout.over_sampling_factor=0.5", ">= 1"),
+    ),
     # Late failures that preflight now stops before anything starts (exit 2, nothing written):
     "truncated_safetensors": (
         BASE,

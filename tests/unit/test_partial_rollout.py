@@ -1,0 +1,121 @@
+"""Over-sampling and partial rollouts through the real ``EngineGroup.rollout`` and ``RolloutManager``.
+
+A stand-in engine (``stub_engine.StubEngine``) holds the requests of one prompt until the rollout aborts its
+leftovers, then answers "abort" with the tokens generated so far, as SGLang does. With
+``rollout.over_sampling_factor`` the rollout launches more prompts than it needs and cuts the rest at the
+target; with ``rollout.partial_rollout`` the cut group keeps its finished sample and the cut one's tokens,
+travels with its prompt through the data buffer (and a checkpoint of it), and continues after a weight update
+under a new version: the continued sample shows one weight span per version, with each span's engine log-probs.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from stub_engine import StubEngine
+
+from portable_rl.config.algo import AlgoConfig
+from portable_rl.config.rollout import RolloutConfig
+from portable_rl.data.buffer import DataBuffer
+from portable_rl.data.prompts import PromptItem
+from portable_rl.data.types import Group, SampleStatus
+from portable_rl.orchestration.engine_group import EngineGroup
+from portable_rl.rollout.manager import PARTIAL_KEY
+from portable_rl.rollout_to_train import build_train_batch
+
+TOKEN0 = 100  # prompt i is [TOKEN0 + i, 5, 6]
+TOKENIZER = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+
+
+def reward(response: str, label: Any, sample: Any) -> float:
+    return float(sample.response_tokens[-1] % 7 + sample.prompt_index)
+
+
+class Prompts:
+    def __init__(self) -> None:
+        self.next = 0
+
+    def next_batch(self, n: int) -> list[PromptItem]:
+        items = [PromptItem(i, 0, [TOKEN0 + i, 5, 6], f"p{i}") for i in range(self.next, self.next + n)]
+        self.next += n
+        return items
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next": self.next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next = state["next"]
+
+
+@pytest.fixture
+def engine():
+    e = StubEngine()
+    yield e
+    e.close()
+
+
+def _group(engine: StubEngine, **cfg: Any) -> EngineGroup:
+    rollout = RolloutConfig(
+        prompts_per_step=2,
+        samples_per_prompt=2,
+        max_new_tokens=3,
+        reward=f"{__name__}:reward",
+        health_check_interval_s=0,  # the stand-in engine is not a Ray actor
+        **cfg,
+    )
+    return EngineGroup.on_running_engines(rollout, router_url=engine.url, engine_urls=[engine.url])
+
+
+def _prompt0(groups: list[Group]) -> Group:
+    return next(g for g in groups if g.prompt_index == 0)
+
+
+def test_over_sampling_launches_more_and_cuts_the_rest_at_the_target(engine):
+    engine.hold = {TOKEN0}  # prompt 0 finishes only when aborted
+    group = _group(engine, over_sampling_factor=1.5)
+    buffer = DataBuffer(Prompts())
+    groups, metrics = group.rollout(buffer, step=1, seed=0, tokenizer=TOKENIZER)
+    assert sorted(g.prompt_index for g in groups) == [1, 2]
+    assert metrics["rollout/prompts_launched"] == 3 and metrics["rollout/groups_aborted"] == 1
+    # Without partial rollouts the cut prompt starts over: first in the next step, from its prompt alone.
+    assert buffer.num_pending == 1 and PARTIAL_KEY not in buffer.get_prompts(1)[0].metadata
+
+
+def test_a_cut_group_keeps_its_tokens_and_continues_after_a_weight_update(engine):
+    engine.hold, engine.hold_sample = {TOKEN0}, 0  # prompt 0: sample 1 finishes, sample 0 is cut
+    group = _group(engine, over_sampling_factor=1.5, partial_rollout=True)
+    buffer = DataBuffer(Prompts())
+    step1, _ = group.rollout(buffer, step=1, seed=0, tokenizer=TOKENIZER)
+    assert sorted(g.prompt_index for g in step1) == [1, 2]
+
+    # A checkpoint of the buffer carries the cut group; the run resumes from it.
+    state = json.loads(json.dumps(buffer.state_dict()))
+    (kept,) = [p for p in state["pending"] if p["index"] == 0]
+    cut, finished = kept["metadata"][PARTIAL_KEY]
+    assert cut["status"] == "aborted" and cut["response_tokens"] == [201, 202]
+    assert finished["status"] == "truncated" and finished["response_tokens"] == [201, 202, 203]
+    buffer = DataBuffer(Prompts())
+    buffer.load_state_dict(state)
+
+    engine.version, engine.hold = "1", set()  # the trainer's step 1 reached the engine
+    before = len(engine.requests)
+    step2, metrics = group.rollout(buffer, step=2, seed=0, tokenizer=TOKENIZER)
+    g = _prompt0(step2 + buffer.pop_groups(8))
+    cont = [r for r in engine.requests[before:] if r["input_ids"][0] == TOKEN0]
+    assert len(cont) == 1, "the finished sample is reused, only the cut one is continued"
+    assert (
+        cont[0]["input_ids"] == [TOKEN0, 5, 6, 201, 202] and cont[0]["sampling_params"]["max_new_tokens"] == 1
+    )
+    s0, s1 = g.samples
+    assert s0.status == SampleStatus.TRUNCATED and s0.response_tokens == [201, 202, 201]
+    assert s0.metadata["weight_spans"] == [[0, 2, 0], [2, 3, 1]] and s0.weight_version == 1
+    assert s0.rollout_logprobs == pytest.approx([-2.01, -2.02, -2.01])  # each span's engine log-probs
+    assert s1.response_tokens == [201, 202, 203] and s1.metadata["weight_spans"] == [[0, 3, 0]]
+    assert {s.group_id for s in g.samples} == {g.group_id} and PARTIAL_KEY not in s0.metadata
+    assert metrics["rollout/samples_resumed"] >= 2
+    # TIS sees each token's own engine log-prob (from the version that sampled it).
+    batch, _ = build_train_batch([g], AlgoConfig(tis_cap=2.0))
+    assert batch.token_fields["rollout_logprobs"][0] == pytest.approx([-2.01, -2.02, -2.01])
