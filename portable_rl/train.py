@@ -3,7 +3,9 @@
 ``train(recipe, run_dir, resume)`` runs ``recipe.run.steps`` steps and returns the per-step metrics.
 Synchronous by default; with ``run.async_rollout`` (disaggregated mode only) the rollout of step n+1 runs on
 the engines while the trainer trains step n — its samples come from weights one step older, and the weight
-sync of step n waits until that rollout has finished, so engines never change weights mid-generation.
+sync of step n waits until that rollout has finished, so engines never change weights mid-generation. With
+``rollout.partial_rollout`` too, the sync does not wait: it cuts that rollout (its requests aborted, their
+tokens kept), syncs, and lets it go on, so its cut samples finish under the new weights.
 
 Resume: the checkpoint of step k holds the trainer (model, optimizer, RNG, step) and the data state (prompt
 offset/epoch, buffer); rollout sampling seeds derive from (run seed, step, prompt, sample), so steps k+1..
@@ -55,12 +57,18 @@ def train(recipe: Recipe, run_dir: RunDir, resume: bool = False) -> list[dict[st
             train_metrics = job.train(groups)
             t_train = time.perf_counter() - t0
 
-            # 3. Sync: engines get the new weights (after an in-flight async rollout has drained).
-            if pending is not None:
+            # 3. Sync: engines get the new weights after an in-flight async rollout has drained — or, with
+            # partial rollouts, has been cut: its cut samples then continue under the new weights.
+            cut = pending is not None and recipe.rollout.partial_rollout
+            if cut:
+                job.cut_rollout(pending)
+            elif pending is not None:
                 pending = _done(pending.result())
             t0 = time.perf_counter()
             sync_metrics = job.sync_weights(version=step)
             t_sync = time.perf_counter() - t0
+            if cut:
+                job.resume_rollout()
 
             metrics = {
                 **rollout_metrics(groups),

@@ -16,7 +16,11 @@
   re-queued there, filtered ones discarded); a round that comes back short (a strict filter, aborted groups,
   an engine failure) is followed by another. With ``rollout.over_sampling_factor`` a round launches more
   prompts than it needs and the manager aborts the rest at the target; with ``rollout.partial_rollout`` a
-  re-queued prompt carries its cut group's samples (``metadata[PARTIAL_KEY]``) and continues them next time. Returns ``(groups, metrics)``: exactly ``prompts_per_step``
+  re-queued prompt carries its cut group's samples (``metadata[PARTIAL_KEY]``) and continues them next time.
+* ``cut()`` / ``resume()`` (another thread; partial rollouts in async mode): the running round aborts its
+  requests and returns; the rollout sets ``paused`` and waits for ``resume()`` before its next round, which
+  continues the cut samples under the weights synced in between. A cut round does not count against the
+  round limit. Returns ``(groups, metrics)``: exactly ``prompts_per_step``
   groups (fewer only if the filter keeps too few; see the manager) and the rounds' ``rollout/`` counts merged.
 * ``evaluate(items, tokenizer)`` runs an eval rollout (eval sampling params, no filter, no buffer).
 
@@ -142,6 +146,10 @@ class EngineGroup:
         self._fence_lock = threading.Lock()
         self.specs: list[EngineSpec] = []
         self.options: list[dict[str, Any]] = []
+        self._cut = threading.Event()  # set: a rollout in progress stops its round and waits for resume()
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self.paused = threading.Event()  # set while a cut rollout waits: no request runs on any engine
 
     @classmethod
     def on_running_engines(
@@ -172,8 +180,33 @@ class EngineGroup:
 
     def _manager(self, tokenizer: Any, cfg: RolloutConfig | None = None) -> RolloutManager:
         return RolloutManager(
-            cfg or self.cfg, self.router_url, tokenizer, engine_urls=self.urls, api_key=self.api_key
+            cfg or self.cfg,
+            self.router_url,
+            tokenizer,
+            engine_urls=self.urls,
+            api_key=self.api_key,
+            cut=self._cut if cfg is None else None,  # eval rollouts are never cut
         )
+
+    # ---- cutting an asynchronous rollout for a weight update ---------------------------------------------
+    def cut(self) -> None:
+        """Ask a rollout running in another thread to abort its requests and wait for ``resume()``.
+
+        Cut samples keep their tokens when ``rollout.partial_rollout`` is on (the recipe checks it for async
+        runs); ``paused`` is set once nothing runs on the engines, or the rollout may simply finish first."""
+        self._resumed.clear()
+        self._cut.set()
+
+    def resume(self) -> None:
+        """Let a cut rollout go on (after the weight update): its cut samples continue under the new weights."""
+        self._cut.clear()
+        self.paused.clear()
+        self._resumed.set()
+
+    def _wait_if_cut(self) -> None:
+        if self._cut.is_set():
+            self.paused.set()
+            self._resumed.wait()
 
     # ---- rollout ------------------------------------------------------------------------------------------
     def rollout(
@@ -187,13 +220,16 @@ class EngineGroup:
         # round the manager tops up filtered groups itself; another round is needed only when one came back
         # short (aborted groups re-queued by the buffer, the filter's prompt budget used up, an engine failure).
         groups += buffer.pop_groups(n)
-        for _ in range(MAX_ROUNDS + self.cfg.max_engine_restarts):
+        rounds_left = MAX_ROUNDS + self.cfg.max_engine_restarts
+        while rounds_left > 0:
             missing = n - len(groups)
             if missing <= 0:
                 break
+            self._wait_if_cut()  # a cut round waits for the weight update, then goes on
             self.heal(probe=False)
             handed = _HandOut(buffer, prompt_budget(self.cfg, missing))
             result = self._round(tokenizer, handed, step=step, seed=seed, num_groups=missing)
+            rounds_left -= 0 if self._cut.is_set() else 1
             if result is None:  # every request failed on failed engines: the whole round goes back
                 buffer.return_prompts(handed.items)
                 self.requeued += len(handed.items)

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+from concurrent.futures import Future
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,8 @@ class Job:
     def __exit__(self, *exc: Any) -> None:
         import ray
 
+        if self.engines is not None:
+            self.engines.resume()  # a cut rollout waiting in its thread ends (on stopped engines) instead of hanging
         if self.trainer is not None:
             self.trainer.shutdown()
             self.trainer = None
@@ -237,6 +240,17 @@ class Job:
         metrics["prompts_skipped_too_long"] = float(self.prompts.skipped_too_long)  # over the whole run
         metrics["prompt_lines_too_long"] = float(len(self.prompts.oversized))
         return groups, metrics
+
+    def cut_rollout(self, pending: Future) -> None:
+        """Partial rollouts in async mode: cut the rollout ``pending`` runs in its thread (its cut samples keep
+        their tokens) and return once no request runs on the engines, or once it finished anyway."""
+        self.engines.cut()
+        while not (self.engines.paused.wait(0.05) or pending.done()):
+            pass
+
+    def resume_rollout(self) -> None:
+        """The cut rollout goes on under the weights synced since ``cut_rollout``."""
+        self.engines.resume()
 
     def train(self, groups: list[Group]) -> dict[str, float]:
         """One RL step on ``groups`` in the trainer (advantages, reference log-probs, loss, optimizer)."""

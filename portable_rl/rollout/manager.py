@@ -36,6 +36,8 @@ Contract
   (``metadata[PARTIAL_KEY]``, a list of sample dicts; the engine group attaches them when it re-queues the
   prompt) is not generated from scratch: finished samples are reused as they are, the others are continued by
   the hook from their ``partial`` transcript, under the prompt's new group id.
+* ``cut`` (a ``threading.Event``, optional): once set, the rollout aborts its requests as at the target and
+  returns what it has (the async weight update of partial rollouts, see ``EngineGroup.cut``).
 * A failed request becomes an ABORTED sample (counted in ``metrics["rollout/errors"]``); if requests failed
   and no group finished at all, ``RolloutError`` is raised with the first failure.
 """
@@ -47,6 +49,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -73,6 +76,7 @@ from portable_rl.rollout.rewards import RewardFn, call_reward, load_reward_fn
 log = logging.getLogger(__name__)
 _STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED}
 ABORT_WAIT_S = 60.0
+CUT_POLL_S = 0.05
 PARTIAL_KEY = "partial_rollout"  # prompt metadata: the samples of its cut rollout, continued next time
 
 
@@ -214,6 +218,7 @@ class RolloutManager:
         reward_fn: RewardFn | None = None,
         group_filter: GroupFilter | None = None,
         generate_hook: HookFn | None = None,
+        cut: threading.Event | None = None,
     ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -233,6 +238,9 @@ class RolloutManager:
         )
         self.hook_options = dict(cfg.generate_options) if generate_hook is None else {}
         self.hook_name = cfg.generate or hook_name(self.hook)
+        self.cut = (
+            cut  # set from another thread: the rollout aborts what runs and returns (see EngineGroup.cut)
+        )
         self._next_group_id = 0
 
     # ---- public -----------------------------------------------------------------------------------------
@@ -337,9 +345,12 @@ class _Rollout:
             self._launch(1 << 62)
         else:
             self._launch(first_launch(self.mgr.cfg, self.num_groups, self.group_filter is not keep_all))
+        cut = self.mgr.cut
         try:
-            while self.tasks and not self._target_reached():
-                done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+            while self.tasks and not self._target_reached() and not (cut is not None and cut.is_set()):
+                # With a cut event, look at it every CUT_POLL_S; it is set from another thread.
+                timeout = CUT_POLL_S if cut is not None else None
+                done, _ = await asyncio.wait(self.tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     self.tasks.pop(task)
                     self._classify(task.result())

@@ -119,3 +119,28 @@ def test_a_cut_group_keeps_its_tokens_and_continues_after_a_weight_update(engine
     # TIS sees each token's own engine log-prob (from the version that sampled it).
     batch, _ = build_train_batch([g], AlgoConfig(tis_cap=2.0))
     assert batch.token_fields["rollout_logprobs"][0] == pytest.approx([-2.01, -2.02, -2.01])
+
+
+def test_an_async_rollout_cut_for_a_weight_update_continues_under_the_new_weights(engine):
+    """``EngineGroup.cut`` from another thread (what the training loop does before an async weight sync)."""
+    import threading
+
+    engine.hold = {TOKEN0}  # prompt 0 generates until the cut
+    group = _group(engine, partial_rollout=True)
+    buffer = DataBuffer(Prompts())
+    out: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: out.update(groups=group.rollout(buffer, step=2, seed=0, tokenizer=TOKENIZER)[0])
+    )
+    thread.start()
+    while not any(r["input_ids"][0] == TOKEN0 for r in engine.requests):
+        threading.Event().wait(0.01)
+    group.cut()
+    assert group.paused.wait(30), "the cut rollout did not pause"
+    assert thread.is_alive() and "groups" not in out
+    engine.version, engine.hold = "1", set()  # the weight update, while nothing runs on the engine
+    group.resume()
+    thread.join(30)
+    g = _prompt0(out["groups"])
+    assert [s.metadata["weight_spans"] for s in g.samples] == [[[0, 2, 0], [2, 3, 1]]] * 2
+    assert all(s.response_tokens == [201, 202, 201] for s in g.samples)
