@@ -87,6 +87,7 @@ def preflight(recipe, resume: bool, platform) -> Preflight:
             action = "replace the run that ended before its first checkpoint"
         else:
             action = "create"
+        check_debug_mode(recipe, run_dir, resume)  # before the resume checks, which expect a trainer
         check_placement(recipe, platform)
         kernels = check_trainer_kernels(recipe, platform)
         found = Preflight(run_dir_action=action, kernels=kernels)
@@ -95,7 +96,6 @@ def preflight(recipe, resume: bool, platform) -> Preflight:
         check_prompts(recipe, found)
         check_reward_and_filter(recipe)
         check_remote_reward(recipe, found)
-        check_debug_mode(recipe, run_dir, resume)
         check_pass_through(recipe, platform, found)
     except (ConfigError, RunDirError, PromptFileError) as exc:
         raise UserError(str(exc)) from None

@@ -341,3 +341,27 @@ def test_example_judge_recipe_loads():
         recipe = load_recipe(path)
         assert recipe.rollout.reward == "remote"
     assert sorted((ROOT / "examples").glob("*judge*.yaml")), "the generative-RM recipe is missing"
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("8", 0.8), ("Grade: 10/10", 0.1), ("I'd say 7.", 0.7), ("15", 1.0), ("-3", 0.0), ("no idea", 0.0)],
+)
+def test_judge_grade_is_the_last_number_over_max_score(text, want):
+    from portable_rl.rollout.judge import grade
+
+    assert grade(text, 10.0, 0.0) == pytest.approx(want)
+
+
+def test_judge_prompt_uses_the_judge_chat_template(tiny_llama):
+    from portable_rl.rollout.judge import DEFAULT_TEMPLATE, judge_request
+
+    prompt = DEFAULT_TEMPLATE.format(response="\\boxed{4}", label="4")
+    raw = judge_request(prompt, None, 8)
+    assert raw["text"] == prompt and raw["sampling_params"] == {"temperature": 0.0, "max_new_tokens": 8}
+    templated = judge_request(prompt, str(tiny_llama), 8)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    text = tok.decode(templated["input_ids"])
+    assert "Reference answer: 4" in text and text != prompt  # the template wrapped the prompt
