@@ -281,7 +281,7 @@ def reference_markdown() -> str:
             )
             rows.append(f"| `data.long_prompts` | str | `{data_fields['long_prompts'].default!r}` |")
             rows.append("| `data.eval_sets` | list[EvalSetConfig] | `[]` |")
-            rows.append("| `data.eval_sets[].*` | every `data.train.*` key, and | |")
+            rows.append("| `data.eval_sets[].*` | PromptConfig | as `data.train.*`, and the rows below |")
             for f in dataclasses.fields(EvalSetConfig):
                 if f.name not in PromptConfig.__dataclass_fields__ or f.name == "shuffle":
                     hint = typing.get_type_hints(EvalSetConfig)[f.name]
