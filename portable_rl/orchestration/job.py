@@ -207,11 +207,13 @@ class Job:
             layout_path = self.run_dir.path / "layout.json"  # where every rank and engine ran
             ran = replace(  # only the side that runs is recorded
                 self.plan,
-                trainer=self.plan.trainer if self.trainer else [],
-                engines=self.plan.engines if self.engines else [],
+                trainer=self.plan.trainer if self.trainer is not None else [],
+                engines=self.plan.engines if self.engines is not None else [],
             )
-            trainer_actors = self.trainer.actors if self.trainer else []
-            engine_actors, urls = (self.engines.actors, self.engines.urls) if self.engines else ([], [])
+            trainer_actors = self.trainer.actors if self.trainer is not None else []
+            engine_actors, urls = (
+                (self.engines.actors, self.engines.urls) if self.engines is not None else ([], [])
+            )
             layout_args = (layout_path, ran, self.pg, trainer_actors, engine_actors)
             layout_kwargs = dict(
                 engine_urls=urls, weight_sync=sync, bundle_devices=[asdict(b) for b in found]
