@@ -25,7 +25,7 @@ from typing import Any
 
 from portable_rl.config import refuse_non_finite
 from portable_rl.config.algo import AlgoConfig
-from portable_rl.config.data import LONG_PROMPTS, PromptConfig
+from portable_rl.config.data import LONG_PROMPTS, EvalSetConfig, PromptConfig
 from portable_rl.config.placement import NodePlacementConfig
 from portable_rl.config.rollout import RolloutConfig
 from portable_rl.config.training import TRAINER_ATTENTION, OptimConfig, ParallelConfig
@@ -33,6 +33,8 @@ from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
 
 MODES = ("colocated", "disaggregated")
+# run.debug_mode: the whole loop, generation only (no trainer), or training only on saved rollouts (no engines).
+DEBUG_MODES = ("none", "rollout_only", "train_only")
 
 
 @dataclass
@@ -54,9 +56,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The ``data:`` section. ``eval`` (one file, logged as ``eval_reward_mean``) and ``eval_sets`` (several
+    named files, each logged under ``eval/<name>/``; see ``EvalSetConfig``) may be used together."""
+
     train: PromptConfig = field(default_factory=PromptConfig)
     eval: PromptConfig | None = None
     eval_size: int = 32  # prompts of the eval file used per evaluation
+    eval_sets: list[EvalSetConfig] = field(default_factory=list)  # named eval sets, eval/<name>/ metrics
     # Longest prompt (tokens, after the chat template); None: the model's context minus rollout.max_new_tokens.
     max_prompt_tokens: int | None = None
     long_prompts: str = "skip"  # skip (counted in the metrics) | refuse (the run stops naming the line)
@@ -76,6 +82,12 @@ class DataConfig:
         if self.long_prompts not in LONG_PROMPTS:
             raise ValueError(
                 f"data.long_prompts={self.long_prompts!r} is not one of {', '.join(LONG_PROMPTS)}"
+            )
+        names = [s.name for s in self.eval_sets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"data.eval_sets names {twice} appear more than once; give every set its own name"
             )
 
 
@@ -122,6 +134,17 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """The ``run:`` section: how long, where, and which parts of the loop run.
+
+    debug_mode:       "none" (generate, train, sync, eval, save); "rollout_only" (engines only, no trainer: every
+                      step's samples saved under RUN_DIR/rollouts/ from the initial weights, no checkpoint of a
+                      trainer, no --resume); "train_only" (trainer only, no engines: step N trains on the saved
+                      rollout ``rollout_source``/step_N.jsonl, no weight sync, no eval)
+    rollout_source:   train_only: a run directory (its rollouts/) or a directory of step_N.jsonl files
+    save_rollouts:    also save every step's samples under RUN_DIR/rollouts/ in a normal run (always on in
+                      rollout_only), so a step can be reproduced with train_only
+    """
+
     steps: int = 10
     mode: str = "colocated"  # colocated | disaggregated
     async_rollout: bool = False  # generate step n+1 while training step n (disaggregated only)
@@ -132,9 +155,31 @@ class RunConfig:
     check_weight_update: bool = False  # checksums after each sync (engines = trainer) and each step (changed)
     wandb_project: str | None = None
     num_cpus: int | None = None  # Ray CPUs on the CPU platform (None: all cores)
+    debug_mode: str = "none"  # none | rollout_only | train_only (see the class docstring)
+    rollout_source: str | None = None  # train_only: a run dir or a directory of saved step_N.jsonl
+    save_rollouts: bool = False  # save every step's samples under RUN_DIR/rollouts/ (on in rollout_only)
 
     def __post_init__(self) -> None:
         refuse_non_finite(self, "run.")
+        if self.debug_mode not in DEBUG_MODES:
+            raise ValueError(f"run.debug_mode={self.debug_mode!r} is not one of {', '.join(DEBUG_MODES)}")
+        if self.debug_mode == "train_only" and not self.rollout_source:
+            raise ValueError(
+                "run.debug_mode=train_only needs run.rollout_source: a run directory saved with "
+                "run.debug_mode=rollout_only or run.save_rollouts=true"
+            )
+        if self.rollout_source and self.debug_mode != "train_only":
+            raise ValueError(
+                f"run.rollout_source={self.rollout_source!r} is read only with run.debug_mode=train_only; "
+                "set that or drop run.rollout_source"
+            )
+        if self.debug_mode == "rollout_only":
+            self.save_rollouts = True  # what the mode is for
+        if self.debug_mode != "none" and self.async_rollout:
+            raise ValueError(
+                f"run.async_rollout=true overlaps generation and training; run.debug_mode={self.debug_mode} "
+                "runs only one of them: set run.async_rollout=false"
+            )
         if self.steps < 1:
             raise ValueError(f"run.steps={self.steps} must be >= 1")
         if self.mode not in MODES:
@@ -189,8 +234,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             data[section][key] = str(base / value)
     d = data.get("data")
     if isinstance(d, dict):
-        for split in ("train", "eval"):
-            s = d.get(split)
+        sets = d.get("eval_sets")
+        for s in [d.get("train"), d.get("eval"), *(sets if isinstance(sets, list) else [])]:
             if (
                 isinstance(s, dict)
                 and isinstance(s.get("path"), str)
@@ -235,6 +280,15 @@ def reference_markdown() -> str:
                 f"| `data.max_prompt_tokens` | int &#124; None | `{data_fields['max_prompt_tokens'].default!r}` |"
             )
             rows.append(f"| `data.long_prompts` | str | `{data_fields['long_prompts'].default!r}` |")
+            rows.append("| `data.eval_sets` | list[EvalSetConfig] | `[]` |")
+            rows.append("| `data.eval_sets[].*` | PromptConfig | as `data.train.*`, and the rows below |")
+            for f in dataclasses.fields(EvalSetConfig):
+                if f.name not in PromptConfig.__dataclass_fields__ or f.name == "shuffle":
+                    hint = typing.get_type_hints(EvalSetConfig)[f.name]
+                    name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+                    rows.append(
+                        f"| `data.eval_sets[].{f.name}` | {name.replace('|', '&#124;')} | `{f.default!r}` |"
+                    )
             continue
         walk(tp, section.name + ".")
     return "\n".join(rows) + "\n"

@@ -8,6 +8,8 @@ Layout::
     RUN_DIR/tb/                  tensorboard events
     RUN_DIR/checkpoints/step_N/  trainer + data state at the end of step N (written atomically)
     RUN_DIR/hf/                  the final model as a HF checkpoint
+    RUN_DIR/rollouts/step_N.jsonl every sample of step N (run.save_rollouts, run.debug_mode=rollout_only;
+                                 format: portable_rl.data.saved_rollouts)
     RUN_DIR/train.log            every attempt's log records and, for a failed one, its full traceback
     RUN_DIR/.lock                held (flock) by the live run, so a second command cannot use the directory
 
@@ -46,6 +48,7 @@ RUN_OWNED = (
     "layout.json",
     "metrics.jsonl",
     "rollouts.jsonl",
+    "rollouts",
     "curves.png",
     "tb",
     "hf",

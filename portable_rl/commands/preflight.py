@@ -15,9 +15,16 @@
    trainer layout (TP, PP, DP, distributed optimizer) the recipe's;
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
-   refused), one prompt templated; with ``data.long_prompts=refuse`` every prompt measured in tokens;
+   refused), one prompt templated; with ``data.long_prompts=refuse`` every prompt measured in tokens (the
+   train file, ``data.eval`` and every ``data.eval_sets`` file);
 8. the reward function, group filter and generate hook import (every dotted path of the recipe); the hook
    is an ``async def`` taking (sample, sampling_params, engine, **rollout.generate_options);
+8b. a remote reward (``rollout.reward=remote``): its options were checked with the recipe; its server is
+   dialled once (a TCP connect, 3 s) and one that does not answer now is named in a warning (it may start
+   later; the run fails at the first reward, naming the URL, if it never does);
+8c. debug modes: ``rollout_only`` cannot ``--resume`` (it has no trainer checkpoint); ``train_only``'s
+   ``run.rollout_source`` holds a readable saved rollout for every step to run, each splitting over
+   ``train.data_parallel``;
 9. pass-through flags: every ``--megatron-<name>`` is a TransformerConfig field and not one the model or the
    layout sets; every ``--sglang-<name>`` reaches the engine: one the job sets itself (port, host, model path,
    TP size) is refused, for SGLang one its installed ``ServerArgs`` lacks is refused, and on the CPU engine an
@@ -81,6 +88,7 @@ def preflight(recipe, resume: bool, platform) -> Preflight:
             action = "replace the run that ended before its first checkpoint"
         else:
             action = "create"
+        check_debug_mode(recipe, run_dir, resume)  # before the resume checks, which expect a trainer
         check_placement(recipe, platform)
         kernels = check_trainer_kernels(recipe, platform)
         found = Preflight(run_dir_action=action, kernels=kernels)
@@ -88,6 +96,7 @@ def preflight(recipe, resume: bool, platform) -> Preflight:
         check_ports(recipe)
         check_prompts(recipe, found)
         check_reward_and_filter(recipe)
+        check_remote_reward(recipe, found)
         check_pass_through(recipe, platform, found)
     except (ConfigError, RunDirError, PromptFileError) as exc:
         raise UserError(str(exc)) from None
@@ -323,7 +332,9 @@ def check_prompts(recipe, found: Preflight) -> None:
     limit = found.max_prompt_tokens
     max_line = line_byte_limit(limit)
     tokenizer = None
-    for split, cfg in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+    files = [("train", recipe.data.train), ("eval", recipe.data.eval)]
+    files += [(f"eval_sets[{e.name}]", e) for e in recipe.data.eval_sets]
+    for split, cfg in files:
         if cfg is None:
             continue
         prompts = read_prompt_file(cfg.path, cfg.prompt_key, cfg.label_key, cfg.apply_chat_template, max_line)
@@ -381,7 +392,7 @@ def check_reward_and_filter(recipe) -> None:
 
     r = recipe.rollout
     try:
-        if r.reward == "math":
+        if r.reward in ("math", "remote"):
             load_reward_fn(r.reward, **r.reward_options)
         else:
             fn = load_callable(r.reward)
@@ -400,6 +411,60 @@ def check_reward_and_filter(recipe) -> None:
             f"rollout.reward_options={r.reward_options!r} do not fit reward {r.reward!r} ({exc}); "
             "pass only the function's keyword arguments"
         ) from None
+
+
+def check_remote_reward(recipe, found: Preflight) -> None:
+    """A remote reward's server is dialled once; one that does not answer is a warning (it may start later)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if recipe.rollout.reward != "remote":
+        return
+    url = recipe.rollout.reward_options["url"]
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=3.0):
+            pass
+    except OSError as exc:
+        found.warnings.append(
+            f"the reward server {url} does not answer now ({exc}); the run fails at its first reward, naming "
+            "the URL, unless it is up by then"
+        )
+
+
+def check_debug_mode(recipe, run_dir, resume: bool) -> None:
+    """``run.debug_mode``: no resume without a trainer; train_only's saved rollouts present and readable."""
+    from portable_rl.data.saved_rollouts import SavedRolloutError, read_step, rollouts_dir
+
+    run = recipe.run
+    if run.debug_mode == "rollout_only" and resume:
+        raise UserError(
+            "--resume: run.debug_mode=rollout_only has no trainer checkpoint to resume; start a new run "
+            "(another run.output_dir) for more steps"
+        )
+    if run.debug_mode != "train_only":
+        return
+    source = Path(run.rollout_source)
+    if not source.is_dir():
+        raise UserError(
+            f"run.rollout_source={run.rollout_source!r} is not a directory; point it at a run saved with "
+            "run.debug_mode=rollout_only or run.save_rollouts=true"
+        )
+    first = run_dir.last_checkpoint()[0] + 1 if resume and run_dir.last_checkpoint() else 1
+    directory = rollouts_dir(source)
+    dp = recipe.train.data_parallel
+    for step in range(first, run.steps + 1):
+        try:
+            groups = read_step(directory, step)
+        except SavedRolloutError as exc:
+            raise UserError(f"run.rollout_source: {exc}") from None
+        n = sum(len(g.samples) for g in groups)
+        if n % dp:
+            raise UserError(
+                f"run.rollout_source: step {step} holds {n} samples, which do not split over "
+                f"train.data_parallel={dp}; use the data parallelism of the run that saved it"
+            )
 
 
 # Engine options the job sets for every engine itself: a pass-through value would be overwritten or contradict

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portable_rl.config import refuse_non_finite
+from portable_rl.config.reward import REMOTE_REWARD, RemoteRewardConfig
 
 ENGINE_KINDS = ("auto", "cpu", "sglang")
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
@@ -23,7 +24,9 @@ class RolloutConfig:
     max_new_tokens, temperature, top_p, top_k (-1: off), stop, stop_token_ids: SGLang sampling params
     seeded:               per-sample sampling_seed derived from (run seed, step, prompt, sample), so a resumed
                           run repeats the samples an uninterrupted run draws
-    reward:               "math" or "package.module:function"; reward_options are its keyword arguments
+    reward:               "math", "remote" (an HTTP reward server; reward_options are a RemoteRewardConfig:
+                          url, timeout_s, retries, backoff_s, max_backoff_s, max_concurrency, api_key) or
+                          "package.module:function"; reward_options are its keyword arguments
     filter:               dynamic-sampling filter: null (keep every group), "nonzero_std" (drop groups whose
                           rewards are all equal) or "package.module:function" (group -> bool)
     over_sample_factor:   with a filter, prompts launched per missing group
@@ -140,8 +143,14 @@ class RolloutConfig:
             raise ValueError(f"rollout.stop={self.stop!r} must be a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"rollout.stop_token_ids={self.stop_token_ids!r} must be a list of token ids")
-        if not isinstance(self.reward, str) or not (self.reward == "math" or ":" in self.reward):
-            raise ValueError(f"rollout.reward={self.reward!r} must be 'math' or 'package.module:function'")
+        if not isinstance(self.reward, str) or not (
+            self.reward in ("math", REMOTE_REWARD) or ":" in self.reward
+        ):
+            raise ValueError(
+                f"rollout.reward={self.reward!r} must be 'math', 'remote' or 'package.module:function'"
+            )
+        if self.reward == REMOTE_REWARD and isinstance(self.reward_options, dict):
+            RemoteRewardConfig.from_options(self.reward_options)  # url, timeout, retries, concurrency
         if self.filter is not None and not (self.filter == "nonzero_std" or ":" in str(self.filter)):
             raise ValueError(
                 f"rollout.filter={self.filter!r} must be null, 'nonzero_std' or 'package.module:function'"

@@ -273,13 +273,15 @@ class EngineGroup:
                     return None
                 raise
 
-    def evaluate(self, items: list[Any], tokenizer: Any) -> list[Group]:
+    def evaluate(self, items: list[Any], tokenizer: Any, **sampling: Any) -> list[Group]:
+        """Eval groups of ``items``; ``sampling`` replaces ``eval_*`` fields of the config (one eval set's own)."""
         from dataclasses import replace
 
+        base = replace(self.cfg, **sampling) if sampling else self.cfg
         cfg = replace(
-            self.cfg,
-            samples_per_prompt=self.cfg.eval_samples_per_prompt,
-            temperature=self.cfg.eval_temperature,
+            base,
+            samples_per_prompt=base.eval_samples_per_prompt,
+            temperature=base.eval_temperature,
             filter=None,
         )
         self.heal(probe=True)

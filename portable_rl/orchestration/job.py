@@ -14,6 +14,20 @@ and ``prompts_requeued``, both counted over the whole run.
 Co-located SGLang engines on a platform with ``memory_saver_supported`` free their KV cache while the trainer
 computes (``EngineMemorySaver``): released once before the trainer is built and after every rollout, resumed
 before anything generates or weights are pushed.
+
+Debug modes (``run.debug_mode``), so the loop reads the same in every mode:
+
+* ``rollout_only``: no trainer is built. ``train`` and ``sync_weights`` do nothing (the engines keep the initial
+  weights), ``save_checkpoint`` records the data position only, there is no final model. Every step's samples
+  are saved (``portable_rl.data.saved_rollouts``) under ``RUN_DIR/rollouts/``.
+* ``train_only``: no engines are started. ``rollout(step)`` reads ``run.rollout_source``'s step_N.jsonl;
+  ``sync_weights`` and ``evaluate`` do nothing. Given the same model, recipe and saved samples, every train step
+  is the one the saving run took (the same numbers, bit for bit).
+* Both reserve the placement of a normal run (so the trainer gets the same threads and devices) and record in
+  ``layout.json`` only the side that ran. ``run.save_rollouts`` saves the samples in a normal run too.
+
+Eval: ``data.eval`` is logged as ``eval_reward_mean``; each of ``data.eval_sets`` as ``eval/<name>/reward_mean``,
+``eval/<name>/response_length_mean``, ``eval/<name>/truncated_frac`` and ``eval/<name>/samples``.
 """
 
 from __future__ import annotations
@@ -30,7 +44,8 @@ from typing import Any
 from portable_rl.config.weight_sync import resolve_strategy
 from portable_rl.data.buffer import DataBuffer
 from portable_rl.data.prompts import PromptSource
-from portable_rl.data.types import Group
+from portable_rl.data.saved_rollouts import DIR_NAME, read_step, rollouts_dir, write_step
+from portable_rl.data.types import Group, SampleStatus
 from portable_rl.distributed import NODE_ADDRESS
 from portable_rl.orchestration.devices import (
     engine_devices,
@@ -82,6 +97,9 @@ class Job:
         self._multi_node = False  # joined a cluster: engines and the sync rendezvous use node addresses
         self.trainer: TrainerGroup | None = None
         self.engines: EngineGroup | None = None
+        mode = recipe.run.debug_mode
+        self.needs_trainer, self.needs_engines = mode != "rollout_only", mode != "train_only"
+        self.rollout_source = rollouts_dir(recipe.run.rollout_source) if recipe.run.rollout_source else None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def __enter__(self) -> Job:
@@ -107,6 +125,7 @@ class Job:
         self.prompts = PromptSource(r.data.train, self.tokenizer, **limits)
         self.buffer = DataBuffer(self.prompts)
         self.eval_prompts = PromptSource(r.data.eval, self.tokenizer, **limits) if r.data.eval else None
+        self.eval_sets = [(e, PromptSource(e, self.tokenizer, **limits)) for e in r.data.eval_sets]
         if not ray.is_initialized():
             self.platform.check_ray_compatible()
             if os.environ.get("RAY_ADDRESS"):
@@ -150,41 +169,55 @@ class Job:
             # Devices as Ray assigned them to the bundles; trainer ranks in (node, device) order.
             self.bundle_devices = found = probe_bundles(self.plan, self.pg, self.platform)
             self.plan = order_trainer_slots(self.plan, found)
-            self.engines = EngineGroup(
-                replace(r.rollout, engine_args=self.memory_saver.engine_args(r.rollout.engine_args)),
-                self.model_dir,
-                self.plan,
-                self.pg,
-                self.platform,
-                api_key=self.api_key,
-                host=NODE_HOST if self._multi_node else "127.0.0.1",
-                env=engine_env,
-                devices=engine_devices(self.plan, found),
-            )
-            # Co-located: the trainer is built in the memory the engines' KV cache gives back.
-            self.memory_saver.release(self.engines.urls)
-            self.trainer = TrainerGroup(
-                self._actor_config(),
-                r.train.world_size,
-                self.plan,
-                self.pg,
-                self.platform,
-                trainer_devices(self.plan, found, self.platform),
-                extra_env=trainer_env,
-                check_weight_update=r.run.check_weight_update,
-            )
-            self.trainer.connect_weight_sync(
-                self.engines.urls, self._weight_sync_config(), r.run.mode, self.api_key
-            )
-            self.engines.attach_weight_source(self.trainer)
+            if self.needs_engines:
+                self.engines = EngineGroup(
+                    replace(r.rollout, engine_args=self.memory_saver.engine_args(r.rollout.engine_args)),
+                    self.model_dir,
+                    self.plan,
+                    self.pg,
+                    self.platform,
+                    api_key=self.api_key,
+                    host=NODE_HOST if self._multi_node else "127.0.0.1",
+                    env=engine_env,
+                    devices=engine_devices(self.plan, found),
+                )
+                # Co-located: the trainer is built in the memory the engines' KV cache gives back.
+                self.memory_saver.release(self.engines.urls)
+            if self.needs_trainer:
+                self.trainer = TrainerGroup(
+                    self._actor_config(),
+                    r.train.world_size,
+                    self.plan,
+                    self.pg,
+                    self.platform,
+                    trainer_devices(self.plan, found, self.platform),
+                    extra_env=trainer_env,
+                    check_weight_update=r.run.check_weight_update,
+                )
+            if self.trainer is not None and self.engines is not None:
+                self.trainer.connect_weight_sync(
+                    self.engines.urls, self._weight_sync_config(), r.run.mode, self.api_key
+                )
+                self.engines.attach_weight_source(self.trainer)
             sync = {
                 "strategy": resolve_strategy(r.weight_sync, r.run.mode),
                 "backend": self.platform.dist_backend,
             }
+            if r.run.debug_mode != "none":
+                sync = {"debug_mode": r.run.debug_mode}  # one side only: no weight sync
             layout_path = self.run_dir.path / "layout.json"  # where every rank and engine ran
-            layout_args = (layout_path, self.plan, self.pg, self.trainer.actors, self.engines.actors)
+            ran = replace(  # only the side that runs is recorded
+                self.plan,
+                trainer=self.plan.trainer if self.trainer is not None else [],
+                engines=self.plan.engines if self.engines is not None else [],
+            )
+            trainer_actors = self.trainer.actors if self.trainer is not None else []
+            engine_actors, urls = (
+                (self.engines.actors, self.engines.urls) if self.engines is not None else ([], [])
+            )
+            layout_args = (layout_path, ran, self.pg, trainer_actors, engine_actors)
             layout_kwargs = dict(
-                engine_urls=self.engines.urls, weight_sync=sync, bundle_devices=[asdict(b) for b in found]
+                engine_urls=urls, weight_sync=sync, bundle_devices=[asdict(b) for b in found]
             )
             self._write_layout = lambda: write_layout(*layout_args, **layout_kwargs)
             if self.run_dir.last_checkpoint() is None:
@@ -230,8 +263,10 @@ class Job:
     # ---- the loop's verbs ------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[list[Group], dict[str, float]]:
         """Groups for ``step`` (prompts from the buffer, sampled on the engines, rewarded, filtered) and the
-        rollout's ``rollout/`` counts."""
+        rollout's ``rollout/`` counts; in train_only mode, the saved rollout of ``step``."""
         r = self.recipe
+        if self.engines is None:
+            return read_step(self.rollout_source, step), {}
         self.memory_saver.resume(self.engines.urls)
         groups, metrics = self.engines.rollout(
             self.buffer, step=step, seed=r.run.seed, tokenizer=self.tokenizer
@@ -239,6 +274,8 @@ class Job:
         self.memory_saver.release(self.engines.urls)  # co-located: the trainer computes next
         metrics["prompts_skipped_too_long"] = float(self.prompts.skipped_too_long)  # over the whole run
         metrics["prompt_lines_too_long"] = float(len(self.prompts.oversized))
+        if r.run.save_rollouts:
+            write_step(self.run_dir.path / DIR_NAME, step, groups)
         return groups, metrics
 
     def cut_rollout(self, pending: Future) -> None:
@@ -254,11 +291,15 @@ class Job:
 
     def train(self, groups: list[Group]) -> dict[str, float]:
         """One RL step on ``groups`` in the trainer (advantages, reference log-probs, loss, optimizer)."""
+        if self.trainer is None:
+            return {}
         return self.trainer.train_rl_step(groups, self.recipe.algo)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         from portable_rl.weight_sync import CollectiveTimeout, WeightSyncError
 
+        if self.trainer is None or self.engines is None:
+            return {}  # a debug mode runs one side only: nothing to sync
         check = self.recipe.run.check_weight_update
         self.memory_saver.resume(self.engines.urls)
         try:
@@ -281,17 +322,34 @@ class Job:
         return ws
 
     def evaluate(self) -> dict[str, float]:
-        if self.eval_prompts is None:
+        """``eval_reward_mean`` of ``data.eval`` and ``eval/<name>/...`` of every ``data.eval_sets`` entry."""
+        if self.engines is None or (self.eval_prompts is None and not self.eval_sets):
             return {}
         self.memory_saver.resume(self.engines.urls)
-        items = [
-            item
-            for i in range(min(self.recipe.data.eval_size, len(self.eval_prompts)))
-            if self.eval_prompts.fits(item := self.eval_prompts.make_item(i, 0))
-        ]
-        groups = self.engines.evaluate(items, tokenizer=self.tokenizer)
-        rewards = [s.reward for s in flatten(groups)]
-        return {"eval_reward_mean": sum(rewards) / max(len(rewards), 1)}
+        out: dict[str, float] = {}
+        if self.eval_prompts is not None:
+            samples = self._eval_samples(self.eval_prompts, self.recipe.data.eval_size, {})
+            out["eval_reward_mean"] = sum(s.reward for s in samples) / max(len(samples), 1)
+        for cfg, source in self.eval_sets:
+            sampling = {
+                "eval_samples_per_prompt": cfg.samples_per_prompt,
+                "eval_temperature": cfg.temperature,
+            }
+            samples = self._eval_samples(source, cfg.size or self.recipe.data.eval_size, sampling)
+            n = max(len(samples), 1)
+            out[f"eval/{cfg.name}/reward_mean"] = sum(s.reward for s in samples) / n
+            out[f"eval/{cfg.name}/response_length_mean"] = sum(s.response_length for s in samples) / n
+            out[f"eval/{cfg.name}/truncated_frac"] = (
+                sum(s.status == SampleStatus.TRUNCATED for s in samples) / n
+            )
+            out[f"eval/{cfg.name}/samples"] = float(len(samples))
+        return out
+
+    def _eval_samples(self, source: PromptSource, size: int, sampling: dict[str, Any]) -> list:
+        items = [item for i in range(min(size, len(source))) if source.fits(item := source.make_item(i, 0))]
+        overrides = {k: v for k, v in sampling.items() if v is not None}
+        groups = self.engines.evaluate(items, tokenizer=self.tokenizer, **overrides)
+        return flatten(groups)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
@@ -299,7 +357,8 @@ class Job:
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.trainer.save_checkpoint(str(tmp / "trainer"))
+        if self.trainer is not None:  # rollout_only: the data position is the whole state
+            self.trainer.save_checkpoint(str(tmp / "trainer"))
         state = {"step": step, "buffer": self.buffer.state_dict()}  # includes the prompt source position
         (tmp / "data_state.json").write_text(json.dumps(state), encoding="utf-8")
         (tmp / "COMPLETE").write_text(str(step), encoding="utf-8")
@@ -319,5 +378,7 @@ class Job:
         self._write_layout()  # the resume works: now the run's layout may change
         return step
 
-    def export_final_model(self) -> str:
+    def export_final_model(self) -> str | None:
+        if self.trainer is None:
+            return None  # rollout_only trains nothing
         return self.trainer.export_hf(str(self.run_dir.path / "hf"))

@@ -4,8 +4,10 @@ Contract
 --------
 * A reward function is ``fn(response: str, label, sample) -> float`` (``sample`` is the
   ``portable_rl.data.types.Sample`` being scored; sync or ``async def``).
-* ``load_reward_fn(spec, **options)``: ``spec`` is ``"math"`` (``MathReward(MathRewardConfig(**options))``) or
-  ``"package.module:function"``; an import that fails raises ``RewardLoadError`` with one line naming the spec,
+* ``load_reward_fn(spec, **options)``: ``spec`` is ``"math"`` (``MathReward(MathRewardConfig(**options))``),
+  ``"remote"`` (an HTTP reward server, ``portable_rl.rollout.reward_client``; options are a
+  ``RemoteRewardConfig``; one instance per process for the same options, so its concurrency limit holds over
+  every rollout) or ``"package.module:function"``; an import that fails raises ``RewardLoadError`` with one line naming the spec,
   the reason and the fix. ``options`` for a user function are bound as keyword arguments.
 * ``MathReward``: the answer is the content of the last ``\\boxed{...}`` (or ``\\fbox``) in the response; without
   one, and with ``accept_last_number``, the last number in the response. It is compared with the label by
@@ -199,6 +201,10 @@ def load_reward_fn(spec: str, **options: Any) -> RewardFn:
     """The reward function ``spec`` names (see module docstring)."""
     if spec == "math":
         return MathReward(MathRewardConfig(**options))
+    if spec == "remote":
+        from portable_rl.rollout.reward_client import shared_remote_reward
+
+        return shared_remote_reward(options)
     fn = load_callable(spec)
     return functools.partial(fn, **options) if options else fn
 
