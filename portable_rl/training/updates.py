@@ -4,8 +4,10 @@
   (samples of one prompt stay together when the group size divides it), each of which must split over the
   data-parallel ranks; one optimizer step is taken per mini-batch. ``n = 1`` returns ``[batch]`` itself.
 * ``mean_over_updates(updates, per_pass)``: the metrics of the optimizer steps of one rollout as one row: the
-  mean of every key over the steps, except ``num_tokens`` (the tokens of one pass over the rollout). With one
-  step it is that step's metrics unchanged (no arithmetic: a single-step run reports what it always did).
+  mean of every key over the steps, except ``num_tokens`` (the tokens of one pass over the rollout) and
+  ``logp_abs_diff`` (the first step's, over its mini-batch: it measures the engine against the weights that
+  sampled, which later steps have moved on purpose), plus ``optimizer_steps``. With one step it is that step's metrics
+  unchanged (no arithmetic: a single-step run reports what it always did).
 """
 
 from __future__ import annotations
@@ -31,5 +33,7 @@ def mean_over_updates(updates: list[dict[str, float]], per_pass: int) -> dict[st
     out = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
     if "num_tokens" in updates[0]:
         out["num_tokens"] = sum(u["num_tokens"] for u in updates[:per_pass])
+    if "logp_abs_diff" in updates[0]:
+        out["logp_abs_diff"] = updates[0]["logp_abs_diff"]
     out["optimizer_steps"] = float(len(updates))
     return out

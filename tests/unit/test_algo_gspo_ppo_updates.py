@@ -179,18 +179,55 @@ def test_mini_batches_split_and_metrics_average():
     with pytest.raises(ValueError, match=r"train.data_parallel=4"):
         split_mini_batches(batch, 4, data_parallel=4)  # mini-batches of 2 do not split over 4 ranks
     # Two passes over two mini-batches: 4 steps. Means: loss (1 + 3 + 5 + 7) / 4 = 4, grad_norm (2+2+4+4)/4 = 3;
-    # num_tokens is one pass's: 10 + 6 = 16.
+    # num_tokens is one pass's: 10 + 6 = 16; logp_abs_diff the first step's (engine vs the sampling weights).
     steps = [
-        {"loss": 1.0, "grad_norm": 2.0, "num_tokens": 10.0},
-        {"loss": 3.0, "grad_norm": 2.0, "num_tokens": 6.0},
-        {"loss": 5.0, "grad_norm": 4.0, "num_tokens": 10.0},
-        {"loss": 7.0, "grad_norm": 4.0, "num_tokens": 6.0},
+        {"loss": 1.0, "grad_norm": 2.0, "num_tokens": 10.0, "logp_abs_diff": 1e-7},
+        {"loss": 3.0, "grad_norm": 2.0, "num_tokens": 6.0, "logp_abs_diff": 0.1},
+        {"loss": 5.0, "grad_norm": 4.0, "num_tokens": 10.0, "logp_abs_diff": 0.2},
+        {"loss": 7.0, "grad_norm": 4.0, "num_tokens": 6.0, "logp_abs_diff": 0.3},
     ]
     assert mean_over_updates(steps, per_pass=2) == {
         "loss": 4.0,
         "grad_norm": 3.0,
         "num_tokens": 16.0,
+        "logp_abs_diff": 1e-7,
         "optimizer_steps": 4.0,
     }
     one = {"loss": 0.1 + 0.2, "num_tokens": 3.0}
     assert mean_over_updates([one], per_pass=1) == one  # unchanged: no optimizer_steps key, no arithmetic
+
+
+def test_value_model_must_match_the_actors_vocabulary_and_hidden_size():
+    from portable_rl.training.critic import CriticMismatch, check_compatible
+    from portable_rl.training.model_builder import ModelSpec
+
+    base = dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    actor = ModelSpec.from_hf(base)
+    check_compatible(actor, ModelSpec.from_hf({**base, "num_hidden_layers": 4}))  # depth may differ
+    for key, value in (("vocab_size", 640), ("hidden_size", 96)):
+        with pytest.raises(CriticMismatch, match=rf"train.critic.path has {key}={value} but the actor"):
+            check_compatible(actor, ModelSpec.from_hf({**base, key: value}))
+
+
+def test_resuming_ppo_needs_a_checkpoint_with_its_critic(tmp_path):
+    from portable_rl.commands.preflight import check_resume_critic
+    from portable_rl.errors import UserError
+    from portable_rl.run_dir import RunDir
+
+    step = tmp_path / "checkpoints" / "step_2"
+    (step / "trainer").mkdir(parents=True)
+    (step / "trainer" / "meta.json").write_text("{}")
+    (step / "COMPLETE").write_text("2")
+    with pytest.raises(UserError, match="checkpoint step_2 holds no critic"):
+        check_resume_critic(RunDir(tmp_path))
+    (step / "trainer" / "critic").mkdir()
+    (step / "trainer" / "critic" / "meta.json").write_text("{}")
+    check_resume_critic(RunDir(tmp_path))
