@@ -1,9 +1,12 @@
-"""PPO's critic and several optimizer steps per rollout on real Megatron (CPU, gloo), in a spawned rank.
+"""PPO's critic and several optimizer steps per rollout on real Megatron (CPU, gloo), in spawned ranks.
 
 One world-size-1 process builds the actor with its co-located critic from the tiny tied-embedding checkpoint
 (the critic is built untied with a value head), runs RL steps as the trainer does (GAE from the critic's values,
 GSPO, 2 epochs x 2 mini-batches = 4 optimizer steps for the actor and for the critic), then saves, continues one
 step, and restores the checkpoint into a fresh actor that must repeat that step bit for bit (actor and critic).
+A two-rank gloo group runs the same first step on TP2, PP2 and DP2: the same numbers within fp32 reduction-order
+tolerance (the value head is replicated over TP, lives on the last pipeline stage, and its gradients are
+all-reduced over DP).
 """
 
 from __future__ import annotations
@@ -46,21 +49,46 @@ def _rl_step(actor, groups, algo):
     return batch, metrics
 
 
-def _worker(ckpt: str, out: str, port: int) -> None:
-    torch.set_num_threads(1)
-    from portable_rl.config.algo import AlgoConfig
-    from portable_rl.training.actor import ActorConfig, MegatronActor, OptimConfig
+ALGO = dict(advantage_estimator="gae", policy_loss="gspo", ppo_epochs=2, num_mini_batches=2, lam=0.95)
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
+TOL = dict(rel=1e-4, abs=1e-5)  # fp32, reduction orders differ between layouts
 
-    algo = AlgoConfig(
-        advantage_estimator="gae", policy_loss="gspo", ppo_epochs=2, num_mini_batches=2, lam=0.95
-    )
-    cfg = ActorConfig(
+
+def _config(ckpt: str, tp: int = 1, pp: int = 1):
+    from portable_rl.training.actor import ActorConfig, OptimConfig, ParallelConfig
+
+    return ActorConfig(
         hf_checkpoint=ckpt,
+        parallel=ParallelConfig(tp, pp),
         optim=OptimConfig(lr=1e-3),
         micro_batch_size=2,
         critic_checkpoint=ckpt,
         critic_optim=OptimConfig(lr=1e-3),
     )
+
+
+def _pair_worker(rank: int, ckpt: str, out: str, port: int) -> None:
+    torch.set_num_threads(1)
+    from portable_rl.config.algo import AlgoConfig
+    from portable_rl.training.actor import MegatronActor
+
+    res = {}
+    for name, (tp, pp) in LAYOUTS.items():
+        actor = MegatronActor(_config(ckpt, tp, pp), rank, 2, "127.0.0.1", port)
+        _, res[name] = _rl_step(actor, _groups(actor.spec.vocab_size), AlgoConfig(**ALGO))
+        actor.ps.destroy_model_parallel()  # the next layout on the same process group
+    if rank == 0:
+        torch.save(res, Path(out) / "pair.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _worker(ckpt: str, out: str, port: int) -> None:
+    torch.set_num_threads(1)
+    from portable_rl.config.algo import AlgoConfig
+    from portable_rl.training.actor import MegatronActor
+
+    algo = AlgoConfig(**ALGO)
+    cfg = _config(ckpt)
     actor = MegatronActor(cfg, 0, 1, "127.0.0.1", port)
     groups = _groups(actor.spec.vocab_size)
     res = {"head": type(actor.critic.model.output_layer).__name__}
@@ -83,13 +111,21 @@ def _worker(ckpt: str, out: str, port: int) -> None:
 def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("critic")
     ckpt = build_tiny_checkpoint(root / "tied", TinySpec(arch="llama", tie_word_embeddings=True))
-    proc = mp.get_context("spawn").Process(
-        target=_worker, args=(str(ckpt), str(root), free_port("127.0.0.1"))
+    ctx = mp.get_context("spawn")
+    port1, port2 = free_port("127.0.0.1"), free_port("127.0.0.1")
+    procs = [ctx.Process(target=_worker, args=(str(ckpt), str(root), port1))]
+    procs += [ctx.Process(target=_pair_worker, args=(r, str(ckpt), str(root), port2)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0, 0], (
+        "a Megatron rank failed; its traceback is in the log above"
     )
-    proc.start()
-    proc.join(timeout=600)
-    assert proc.exitcode == 0, "the Megatron rank failed; its traceback is in the log above"
-    return torch.load(root / "result.pt", weights_only=False)
+    return {
+        **torch.load(root / "result.pt", weights_only=False),
+        "pair": torch.load(root / "pair.pt", weights_only=False),
+    }
 
 
 def test_untrained_critic_predicts_zero_and_learns_the_returns(result):
@@ -129,3 +165,10 @@ def test_resume_restores_actor_and_critic_exactly(result):
     assert result["restored_step"] == 1
     assert result["resumed"] == result["continued"]
     assert result["resumed_values"] == result["continued_values"]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts_train_actor_and_critic_alike(result, layout):
+    want, got = result["metrics1"], result["pair"][layout]
+    for key in ("loss", "grad_norm", "ppo_kl", "critic/value_loss", "critic/grad_norm", "critic/value_mean"):
+        assert got[key] == pytest.approx(want[key], **TOL), key
