@@ -574,5 +574,19 @@ def plan(recipe, platform, found: Preflight) -> dict[str, Any]:
             "max_new_tokens": r.max_new_tokens,
         },
         "data": {"long_prompts": recipe.data.long_prompts, **found.prompts},
+        "algo": _algo_plan(recipe),
         "steps": recipe.run.steps,
+    }
+
+
+def _algo_plan(recipe) -> dict[str, Any]:
+    """What the trainer builds and runs per step for the recipe's algorithm (forwards beyond the training one)."""
+    a = recipe.algo
+    return {
+        "advantage_estimator": a.advantage_estimator,
+        "policy_loss": a.policy_loss,
+        "optimizer_steps_per_rollout": a.updates_per_rollout,
+        "reference_model": a.uses_reference,
+        "old_logprob_forward": a.needs_old_logprobs,
+        "critic": (recipe.train.critic.path or "the actor's model") if a.uses_critic else None,
     }
