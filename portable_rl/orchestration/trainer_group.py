@@ -64,7 +64,8 @@ class TrainerWorker(MegatronActor):
         return {**super().info(), "cpu_affinity": self.cpu_affinity}
 
     def train_rl_step(self, groups: list[Group], algo: AlgoConfig, check: bool = False) -> dict[str, float]:
-        """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``.
+        """Advantages (with in-process reference/old log-probs and critic values where ``algo`` needs them), then
+        ``train_step`` with ``algo``'s epochs and mini-batches, then the critic's steps (GAE only).
 
         With ``check`` it also reports ``weights_changed_frac``: the fraction of this rank's parameter tensors
         whose bits the optimizer step changed (0 means the step changed nothing: a no-op optimizer, zero
