@@ -6,7 +6,7 @@ imports no runtime code)::
     model:        ModelConfig (here)                      which checkpoint: tiny | smollm2 | a HF dir
     data:         DataConfig (here) of PromptConfig        train / eval prompt files (config.data)
     rollout:      RolloutConfig (config.rollout)           samples per prompt, sampling, engines, rewards
-    train:        TrainConfig (here) of Parallel/OptimConfig (config.training)  parallelism, optimizer
+    train:        TrainConfig (here) of Parallel/Optim/CriticConfig (config.training)  parallelism, optimizer, critic
     algo:         AlgoConfig (config.algo)                 advantages, losses, KL, TIS
     weight_sync:  WeightSyncConfig (config.weight_sync)
     run:          RunConfig (here)                          steps, mode, async, eval/save cadence, output dir
@@ -28,7 +28,7 @@ from portable_rl.config.algo import AlgoConfig
 from portable_rl.config.data import LONG_PROMPTS, EvalSetConfig, PromptConfig
 from portable_rl.config.placement import NodePlacementConfig
 from portable_rl.config.rollout import RolloutConfig
-from portable_rl.config.training import TRAINER_ATTENTION, OptimConfig, ParallelConfig
+from portable_rl.config.training import TRAINER_ATTENTION, CriticConfig, OptimConfig, ParallelConfig
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
 
@@ -102,6 +102,7 @@ class TrainConfig:
     megatron_args: dict[str, Any] = field(default_factory=dict)  # --megatron-<name> pass-through
     attention: str = "auto"  # auto | transformer_engine | sdpa | local (Platform.trainer_kernels)
     max_tokens_per_micro_batch: int | None = None  # set: pack samples into micro-batches of this many tokens
+    critic: CriticConfig = field(default_factory=CriticConfig)  # PPO's value model (algo gae only)
 
     def __post_init__(self) -> None:
         refuse_non_finite(self, "train.")
@@ -213,8 +214,18 @@ class Recipe:
                 f"rollout batch {batch} (prompts_per_step x samples_per_prompt) does not split over "
                 f"train.data_parallel={self.train.data_parallel}; use a multiple"
             )
-        if self.algo.uses_critic:
-            raise ValueError("algo.advantage_estimator='gae' needs a critic, which recipes do not train yet")
+        mini = self.algo.num_mini_batches * self.train.data_parallel
+        if self.algo.num_mini_batches > 1 and batch % mini:
+            raise ValueError(
+                f"rollout batch {batch} (prompts_per_step x samples_per_prompt) does not split into "
+                f"algo.num_mini_batches={self.algo.num_mini_batches} mini-batches over "
+                f"train.data_parallel={self.train.data_parallel}; use a divisor of {batch // self.train.data_parallel}"
+            )
+        if self.train.critic.path is not None and not self.algo.uses_critic:
+            raise ValueError(
+                f"train.critic.path is set but algo.advantage_estimator={self.algo.advantage_estimator!r} trains no "
+                "critic; use advantage_estimator=gae or unset train.critic.path"
+            )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -232,6 +243,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and value not in ("tiny", "smollm2") and not Path(value).is_absolute():
             data[section][key] = str(base / value)
+    critic = data.get("train", {}).get("critic") if isinstance(data.get("train"), dict) else None
+    if (
+        isinstance(critic, dict)
+        and isinstance(critic.get("path"), str)
+        and not Path(critic["path"]).is_absolute()
+    ):
+        critic["path"] = str(base / critic["path"])
     d = data.get("data")
     if isinstance(d, dict):
         sets = d.get("eval_sets")

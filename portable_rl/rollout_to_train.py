@@ -1,14 +1,18 @@
 """Glue between rollout groups, the advantage estimators and the trainer's loss callback.
 
-* ``build_train_batch(groups, cfg, old_logprobs, ref_logprobs)`` flattens groups into a ``TrainBatch`` with
-  per-token ``advantages`` and ``old_logprobs`` (and ``ref_logprobs`` when a reference model is used),
-  computed by ``portable_rl.algo.compute_advantages`` on the padded ``[B, T]`` representation.
-* ``prepare_train_batch(groups, cfg, compute_logprobs)`` is what the trainer runs: it asks
+* ``build_train_batch(groups, cfg, old_logprobs, ref_logprobs, values)`` flattens groups into a ``TrainBatch``
+  with per-token ``advantages`` and ``old_logprobs`` (and ``ref_logprobs`` when a reference model is used;
+  ``returns`` and ``old_values`` for the critic when ``values`` are given), computed by
+  ``portable_rl.algo.compute_advantages`` on the padded ``[B, T]`` representation.
+* ``prepare_train_batch(groups, cfg, compute_logprobs, compute_values)`` is what the trainer runs: it asks
   ``compute_logprobs(batch, "ref" | "policy")`` (the actor's own method, in the trainer process) for the
-  reference log-probs when ``cfg.uses_reference`` and for the old-policy log-probs when the KL penalty goes
-  into the reward (``cfg.needs_old_logprobs``), then calls ``build_train_batch``.
+  reference log-probs when ``cfg.uses_reference`` and for the old-policy log-probs when ``cfg.needs_old_logprobs``
+  (a KL penalty in the reward, or several optimizer steps per rollout), and ``compute_values(batch)`` (the
+  critic's) for GAE, then calls ``build_train_batch``. Nothing else runs a forward: with one optimizer step
+  and no KL term the training forward's own log-probs are the old ones.
 * ``make_loss_fn(cfg)`` returns the ``loss_fn(logprobs, entropy, mb)`` the Megatron actor calls per
-  micro-batch; it is a thin adapter over ``portable_rl.algo.compute_policy_loss``.
+  micro-batch; it is a thin adapter over ``portable_rl.algo.compute_policy_loss``. ``make_value_loss_fn(cfg)``
+  is the critic's, ``loss_fn(values, mb)`` over ``portable_rl.algo.objective.compute_value_loss``.
 * ``rollout_metrics(groups)`` summarises rewards, lengths and statuses of a rollout.
 """
 
@@ -19,7 +23,7 @@ from typing import Any
 
 import torch
 
-from portable_rl.algo.objective import compute_advantages, compute_policy_loss
+from portable_rl.algo.objective import compute_advantages, compute_policy_loss, compute_value_loss
 from portable_rl.algo.padding import group_index, pad_sequences
 from portable_rl.config.algo import AlgoConfig
 from portable_rl.data.types import Group, Sample, SampleStatus
@@ -39,6 +43,7 @@ def build_train_batch(
     cfg: AlgoConfig,
     old_logprobs: list[list[float]] | None = None,
     ref_logprobs: list[list[float]] | None = None,
+    values: list[list[float]] | None = None,
 ) -> tuple[TrainBatch, dict[str, float]]:
     """The trainer's batch for ``groups`` plus advantage metrics."""
     samples = flatten(groups)
@@ -54,8 +59,14 @@ def build_train_batch(
         old = _fit(old, mask)
     if ref is not None:
         ref = _fit(ref, mask)
-    adv, _, metrics = compute_advantages(cfg, rewards, mask, gidx, old_logprobs=old, ref_logprobs=ref)
+    vals = _fit(pad_sequences(values)[0], mask) if values is not None else None
+    adv, ret, metrics = compute_advantages(
+        cfg, rewards, mask, gidx, old_logprobs=old, ref_logprobs=ref, values=vals
+    )
     token_fields = {"advantages": _rows(adv, lengths)}
+    if values is not None:
+        token_fields["returns"] = _rows(ret, lengths)
+        token_fields["old_values"] = [list(r) for r in values]
     if old_logprobs is not None:
         token_fields["old_logprobs"] = [list(r) for r in old_logprobs]
     if ref_logprobs is not None:
@@ -68,12 +79,17 @@ def prepare_train_batch(
     groups: Sequence[Group],
     cfg: AlgoConfig,
     compute_logprobs: Callable[[TrainBatch, str], list[list[float]]],
+    compute_values: Callable[[TrainBatch], list[list[float]]] | None = None,
 ) -> tuple[TrainBatch, dict[str, float]]:
-    """``build_train_batch`` with the log-probs ``cfg`` needs, computed by ``compute_logprobs``."""
-    plain = TrainBatch.from_samples(flatten(groups)) if cfg.uses_reference else None
-    ref = compute_logprobs(plain, "ref") if plain is not None else None
-    old = compute_logprobs(plain, "policy") if plain is not None and cfg.needs_old_logprobs else None
-    return build_train_batch(groups, cfg, old_logprobs=old, ref_logprobs=ref)
+    """``build_train_batch`` with the log-probs (and critic values) ``cfg`` needs, computed by the callbacks."""
+    if cfg.uses_critic and compute_values is None:
+        raise ValueError("advantage_estimator='gae' needs the critic's compute_values")
+    needed = cfg.uses_reference or cfg.needs_old_logprobs or cfg.uses_critic
+    plain = TrainBatch.from_samples(flatten(groups)) if needed else None
+    ref = compute_logprobs(plain, "ref") if cfg.uses_reference else None
+    old = compute_logprobs(plain, "policy") if cfg.needs_old_logprobs else None
+    values = compute_values(plain) if cfg.uses_critic else None
+    return build_train_batch(groups, cfg, old_logprobs=old, ref_logprobs=ref, values=values)
 
 
 def _fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -106,6 +122,23 @@ def make_loss_fn(cfg: AlgoConfig):
             entropy=entropy,
         )
         return loss, {k: v.detach() if hasattr(v, "detach") else v for k, v in metrics.items() if k != "loss"}
+
+    return loss_fn
+
+
+def make_value_loss_fn(cfg: AlgoConfig):
+    """The critic's per-micro-batch loss callback: clipped value loss against the GAE returns."""
+
+    def loss_fn(values: torch.Tensor, mb: dict[str, Any]):
+        loss, metrics = compute_value_loss(
+            values,
+            mb["old_values"],
+            mb["returns"],
+            mb["loss_mask"],
+            cfg,
+            global_tokens=mb.get("global_num_tokens"),
+        )
+        return loss, metrics
 
     return loss_fn
 

@@ -52,7 +52,8 @@ def train(recipe: Recipe, run_dir: RunDir, resume: bool = False) -> list[dict[st
             if cfg.async_rollout and step < cfg.steps:
                 pending = pool.submit(job.rollout, step + 1)
 
-            # 2. Train: in the trainer, advantages from rewards (and reference log-probs), one optimizer step.
+            # 2. Train: in the trainer, advantages (reference log-probs, critic values where the algo needs them),
+            #    then algo.ppo_epochs x algo.num_mini_batches optimizer steps (one by default); PPO's critic too.
             t0 = time.perf_counter()
             train_metrics = job.train(groups)
             t_train = time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""The RL objective the trainer calls: ``compute_advantages`` and ``compute_policy_loss`` for an ``AlgoConfig``.
+"""The RL objective the trainer calls: ``compute_advantages``, ``compute_policy_loss`` and, for PPO's critic,
+``compute_value_loss``, for an ``AlgoConfig``.
 
 Shapes follow ``portable_rl.algo.aggregation``: per-token ``[B, T]`` over response tokens plus a mask.
 ``compute_policy_loss`` returns ``(loss, metrics)``; metrics are detached 0-dim tensors (call ``.item()``
@@ -14,7 +15,7 @@ from portable_rl.algo import advantages as adv_mod
 from portable_rl.algo.aggregation import aggregate_loss, masked_mean
 from portable_rl.algo.entropy import entropy_bonus
 from portable_rl.algo.kl import kl_estimate, kl_penalty_rewards
-from portable_rl.algo.policy_loss import ppo_policy_loss
+from portable_rl.algo.policy_loss import clipped_value_loss, gspo_policy_loss, ppo_policy_loss
 from portable_rl.algo.tis import tis_weights
 from portable_rl.config.algo import GROUPED_ESTIMATORS, AlgoConfig
 
@@ -80,12 +81,13 @@ def compute_policy_loss(
     global_tokens: float | None = None,
     global_seqs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Actor loss = PPO clip (x TIS weights) + kl_coef * KL (kl_mode='loss') - entropy_coef * entropy.
+    """Actor loss = PPO or GSPO clip (``cfg.policy_loss``; x TIS weights) + kl_coef * KL (kl_mode='loss')
+    - entropy_coef * entropy.
 
     ``logprobs`` carries the gradient; everything else is treated as constant. ``global_tokens`` /
     ``global_seqs`` are the whole optimizer batch's counts when it is split into micro-batches
-    (see ``aggregation``). Metrics: pg_loss, pg_clipfrac, ppo_kl, [pg_clipfrac_lower], [kl_loss],
-    [entropy], [tis_*], loss.
+    (see ``aggregation``). Metrics: pg_loss, pg_clipfrac, ppo_kl, [pg_clipfrac_lower], [gspo_seq_ratio_mean],
+    [kl_loss], [entropy], [tis_*], loss.
     """
     agg = {
         "norm_constant": cfg.loss_norm_constant,
@@ -101,7 +103,8 @@ def compute_policy_loss(
                 "request logprobs from the engine or set tis_cap to null"
             )
         weights, tis_metrics = tis_weights(old_logprobs, rollout_logprobs, mask, cfg.tis_cap)
-    loss, metrics = ppo_policy_loss(
+    surrogate = gspo_policy_loss if cfg.policy_loss == "gspo" else ppo_policy_loss
+    loss, metrics = surrogate(
         logprobs,
         old_logprobs,
         advantages,
@@ -133,3 +136,28 @@ def compute_policy_loss(
         raise ValueError(f"algo.entropy_coef={cfg.entropy_coef} needs the per-token entropy; pass entropy=")
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def compute_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: AlgoConfig,
+    *,
+    global_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Critic loss: ``0.5 * (v - R)^2`` clipped around the rollout-time values by ``cfg.value_clip``, token mean.
+
+    Always a token mean (every trained token's value estimate weighs the same, whatever ``loss_agg`` the policy
+    uses); ``global_tokens`` is the optimizer batch's token count when it is split into micro-batches. Metrics:
+    value_loss, vf_clipfrac, value_mean (the values being trained, token mean).
+    """
+    loss, metrics = clipped_value_loss(
+        values, old_values, returns, mask, cfg.value_clip, "token-mean", global_tokens=global_tokens
+    )
+    return loss, {
+        "value_loss": metrics["vf_loss"],
+        "vf_clipfrac": metrics["vf_clipfrac"],
+        "value_mean": masked_mean(values.detach(), mask),
+    }

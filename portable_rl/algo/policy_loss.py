@@ -1,4 +1,4 @@
-"""PPO clipped surrogate (clip-higher, dual-clip) for the policy and the clipped value loss for a critic.
+"""PPO / GSPO clipped surrogates (clip-higher, dual-clip) for the policy and the clipped value loss for a critic.
 
 Policy, per token, with ``ratio = exp(logp - old_logp)`` (log-ratio clamped to [-20, 20]) and advantage A:
 
@@ -9,6 +9,15 @@ then optionally multiplied by per-token ``weights`` (truncated importance sampli
 with ``aggregation.aggregate_loss``. Metrics (detached 0-dim tensors, masked token means):
 ``pg_clipfrac`` (the clipped term is the active one), ``pg_clipfrac_lower`` (dual-clip bound active),
 ``ppo_kl = mean(old_logp - logp)`` (0 on the first step where the policies are equal).
+
+GSPO (``gspo_policy_loss``, Zheng et al. 2025, the GSPO-token form): one importance ratio per sequence,
+``s_i = exp(mean over the sequence's masked tokens of (logp - old_logp))`` (the geometric mean of its token
+ratios; log clamped like PPO's). Every token of sequence i uses the value ``s_i`` in the clipped surrogate above,
+so clipping acts on whole sequences, but its gradient flows through that token's own log-prob only:
+``ratio_t = sg[s_i] * exp(logp_t - sg[logp_t])``. With an advantage constant over a sequence (GRPO) this is
+exactly the paper's sequence-level objective for every ``loss_agg`` (the per-sequence token weights are equal);
+token-level advantages (GAE) work too. Extra metric: ``gspo_seq_ratio_mean`` (mean ``s_i`` over sequences with a
+trained token).
 
 Value, per token: ``0.5 * max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)`` aggregated;
 metric ``vf_clipfrac``.
@@ -36,14 +45,74 @@ def ppo_policy_loss(
     **agg_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss; returns ``(loss, metrics)``. See the module docstring."""
+    _check_shapes(logprobs, old_logprobs, advantages, mask, dual_clip_c)
+    adv = advantages.detach()
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    return _clipped_surrogate(
+        ratio, log_ratio, adv, mask, clip_eps_low, clip_eps_high, dual_clip_c, loss_agg, weights, **agg_kwargs
+    )
+
+
+def gspo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float = 3e-4,
+    clip_eps_high: float = 4e-4,
+    dual_clip_c: float | None = None,
+    loss_agg: str = "seq-mean-token-mean",
+    weights: torch.Tensor | None = None,
+    **agg_kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO's sequence-level clipped loss (GSPO-token form); returns ``(loss, metrics)``. See the module docstring."""
+    _check_shapes(logprobs, old_logprobs, advantages, mask, dual_clip_c)
+    adv = advantages.detach()
+    token_log_ratio = logprobs - old_logprobs.detach()
+    seq_log_ratio = masked_mean(token_log_ratio.detach(), mask, dim=-1).clamp(
+        -_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT
+    )
+    # Value s_i on every token; gradient s_i * d logp_t (the detached copy cancels in value, not in gradient).
+    ratio = torch.exp(seq_log_ratio).unsqueeze(-1) * torch.exp(logprobs - logprobs.detach())
+    loss, metrics = _clipped_surrogate(
+        ratio,
+        token_log_ratio.detach(),
+        adv,
+        mask,
+        clip_eps_low,
+        clip_eps_high,
+        dual_clip_c,
+        loss_agg,
+        weights,
+        **agg_kwargs,
+    )
+    has_tokens = (mask.to(torch.float32).sum(dim=-1) > 0).to(seq_log_ratio.dtype)
+    metrics["gspo_seq_ratio_mean"] = masked_mean(torch.exp(seq_log_ratio), has_tokens).detach()
+    return loss, metrics
+
+
+def _check_shapes(logprobs, old_logprobs, advantages, mask, dual_clip_c) -> None:
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         if t.shape != logprobs.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} does not match logprobs {tuple(logprobs.shape)}")
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c={dual_clip_c} must be > 1 (e.g. 3.0) or None to disable dual-clip")
-    adv = advantages.detach()
-    log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
-    ratio = torch.exp(log_ratio)
+
+
+def _clipped_surrogate(
+    ratio: torch.Tensor,
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    dual_clip_c: float | None,
+    loss_agg: str,
+    weights: torch.Tensor | None,
+    **agg_kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped (and dual-clipped, TIS-weighted) surrogate of ``ratio`` [B, T], aggregated; PPO and GSPO."""
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     per_token = torch.maximum(loss_unclipped, loss_clipped)

@@ -10,9 +10,11 @@
 4. the model: directory complete (config, tokenizer, safetensors headers and sizes vs the index), architecture
    supported, layout divisible (TP vs heads, kv heads, FFN; PP vs layers; the engine's TP vs heads), context
    vs ``rollout.max_new_tokens`` and ``data.max_prompt_tokens``;
+   With ``algo.advantage_estimator=gae`` and ``train.critic.path``: the critic's model supported, divisible by
+   the layout, with the actor's vocabulary and hidden size;
 5. ``--resume``: the checkpoint complete (trainer shards are whole torch files), its model (architecture,
    shapes, vocabulary) equal to the recipe's model, and its
-   trainer layout (TP, PP, DP, distributed optimizer) the recipe's;
+   trainer layout (TP, PP, DP, distributed optimizer) the recipe's; with a critic, the checkpoint holds one;
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
    refused), one prompt templated; with ``data.long_prompts=refuse`` every prompt measured in tokens (the
@@ -238,8 +240,45 @@ def check_model(recipe, run_dir, resume: bool, found: Preflight) -> None:
             f"tokens; lower data.max_prompt_tokens to at most {context - new}"
         )
     found.max_prompt_tokens = limit if limit is not None else context - new
+    check_critic(recipe, spec)
     if resume:
         check_resume_model(run_dir, spec, where, recipe)
+        if recipe.algo.uses_critic:
+            check_resume_critic(run_dir)
+
+
+def check_critic(recipe, actor_spec) -> None:
+    """A separate value model (``train.critic.path``) must load onto the layout and share the actor's vocabulary
+    and hidden size."""
+    from portable_rl.models.hf_dir import ModelDirError, check_hf_dir
+    from portable_rl.training.critic import CriticMismatch, check_compatible
+    from portable_rl.training.model_builder import ModelSpec, UnsupportedModel, check_parallel_layout
+
+    path = recipe.train.critic.path
+    if not recipe.algo.uses_critic or path is None:
+        return
+    where = f"train.critic.path={path!r}"
+    try:
+        spec = ModelSpec.from_hf(check_hf_dir(path))
+        check_compatible(actor_spec, spec, where)
+        p = recipe.train.parallel
+        check_parallel_layout(spec, p.tensor_parallel, p.pipeline_parallel)
+    except (ModelDirError, UnsupportedModel, CriticMismatch) as exc:
+        raise UserError(str(exc) if isinstance(exc, CriticMismatch) else f"{where}: {exc}") from None
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{where}: config.json lacks or mistypes {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"train.parallel.{exc} of {where}; choose a divisor of it") from None
+
+
+def check_resume_critic(run_dir) -> None:
+    """A PPO run resumes only from a checkpoint that holds its critic."""
+    step, path = run_dir.last_checkpoint()
+    if not (path / "trainer" / "critic" / "meta.json").is_file():
+        raise UserError(
+            f"--resume: checkpoint step_{step} holds no critic (trainer/critic/meta.json), but "
+            "algo.advantage_estimator=gae trains one; resume with the run's own algo section, or start a new run"
+        )
 
 
 def check_resume_model(run_dir, spec, where: str, recipe=None) -> None:
@@ -603,5 +642,19 @@ def plan(recipe, platform, found: Preflight) -> dict[str, Any]:
             "max_new_tokens": r.max_new_tokens,
         },
         "data": {"long_prompts": recipe.data.long_prompts, **found.prompts},
+        "algo": _algo_plan(recipe),
         "steps": recipe.run.steps,
+    }
+
+
+def _algo_plan(recipe) -> dict[str, Any]:
+    """What the trainer builds and runs per step for the recipe's algorithm (forwards beyond the training one)."""
+    a = recipe.algo
+    return {
+        "advantage_estimator": a.advantage_estimator,
+        "policy_loss": a.policy_loss,
+        "optimizer_steps_per_rollout": a.updates_per_rollout,
+        "reference_model": a.uses_reference,
+        "old_logprob_forward": a.needs_old_logprobs,
+        "critic": (recipe.train.critic.path or "the actor's model") if a.uses_critic else None,
     }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from portable_rl.config import refuse_non_finite
 
@@ -71,3 +72,29 @@ class OptimConfig:
         if self.warmup_steps and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         return self.lr
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model (recipe ``train.critic``), built and trained only with ``algo.advantage_estimator: gae``.
+
+    path:   HF checkpoint of the critic's trunk; unset (default) = the actor's model. Its vocabulary and hidden
+            size must equal the actor's (refused before the run starts otherwise). The critic runs on the
+            trainer's ranks with the trainer's layout (``train.parallel``, ``train.data_parallel``), micro-batches
+            and dtype; its output layer is a scalar value head initialised to zero (see
+            ``portable_rl.training.critic``).
+    optim:  the critic's own optimizer (``OptimConfig`` fields: ``lr``, ``weight_decay``, Adam's coefficients,
+            ``clip_grad``, ``warmup_steps``), independent of ``train.optim``
+    """
+
+    path: str | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.path is not None and (
+            not isinstance(self.path, str) or not (Path(self.path) / "config.json").is_file()
+        ):
+            raise ValueError(
+                f"train.critic.path={self.path!r} is not a HF checkpoint directory (no config.json); point it at "
+                "one, or leave it unset for the actor's model"
+            )

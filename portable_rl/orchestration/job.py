@@ -241,6 +241,8 @@ class Job:
             megatron_overrides=dict(t.megatron_args),
             attention=t.attention,
             max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+            critic_checkpoint=(t.critic.path or str(self.model_dir)) if r.algo.uses_critic else None,
+            critic_optim=t.critic.optim,
         )
 
     def __exit__(self, *exc: Any) -> None:

@@ -5,7 +5,10 @@
   engines; every other rank still iterates the generator because the gathers inside it are collective.
 * ``TrainerWorker.train_rl_step(groups, algo)`` is one RL step inside the trainer process: the reference (and,
   for a KL penalty in the reward, the old-policy) log-probs are computed there and go straight into the
-  advantages and the loss; only the groups go in and only float metrics come out. With the run's
+  advantages and the loss; only the groups go in and only float metrics come out. ``algo.ppo_epochs`` x
+  ``algo.num_mini_batches`` optimizer steps are taken (old log-probs computed before the first); with GAE the
+  co-located critic (``ActorConfig.critic_checkpoint``) gives the values and then takes as many steps on its
+  clipped value loss (metrics ``critic/*``). With the run's
   ``check_weight_update`` it also reports ``weights_changed_frac`` (parameter checksums before and after the
   step), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
 * ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
@@ -31,7 +34,7 @@ from portable_rl.distributed import free_port
 from portable_rl.orchestration.devices import TrainerDevice, pin_to_device_cpus
 from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform, current_platform
-from portable_rl.rollout_to_train import make_loss_fn, prepare_train_batch
+from portable_rl.rollout_to_train import make_loss_fn, make_value_loss_fn, prepare_train_batch
 from portable_rl.training.actor import ActorConfig, MegatronActor
 from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync, tensor_checksum
 
@@ -61,14 +64,26 @@ class TrainerWorker(MegatronActor):
         return {**super().info(), "cpu_affinity": self.cpu_affinity}
 
     def train_rl_step(self, groups: list[Group], algo: AlgoConfig, check: bool = False) -> dict[str, float]:
-        """Advantages (with in-process reference/old log-probs where ``algo`` needs them), then ``train_step``.
+        """Advantages (with in-process reference/old log-probs and critic values where ``algo`` needs them), then
+        ``train_step`` with ``algo``'s epochs and mini-batches, then the critic's steps (GAE only).
 
         With ``check`` it also reports ``weights_changed_frac``: the fraction of this rank's parameter tensors
         whose bits the optimizer step changed (0 means the step changed nothing: a no-op optimizer, zero
         advantages, a zero learning rate)."""
         before = self._param_checksums() if check else None
-        batch, adv_metrics = prepare_train_batch(groups, algo, self.compute_logprobs)
-        metrics = self.train_step(batch, make_loss_fn(algo))
+        if algo.uses_critic and self.critic is None:
+            raise ValueError(
+                "algo.advantage_estimator='gae' needs the trainer built with a critic_checkpoint"
+            )
+        values_fn = self.critic.compute_values if algo.uses_critic else None
+        batch, adv_metrics = prepare_train_batch(groups, algo, self.compute_logprobs, values_fn)
+        metrics = self.train_step(batch, make_loss_fn(algo), algo.num_mini_batches, algo.ppo_epochs)
+        if algo.uses_critic:
+            metrics.update(
+                self.critic.train_step(
+                    batch, make_value_loss_fn(algo), algo.num_mini_batches, algo.ppo_epochs
+                )
+            )
         out = {**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, **adv_metrics}
         if before is not None:
             after = self._param_checksums()

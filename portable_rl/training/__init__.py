@@ -2,8 +2,12 @@
 
 Modules (each states its own contract):
 
-* ``actor``        ``MegatronActor`` — one per rank (Ray actor or in-process): train_step(batch, loss_fn),
-                   compute_logprobs, save/load_checkpoint, export_hf, named_hf_weights; typed configs.
+* ``actor``        ``MegatronActor`` — one per rank (Ray actor or in-process): train_step(batch, loss_fn,
+                   mini_batches, epochs), compute_logprobs, save/load_checkpoint, export_hf, named_hf_weights;
+                   typed configs.
+* ``critic``       ``ValueModel`` — PPO's value model inside the actor (same ranks and layout): a GPTModel trunk
+                   with a zero-initialised scalar head, its own optimizer, values per response token.
+* ``updates``      several optimizer steps per rollout: the mini-batch split and how their metrics combine.
 * ``batch``        ``TrainBatch`` (what the actor consumes), token-budget packing, and the padded or packed
                    ``MicroBatch`` (a loss function sees the same tensors either way).
 * ``model_builder`` ``ModelSpec`` from a HF config (Llama, Qwen2, Qwen3) and the Megatron model/config; the

@@ -12,8 +12,12 @@ Public interface
     reference model with the same layout is built too. Every method below is collective: call it on every rank
     with the same arguments (Ray: ``ray.get([a.method.remote(...) for a in actors])``).
 
-``train_step(batch: TrainBatch, loss_fn) -> dict[str, float]``
-    One optimizer step over the whole ``batch``. Each DP rank takes its contiguous shard; the shard is cut into
+``train_step(batch: TrainBatch, loss_fn, mini_batches=1, epochs=1) -> dict[str, float]``
+    One training step on ``batch``: ``epochs`` passes, each cutting ``batch`` into ``mini_batches`` consecutive
+    mini-batches (``updates.split_mini_batches``) with one optimizer step per mini-batch (default: one optimizer
+    step over the whole batch); ``step`` advances by one and the learning rate is ``lr_at(step)`` for all of its
+    optimizer steps. The metrics of several optimizer steps are their means (``updates.mean_over_updates``,
+    plus ``optimizer_steps``). Per optimizer step: each DP rank takes its contiguous shard; the shard is cut into
     micro-batches of ``micro_batch_size`` samples, all padded to one sequence length, or, with
     ``max_tokens_per_micro_batch`` set, packed: consecutive samples laid end to end without padding up to that
     many tokens (``TrainBatch.pack``; a longer sample gets a micro-batch of its own), attention kept inside each
@@ -39,6 +43,10 @@ Public interface
 
 ``forward_backward(batch, loss_fn)``
     The gradient half of ``train_step`` (no optimizer step), for benchmarks and gradient checks.
+
+Critic (PPO): with ``config.critic_checkpoint`` set, ``self.critic`` is a ``critic.ValueModel`` on the same ranks
+and layout: a second GPTModel with a scalar value head, its own DDP and optimizer (``config.critic_optim``),
+saved under ``<checkpoint>/critic`` by ``save_checkpoint`` and restored by ``load_checkpoint``.
 
 ``compute_logprobs(batch, model="policy" | "ref") -> list[list[float]]``
     Forward only; per-sample log-probs of the response tokens (at ``config.temperature``), on every rank.
@@ -87,8 +95,15 @@ from portable_rl.config.training import TRAINER_ATTENTION, OptimConfig, Parallel
 from portable_rl.distributed import collective_errors
 from portable_rl.platform import current_platform
 from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch, to_packed_micro_batch
-from portable_rl.training.checkpoint import Layout, iter_hf_weights, load_checkpoint, save_checkpoint
+from portable_rl.training.checkpoint import (
+    CheckpointError,
+    Layout,
+    iter_hf_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from portable_rl.training.convert import HFWeights, load_hf_into_model, save_hf_checkpoint
+from portable_rl.training.critic import ValueModel
 from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
 from portable_rl.training.model_builder import (
     ModelSpec,
@@ -97,6 +112,7 @@ from portable_rl.training.model_builder import (
     local_layer_range,
     transformer_config,
 )
+from portable_rl.training.updates import mean_over_updates, split_mini_batches
 
 # Metrics train_step computes itself; loss_fn metrics with these names are reported as "loss_fn/<name>".
 _ACTOR_METRICS = frozenset(
@@ -123,6 +139,9 @@ class ActorConfig:
     # Set: packed micro-batches of at most this many prompt+response tokens (a longer sample alone); the packed
     # row is then zero-padded up to a multiple of seq_length_multiple (pipeline parallelism: the step's longest).
     max_tokens_per_micro_batch: int | None = None
+    # PPO's value model: a HF checkpoint (usually the actor's own) the critic is built from; None = no critic.
+    critic_checkpoint: str | None = None
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)  # the critic's own optimizer
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -149,8 +168,10 @@ class ActorConfig:
             raise ValueError(f"loss_scaling={self.loss_scaling!r} must be 'sample_share' or 'global_sum'")
         if self.seq_length_multiple < 1:
             raise ValueError(f"seq_length_multiple={self.seq_length_multiple} must be >= 1")
-        if not (Path(self.hf_checkpoint) / "config.json").is_file():
-            raise FileNotFoundError(f"hf_checkpoint={self.hf_checkpoint!r} has no config.json")
+        for name in ("hf_checkpoint", "critic_checkpoint"):
+            path = getattr(self, name)
+            if path is not None and not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"{name}={path!r} has no config.json")
 
 
 def _names_collective_failures(method: Callable) -> Callable:
@@ -227,6 +248,9 @@ class MegatronActor:
             self.ref_model.eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        self.critic = None
+        if config.critic_checkpoint:
+            self.critic = ValueModel(self, config.critic_checkpoint, config.critic_optim)
 
     # ---- construction --------------------------------------------------------------------------------------
     def _overrides(self) -> dict[str, Any]:
@@ -251,7 +275,7 @@ class MegatronActor:
         )
         return model, tconfig
 
-    def _wrap(self, model, tconfig):
+    def _wrap(self, model, tconfig, optim: OptimConfig | None = None):
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -265,7 +289,7 @@ class MegatronActor:
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
             model,
         )
-        o = self.config.optim
+        o = optim or self.config.optim
         opt_config = OptimizerConfig(
             optimizer="adam",
             lr=o.lr,
@@ -426,17 +450,26 @@ class MegatronActor:
         return self._run(self.ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
 
     @_names_collective_failures
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+    def train_step(
+        self, batch: TrainBatch, loss_fn: LossFn, mini_batches: int = 1, epochs: int = 1
+    ) -> dict[str, float]:
         lr = self.config.optim.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        reports = self.forward_backward(batch, loss_fn)
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+        parts = split_mini_batches(batch, mini_batches, self.layout.data_parallel)
+        updates = []
+        for _ in range(epochs):
+            for part in parts:
+                reports = self.forward_backward(part, loss_fn)
+                ok, grad_norm, _ = self.optimizer.step()
+                if not ok:
+                    raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+                update = self._reduce_reports(reports, self.config.loss_scaling)
+                update["grad_norm"] = float(grad_norm)
+                updates.append(update)
         self.step += 1
-        metrics = self._reduce_reports(reports, self.config.loss_scaling)
-        metrics.update(grad_norm=float(grad_norm), lr=lr, step=self.step, num_samples=len(batch))
+        metrics = mean_over_updates(updates, len(parts))
+        metrics.update(lr=lr, step=self.step, num_samples=len(batch))
         return metrics
 
     def _reduce_reports(self, reports: list[dict[str, torch.Tensor]], scaling: str) -> dict[str, float]:
@@ -472,19 +505,25 @@ class MegatronActor:
     @torch.no_grad()
     @_names_collective_failures
     def compute_logprobs(self, batch: TrainBatch, model: str = "policy") -> list[list[float]]:
-        self.platform.prepare_training_runtime()
         if model == "ref" and self.ref_model is None:
             raise ValueError("compute_logprobs(model='ref') needs ActorConfig.ref_checkpoint")
         if model not in ("policy", "ref"):
             raise ValueError(f"model={model!r} must be 'policy' or 'ref'")
         net = self.ref_model if model == "ref" else self.ddp
+        return self.forward_rows(net, batch, lambda output, mb: self._logprobs(output, mb)[0])
+
+    @torch.no_grad()
+    def forward_rows(self, net, batch: TrainBatch, per_token) -> list[list[float]]:
+        """Forward only through ``net``; ``per_token(output, mb)`` -> ``[b, L]`` response values; one list of
+        floats per sample of ``batch``, on every rank (collective)."""
+        self.platform.prepare_training_runtime()
         net.eval()
         micro_batches, seq_len = self._micro_batches(batch)
 
         def loss_func_for(mb: MicroBatch):
             def loss_func(output):
-                logp, _ = self._logprobs(output, mb)
-                rows = [logp[i, :n].float().cpu() for i, n in enumerate(mb.response_lengths)]
+                values = per_token(output, mb)
+                rows = [values[i, :n].float().cpu() for i, n in enumerate(mb.response_lengths)]
                 return torch.zeros((), device=output.device), {"rows": rows}
 
             return loss_func
@@ -511,6 +550,8 @@ class MegatronActor:
             "model": dataclasses.asdict(self.spec),
         }
         save_checkpoint(path, self.model, self.optimizer, self.step, self.layout, extra)
+        if self.critic is not None:
+            self.critic.save(Path(path) / "critic", self.step)
         return str(path)
 
     @_names_collective_failures
@@ -518,6 +559,13 @@ class MegatronActor:
         self.platform.prepare_training_runtime()
         meta = load_checkpoint(path, self.model, self.optimizer, self.layout)
         self.step = int(meta["step"])
+        if self.critic is not None:
+            if not (Path(path) / "critic").is_dir():
+                raise CheckpointError(
+                    f"checkpoint {path} has no critic/ (saved by a run without a value model); resume with the "
+                    "run's own algo section, or start a new run"
+                )
+            self.critic.load(Path(path) / "critic")
         return self.step
 
     def named_hf_weights(self, all_stages: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

@@ -524,6 +524,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(work, capsys):
     assert plan["model"]["context"] == 512 and plan["model"]["max_prompt_tokens"] == 512 - 8
     assert plan["data"]["train"] == {"prompts": 2, "lines_too_long": 0}
     assert set(plan) >= {"platform", "ports", "steps"}
+    # GRPO without KL, one optimizer step: the training forward is the only one.
+    assert plan["algo"] == {
+        "advantage_estimator": "grpo",
+        "policy_loss": "ppo",
+        "optimizer_steps_per_rollout": 1,
+        "reference_model": False,
+        "old_logprob_forward": False,
+        "critic": None,
+    }
 
     existing = work / "runs" / "existing"  # saved with TP 1: resumed with TP 1
     before = tree(existing)

@@ -44,7 +44,14 @@ def test_overrides_and_pass_through_reach_the_tree():
         (["run.steps=0"], "run.steps=0 must be >= 1"),
         (["train.data_parallel=3"], "does not split over train.data_parallel=3"),
         (["model.path=/nonexistent"], "is not a HF checkpoint directory"),
-        (["algo.advantage_estimator=gae"], "needs a critic"),
+        (
+            ["train.critic.path=/nonexistent", "algo.advantage_estimator=gae"],
+            "train.critic.path='/nonexistent'",
+        ),
+        (["train.critic.path=."], "train.critic.path"),
+        (["algo.num_mini_batches=3"], "does not split into algo.num_mini_batches=3"),
+        (["algo.ppo_epochs=0"], "algo.ppo_epochs=0 must be an integer >= 1"),
+        (["algo.policy_loss=grpo"], "algo.policy_loss='grpo' is not allowed"),
         (["rollout.top_p=1.5"], "rollout.top_p=1.5"),
         (
             ["train.max_tokens_per_micro_batch=0"],

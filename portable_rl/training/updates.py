@@ -1,0 +1,39 @@
+"""Several optimizer steps per rollout: the mini-batch split and how the steps' metrics are reported.
+
+* ``split_mini_batches(batch, n, data_parallel)``: ``batch`` cut into ``n`` consecutive mini-batches of equal size
+  (samples of one prompt stay together when the group size divides it), each of which must split over the
+  data-parallel ranks; one optimizer step is taken per mini-batch. ``n = 1`` returns ``[batch]`` itself.
+* ``mean_over_updates(updates, per_pass)``: the metrics of the optimizer steps of one rollout as one row: the
+  mean of every key over the steps, except ``num_tokens`` (the tokens of one pass over the rollout) and
+  ``logp_abs_diff`` (the first step's, over its mini-batch: it measures the engine against the weights that
+  sampled, which later steps have moved on purpose), plus ``optimizer_steps``. With one step it is that step's metrics
+  unchanged (no arithmetic: a single-step run reports what it always did).
+"""
+
+from __future__ import annotations
+
+from portable_rl.training.batch import TrainBatch
+
+
+def split_mini_batches(batch: TrainBatch, n: int, data_parallel: int = 1) -> list[TrainBatch]:
+    if n == 1:
+        return [batch]
+    if len(batch) % n or (len(batch) // n) % data_parallel:
+        raise ValueError(
+            f"a rollout batch of {len(batch)} samples does not split into algo.num_mini_batches={n} mini-batches "
+            f"of a multiple of train.data_parallel={data_parallel} samples; choose num_mini_batches so that "
+            f"{n} x {data_parallel} divides {len(batch)}"
+        )
+    return batch.micro_batches(len(batch) // n)
+
+
+def mean_over_updates(updates: list[dict[str, float]], per_pass: int) -> dict[str, float]:
+    if len(updates) == 1:
+        return dict(updates[0])
+    out = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+    if "num_tokens" in updates[0]:
+        out["num_tokens"] = sum(u["num_tokens"] for u in updates[:per_pass])
+    if "logp_abs_diff" in updates[0]:
+        out["logp_abs_diff"] = updates[0]["logp_abs_diff"]
+    out["optimizer_steps"] = float(len(updates))
+    return out
