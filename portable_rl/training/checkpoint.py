@@ -102,16 +102,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def _ready_for_loading(optimizer) -> None:
-    """Give a fresh distributed optimizer the Adam state a load fills in.
+def _inner_optimizers(optimizer) -> list[Any]:
+    wrappers = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [w.optimizer for w in wrappers if getattr(w, "optimizer", None) is not None]
 
-    Megatron-core's DistributedOptimizer.state_dict() reads the step from every parameter's state when Apex
-    and TransformerEngine are absent (torch's Adam), and asserts there is exactly one; before the first step
-    there is none. The Adam state torch would create on a first step (zero moments, step 0) is what a load
-    overwrites. (The same assertion is in later megatron-core releases.)
+
+def _fill_adam_state(inners: list[Any]) -> None:
+    """Give parameters that have no Adam state yet the state torch's Adam creates on its first step.
+
+    Zero moments and step 0 are exactly what a first step would start from, so training is unchanged. Needed
+    because a checkpoint of an optimizer that never stepped would otherwise hold no optimizer tensors (a later
+    load asks for them), and because megatron-core's DistributedOptimizer.state_dict() reads the step from
+    every parameter's state when Apex and TransformerEngine are absent (torch's Adam) and asserts there is
+    exactly one (the same assertion is in later megatron-core releases).
     """
-    for wrapper in _distributed_optimizers(optimizer):  # the others initialise their state themselves
-        inner = wrapper.optimizer
+    for inner in inners:
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
@@ -119,6 +124,20 @@ def _ready_for_loading(optimizer) -> None:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _zero_step_where_missing(state_dict: Any) -> None:
+    """Megatron's plain optimizer saves its shared step only when it is non-zero; torch's Adam refuses state
+    without one. A checkpoint of an optimizer that never stepped gets its step 0 back here."""
+    if not isinstance(state_dict, dict):
+        return
+    params = state_dict.get("state")
+    if isinstance(params, dict) and "common_step" not in params:
+        for one in params.values():
+            if isinstance(one, dict) and one and "step" not in one:
+                one["step"] = torch.tensor(0.0)
+    for value in state_dict.values():
+        _zero_step_where_missing(value)
 
 
 def _distributed_optimizers(optimizer) -> list[Any]:
@@ -166,8 +185,10 @@ def _step_kept_on_load(optimizer) -> Iterator[None]:
 def _sharded_state(model, optimizer, layout: Layout, loading: bool, with_rng: bool) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    if loading:
-        _ready_for_loading(optimizer)
+    # Loading: the distributed optimizer needs its state before it describes it (the others create theirs).
+    _fill_adam_state(
+        [w.optimizer for w in _distributed_optimizers(optimizer)] if loading else _inner_optimizers(optimizer)
+    )
     model_state = model.sharded_state_dict()
     state = {
         "model": model_state,
@@ -285,6 +306,7 @@ def _load_distributed(path, meta: dict[str, Any], model, optimizer, layout: Layo
         raise CheckpointError(
             f"checkpoint {path}: model tensors missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
         )
+    _zero_step_where_missing(loaded["optimizer"])
     with _step_kept_on_load(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
