@@ -280,9 +280,15 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, layout:
     meta = read_meta(path)
     fmt = meta.get("format")
     if fmt == LEGACY_FORMAT:
-        from portable_rl.training.checkpoint_legacy import load_legacy
+        from portable_rl.training.checkpoint_legacy import LegacyFormatError, load_legacy
 
-        load_legacy(path, meta, model, optimizer, layout)
+        refusal = reshard_refusal(meta.get("layout") or {}, layout.shape(), fmt=LEGACY_FORMAT)
+        if refusal:
+            raise CheckpointError(f"checkpoint {path} was {refusal}")
+        try:
+            set_rng_state(load_legacy(path, model, optimizer, layout))
+        except LegacyFormatError as exc:
+            raise CheckpointError(str(exc)) from None
     elif fmt == FORMAT_VERSION:
         _load_distributed(path, meta, model, optimizer, layout)
     else:

@@ -6,7 +6,9 @@ of every torch optimizer inside the Megatron optimizer, the RNG states) and ``me
 so they load only onto that layout; ``portable-rl train --resume`` refuses any other before the run starts.
 The next save of a resumed run writes the layout-free format (``checkpoint.py``).
 
-``load_legacy(path, meta, model, optimizer, layout)`` is collective and restores model, optimizer and RNG.
+``load_legacy(path, model, optimizer, layout) -> rng_state`` restores model and optimizer from this rank's file
+and returns its RNG states (the caller checks the layout first and restores them); ``LegacyFormatError`` names
+a missing or mismatched file.
 """
 
 from __future__ import annotations
@@ -28,33 +30,32 @@ def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return [w.optimizer for w in wrappers if getattr(w, "optimizer", None) is not None]
 
 
-@torch.no_grad()
-def load_legacy(path: str | Path, meta: dict[str, Any], model: torch.nn.Module, optimizer, layout) -> None:
-    from portable_rl.training.checkpoint import CheckpointError, reshard_refusal, set_rng_state
+class LegacyFormatError(RuntimeError):
+    """This rank's file is missing or does not match the model and optimizer it is loaded into."""
 
-    refusal = reshard_refusal(meta.get("layout") or {}, layout.shape(), fmt=1)
-    if refusal:
-        raise CheckpointError(f"checkpoint {path} was {refusal}")
+
+@torch.no_grad()
+def load_legacy(path: str | Path, model: torch.nn.Module, optimizer, layout) -> dict[str, Any]:
     file = Path(path) / filename(layout.tp_rank, layout.pp_rank, layout.dp_rank)
     if not file.is_file():
-        raise CheckpointError(f"checkpoint {path} lacks {file.name} for this rank")
+        raise LegacyFormatError(f"checkpoint {path} lacks {file.name} for this rank")
     payload = torch.load(file, map_location="cpu", weights_only=False)
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise CheckpointError(f"{file.name}: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+        raise LegacyFormatError(f"{file.name}: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
     inners = inner_optimizers(optimizer)
     if len(inners) != len(payload["optimizers"]):
-        raise CheckpointError(
+        raise LegacyFormatError(
             f"{file.name} holds {len(payload['optimizers'])} optimizers, the trainer has {len(inners)}"
         )
     for opt, state, mains in zip(inners, payload["optimizers"], payload["main_params"], strict=True):
         params = [p for group in opt.param_groups for p in group["params"]]
         if len(params) != len(mains):
-            raise CheckpointError(
+            raise LegacyFormatError(
                 f"{file.name}: {len(mains)} optimizer parameters saved, {len(params)} present"
             )
         for p, saved in zip(params, mains, strict=True):
             p.data.copy_(saved)
         opt.load_state_dict(state)
-    set_rng_state(payload["rng"])
+    return payload["rng"]
