@@ -6,7 +6,9 @@ Layout::
     RUN_DIR/metrics.jsonl        one line per step (see portable_rl.metrics)
     RUN_DIR/curves.png           reward / loss curves
     RUN_DIR/tb/                  tensorboard events
-    RUN_DIR/checkpoints/step_N/  trainer + data state at the end of step N (written atomically)
+    RUN_DIR/checkpoints/step_N/  trainer + data state at the end of step N (written atomically): trainer/ (a
+                                 Megatron distributed checkpoint + meta.json, any layout resumes it; see
+                                 training.checkpoint), data_state.json, COMPLETE (last; what makes it complete)
     RUN_DIR/hf/                  the final model as a HF checkpoint
     RUN_DIR/rollouts/step_N.jsonl every sample of step N (run.save_rollouts, run.debug_mode=rollout_only;
                                  format: portable_rl.data.saved_rollouts)

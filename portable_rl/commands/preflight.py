@@ -12,9 +12,10 @@
    vs ``rollout.max_new_tokens`` and ``data.max_prompt_tokens``;
    With ``algo.advantage_estimator=gae`` and ``train.critic.path``: the critic's model supported, divisible by
    the layout, with the actor's vocabulary and hidden size;
-5. ``--resume``: the checkpoint complete (trainer shards are whole torch files), its model (architecture,
-   shapes, vocabulary) equal to the recipe's model, and its
-   trainer layout (TP, PP, DP, distributed optimizer) the recipe's; with a critic, the checkpoint holds one;
+5. ``--resume``: the checkpoint complete (every file its index names is there and whole), its model
+   (architecture, shapes, vocabulary) equal to the recipe's model, and its trainer layout one it reshards to
+   (any TP, PP, DP with the same ``distributed_optimizer``; a checkpoint of the earlier per-rank format: only
+   its own layout); with a critic, the checkpoint holds one;
 6. ports that were asked for (``weight_sync.master_port``) are free now;
 7. prompt files: streamed, every line valid, lines too large for any allowed prompt counted (all of them:
    refused), one prompt templated; with ``data.long_prompts=refuse`` every prompt measured in tokens (the
@@ -282,8 +283,8 @@ def check_resume_critic(run_dir) -> None:
 
 
 def check_resume_model(run_dir, spec, where: str, recipe=None) -> None:
-    """The checkpoint to resume holds the same model (architecture, shapes, vocabulary) as the recipe's, saved
-    with the trainer layout the recipe asks for (the trainer restores shards only onto the same layout)."""
+    """The checkpoint to resume holds the same model (architecture, shapes, vocabulary) as the recipe's, and
+    loads onto the trainer layout the recipe asks for (``checkpoint.reshard_refusal``)."""
     step, path = run_dir.last_checkpoint()
     meta_path = path / "trainer" / "meta.json"
     try:
@@ -293,15 +294,17 @@ def check_resume_model(run_dir, spec, where: str, recipe=None) -> None:
             f"--resume: checkpoint step_{step} has no readable trainer/meta.json, so it cannot be resumed; "
             f"move checkpoints/step_{step} aside to resume from an earlier one, or start a new run"
         ) from None
-    import zipfile
+    from portable_rl.training.checkpoint import CheckpointError, file_problems, reshard_refusal
 
-    for shard in sorted((path / "trainer").glob("*.pt")):
-        # torch.save writes a zip archive; one cut short has no central directory at its end (read in ms).
-        if not zipfile.is_zipfile(shard):
-            raise UserError(
-                f"--resume: checkpoint step_{step} holds a corrupt trainer shard ({shard.name} is not a complete "
-                f"torch file); move checkpoints/step_{step} aside to resume from an earlier one, or start a new run"
-            )
+    try:
+        problems = file_problems(path / "trainer")
+    except CheckpointError as exc:
+        problems = [str(exc)]
+    if problems:
+        raise UserError(
+            f"--resume: checkpoint step_{step} is incomplete or corrupt ({'; '.join(problems[:3])}); "
+            f"move checkpoints/step_{step} aside to resume from an earlier one, or start a new run"
+        )
     saved_layout = meta.get("layout")
     if recipe is not None and isinstance(saved_layout, dict):
         t = recipe.train
@@ -311,19 +314,9 @@ def check_resume_model(run_dir, spec, where: str, recipe=None) -> None:
             "data_parallel": t.data_parallel,
             "distributed_optimizer": t.parallel.distributed_optimizer,
         }
-        if any(saved_layout.get(k) != v for k, v in mine_layout.items()):
-
-            def show(d: dict) -> str:
-                return (
-                    f"TP {d.get('tensor_parallel')} x PP {d.get('pipeline_parallel')} x DP {d.get('data_parallel')}"
-                    f" (distributed_optimizer={d.get('distributed_optimizer')})"
-                )
-
-            raise UserError(
-                f"--resume: checkpoint step_{step} was saved with {show(saved_layout)} but the recipe asks for "
-                f"{show(mine_layout)}; resume with the run's train.parallel and train.data_parallel, or start a "
-                "new run from its exported model"
-            )
+        refusal = reshard_refusal(saved_layout, mine_layout, fmt=meta.get("format", 1))
+        if refusal:
+            raise UserError(f"--resume: checkpoint step_{step} was {refusal}")
     saved = meta.get("model")
     if not isinstance(saved, dict):
         # Checkpoints written before the model's facts were recorded: the model directory they name, if any.

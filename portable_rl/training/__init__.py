@@ -15,7 +15,9 @@ Modules (each states its own contract):
 * ``attention``    ``SdpaCoreAttention``: Megatron core attention on torch SDPA (padded or packed ``thd``).
 * ``convert``      HF safetensors <-> Megatron tensors, TP-sharded, both directions; HF checkpoint writer.
 * ``logprobs``     per-token log-probs and entropy from vocab-parallel logits.
-* ``checkpoint``   resumable checkpoints (model, optimizer, RNG, step) and HF weights out of a sharded model.
+* ``checkpoint``   resumable checkpoints in Megatron's distributed format (model, optimizer, RNG, step; any
+                   layout resumes them) and HF weights out of a sharded model.
+* ``checkpoint_legacy``  reading the per-rank checkpoints of earlier releases, onto their own layout.
 
 Nothing here imports Megatron at package import time; the platform's ``prepare_training_runtime()`` runs first
 (inside ``MegatronActor``), which is what lets the same code train on every platform.

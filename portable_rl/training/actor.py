@@ -52,7 +52,8 @@ saved under ``<checkpoint>/critic`` by ``save_checkpoint`` and restored by ``loa
     Forward only; per-sample log-probs of the response tokens (at ``config.temperature``), on every rank.
 
 ``save_checkpoint(path) / load_checkpoint(path) -> int``
-    Model + optimizer + RNG + step (see ``checkpoint.py``); load returns the restored step.
+    Model + optimizer + RNG + step (see ``checkpoint.py``), in Megatron's distributed checkpoint format: a
+    checkpoint saved on one TP/PP/DP layout loads on another. Load returns the restored step.
 
 ``export_hf(path, dtype=None) -> str``
     Writes a HF checkpoint (safetensors + the source config/tokenizer) from rank 0; returns the path. The

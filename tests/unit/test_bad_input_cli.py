@@ -474,7 +474,8 @@ def test_resume_onto_another_models_checkpoint(work, capsys, changes, needles):
 
 
 def test_resume_with_another_trainer_layout(work, capsys):
-    """The checkpoint's shards fit only the layout they were saved with: refused before anything starts."""
+    """A checkpoint of the earlier per-rank format fits only the layout it was saved with: refused before
+    anything starts (the layout-free format reshards: test_checkpoint_preflight)."""
     existing = work / "runs" / "existing"
     before = tree(existing)
     argv = [
@@ -485,7 +486,12 @@ def test_resume_with_another_trainer_layout(work, capsys):
         str(existing),
         "--resume",
     ]
-    needles = ("saved with TP 1 x PP 1 x DP 1", "asks for TP 1 x PP 1 x DP 2", "train.data_parallel")
+    needles = (
+        "saved with TP 1 x PP 1 x DP 1",
+        "per-rank format",
+        "asks for TP 1 x PP 1 x DP 2",
+        "train.data_parallel",
+    )
     assert_one_line_error(*run_cli(capsys, argv), needles)
     assert tree(existing) == before
 
@@ -504,7 +510,10 @@ def test_resume_from_a_corrupt_trainer_shard(work, capsys):
     capsys.readouterr()
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     before = tree(run)
-    needles = ("checkpoint step_1 holds a corrupt trainer shard", "mp_rank_00_000_dp_000.pt")
+    needles = (
+        "checkpoint step_1 is incomplete or corrupt",
+        "mp_rank_00_000_dp_000.pt is not a complete torch file",
+    )
     assert_one_line_error(*run_cli(capsys, argv), needles)
     assert tree(run) == before
 
