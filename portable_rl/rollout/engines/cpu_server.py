@@ -45,6 +45,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from portable_rl.protocol.buckets import Staging
 from portable_rl.rollout.engines.cpu_engine import CpuEngine, EngineConfig, GenRequest, GenResult
 from portable_rl.rollout.engines.engine_weights import (
     checksums,
@@ -97,6 +98,8 @@ class Server:
         self.api_key = api_key or None
         self._key_bytes = (api_key or "").encode("utf-8", "surrogateescape")
         self.timeout_s = weight_update_timeout_s
+        # Flattened buckets land here, reused across buckets and syncs (touched on the engine thread only).
+        self.receive_buffer = Staging()
         self.app = FastAPI(openapi_url=None)
         self._install_auth()
         self._routes()
@@ -382,6 +385,7 @@ class Server:
             if group is None:
                 return _outcome(False, f"Group {name} not in {list(engine.update_groups)}.")
             await asyncio.to_thread(group.destroy)
+            await self._on_engine(lambda e: self.receive_buffer.release())
             return _outcome(True, "Succeeded to destroy custom process group.")
 
         def in_session(e: CpuEngine, what: str) -> None:
@@ -400,10 +404,15 @@ class Server:
                     raise RuntimeError(
                         f"Group {name} not in {list(e.update_groups)}. Please call `init_weights_update_group` first."
                     )
-                pairs = receive_distributed(
-                    group, body["names"], body["dtypes"], body["shapes"], body.get("load_format")
+                return receive_distributed(
+                    e.model,
+                    group,
+                    body["names"],
+                    body["dtypes"],
+                    body["shapes"],
+                    body.get("load_format"),
+                    self.receive_buffer,
                 )
-                return load_named_tensors(e.model, pairs)
 
             return await self._update(update, body, "Succeeded to update parameter online.")
 

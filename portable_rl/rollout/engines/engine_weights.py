@@ -5,9 +5,14 @@ Every function runs on the engine thread (no forward pass is in flight while wei
     casting to the model's dtype; an unknown name or a shape mismatch raises ``ValueError`` naming it, and
     nothing is copied unless every pair is valid (an engine never serves half an update from one request);
   * ``read_checkpoint_dir(path)``: every tensor of a HF safetensors directory (what /update_weights_from_disk
-    loads); ``receive_distributed(...)``: the tensors one /update_weights_from_distributed request announces,
-    received from rank 0 of the weight-update group (one broadcast per tensor, or one flat uint8 broadcast
-    for ``load_format="flattened_bucket"``, the layout of ``portable_rl.protocol.buckets``);
+    loads); ``receive_distributed(model, group, ...)``: the tensors one /update_weights_from_distributed
+    request announces, received from rank 0 of the weight-update group and loaded: one broadcast per tensor,
+    straight into the served parameter when its dtype matches (no staging copy), or one flat uint8 broadcast
+    for ``load_format="flattened_bucket"`` (the layout of ``portable_rl.protocol.buckets``) into a receive
+    buffer the caller keeps between requests (a fresh one per bucket pays first-touch page faults on every
+    byte), then copied into the parameters. Names and shapes are checked before anything is received. A
+    transfer that fails midway may leave some parameters updated; the request then fails, the engine's
+    weight version stays the old one and the sender's group is unusable (its next sync pushes every weight);
   * ``checksums`` / ``weight_by_name``: read-back for bit-exact verification.
 """
 
@@ -20,8 +25,8 @@ import torch
 
 from portable_rl.protocol.buckets import (
     NamedTensor,
-    dtype_from_name,
-    empty_flat,
+    Staging,
+    TensorMeta,
     metas_from_lists,
     unflatten,
 )
@@ -74,28 +79,51 @@ def read_checkpoint_dir(path: str | Path) -> list[NamedTensor]:
     return pairs
 
 
+def _checked_targets(model: torch.nn.Module, metas: Sequence[TensorMeta]) -> list[torch.Tensor]:
+    targets = named_state(model)
+    out = []
+    for m in metas:
+        target = targets.get(m.name)
+        if target is None:
+            raise ValueError(
+                f"weight {m.name!r} is not a parameter of the served model; send HF parameter names"
+            )
+        if tuple(target.shape) != tuple(m.shape):
+            raise ValueError(
+                f"weight {m.name!r} has shape {tuple(m.shape)}, the served model expects {tuple(target.shape)}"
+            )
+        out.append(target)
+    return out
+
+
 def receive_distributed(
+    model: torch.nn.Module,
     group: WeightUpdateGroup,
     names: Sequence[str],
     dtypes: Sequence[str],
     shapes: Sequence[Sequence[int]],
     load_format: str | None,
-) -> list[NamedTensor]:
-    if load_format == "flattened_bucket":
-        metas = metas_from_lists(names, dtypes, shapes)
-        flat = empty_flat(metas)
-        group.broadcast(flat, what=f"bucket receive ({flat.numel()} bytes, {len(metas)} tensors)")
-        return unflatten(flat, metas)
-    if load_format not in (None, "direct"):
+    staging: Staging,
+) -> int:
+    """Receive one announced bucket from rank 0 and load it into ``model``; returns the number of tensors."""
+    if load_format not in (None, "direct", "flattened_bucket"):
         raise ValueError(f"unsupported load_format={load_format!r}; use null or 'flattened_bucket'")
-    if not len(names) == len(dtypes) == len(shapes):
-        raise ValueError(f"names/dtypes/shapes lengths differ: {len(names)}/{len(dtypes)}/{len(shapes)}")
-    out: list[NamedTensor] = []
-    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-        tensor = torch.empty([int(d) for d in shape], dtype=dtype_from_name(dtype))
-        group.broadcast(tensor, what=f"receive of {name!r}")
-        out.append((name, tensor))
-    return out
+    metas = metas_from_lists(names, dtypes, shapes)
+    targets = _checked_targets(model, metas)
+    with torch.no_grad():
+        if load_format == "flattened_bucket":
+            flat = staging.get(metas[-1].end_idx if metas else 0, torch.device("cpu"))
+            group.broadcast(flat, what=f"bucket receive ({flat.numel()} bytes, {len(metas)} tensors)")
+            for target, (_, tensor) in zip(targets, unflatten(flat, metas), strict=True):
+                target.copy_(tensor)
+            return len(metas)
+        for m, target in zip(metas, targets, strict=True):
+            direct = target.dtype == m.dtype and target.is_contiguous() and target.device.type == "cpu"
+            buf = target.detach() if direct else torch.empty(m.shape, dtype=m.dtype)
+            group.broadcast(buf, what=f"receive of {m.name!r}")
+            if not direct:
+                target.copy_(buf)
+    return len(metas)
 
 
 def checksums(model: torch.nn.Module, names: Sequence[str] | None) -> dict[str, str | None]:

@@ -144,6 +144,20 @@ def _filter(scaled: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` [rows, vocab] (unnormalised), each row from its own generator.
+
+    Exactly ``torch.multinomial(probs[i], 1, generator=generators[i])`` for every row: for one sample torch
+    draws q ~ Exp(1) of the row's shape from the generator and takes ``argmax(p / q)``. Drawing the noise row
+    by row into one buffer and dividing and reducing the whole batch at once gives the same tokens and leaves
+    every generator in the same state, without a multinomial call (and its input checks) per row.
+    """
+    noise = torch.empty_like(probs)
+    for row, g in zip(noise, generators, strict=True):
+        row.exponential_(1.0, generator=g)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
 ) -> tuple[list[int], list[float]]:
@@ -151,15 +165,20 @@ def sample(
     logits = logits.float()
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32)
     logprobs = torch.log_softmax(logits / temps[:, None], dim=-1)
-    tokens: list[int] = []
+    tokens = torch.empty(len(params), dtype=torch.long)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    plain = [
+        i
+        for i, p in enumerate(params)
+        if not p.greedy and p.top_k == TOP_K_ALL and p.top_p >= 1.0 and p.min_p == 0.0
+    ]
+    if greedy:
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if plain:
+        rows = logprobs if len(plain) == len(params) else logprobs[plain]
+        tokens[plain] = _draw(rows.exp(), [generators[i] for i in plain])
     for i, p in enumerate(params):
-        if p.greedy:
-            tokens.append(int(torch.argmax(logits[i])))
-            continue
-        if p.top_k == TOP_K_ALL and p.top_p >= 1.0 and p.min_p == 0.0:
-            probs = logprobs[i].exp()
-        else:
-            probs = _filter(logits[i] / p.temperature, p)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generators[i])))
-    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None]).squeeze(1)
-    return tokens, chosen.tolist()
+        if not p.greedy and i not in plain:
+            tokens[i] = _draw(_filter(logits[i] / p.temperature, p)[None], [generators[i]])[0]
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    return tokens.tolist(), chosen.tolist()
