@@ -292,19 +292,29 @@ def padded_vocab_size(spec: ModelSpec, tp: int) -> int:
     return -(-spec.vocab_size // tp) * tp
 
 
-def check_parallel_layout(spec: ModelSpec, tp: int, pp: int, ep: int = 1) -> None:
-    """Raise ValueError naming the field when ``spec`` cannot be split over TP=tp, PP=pp, EP=ep (the vocabulary
-    is padded to a multiple of TP, so it always splits)."""
+def check_expert_layout(spec: ModelSpec, tp: int, ep: int) -> None:
+    """Raise ValueError (a sentence naming the field and the fix) when EP=ep or TP=tp cannot hold ``spec``'s
+    experts."""
     if ep > 1 and not spec.is_moe:
-        raise ValueError(f"expert_parallel={ep} needs a MoE model; {spec.model_type} has no experts")
+        raise ValueError(
+            f"expert_parallel={ep} needs a MoE model, but {spec.model_type} has no experts; set it to 1"
+        )
     if spec.is_moe and spec.num_experts % ep:
-        raise ValueError(f"expert_parallel={ep} does not divide num_experts={spec.num_experts}")
+        raise ValueError(
+            f"expert_parallel={ep} does not divide num_experts={spec.num_experts}; choose a divisor of it"
+        )
     if spec.is_moe and tp > 1:
         raise ValueError(
-            f"tensor_parallel={tp} with the MoE model {spec.model_type} is not supported (Megatron's MoE layers "
+            f"tensor_parallel={tp} is not supported with the MoE model {spec.model_type} (Megatron's MoE layers "
             "need sequence parallelism with TP, which this trainer does not run); use tensor_parallel=1 and "
             "expert_parallel"
         )
+
+
+def check_parallel_layout(spec: ModelSpec, tp: int, pp: int, ep: int = 1) -> None:
+    """Raise ValueError naming the field when ``spec`` cannot be split over TP=tp, PP=pp, EP=ep (the vocabulary
+    is padded to a multiple of TP, so it always splits)."""
+    check_expert_layout(spec, tp, ep)
     if spec.num_attention_heads % tp:
         raise ValueError(
             f"tensor_parallel={tp} does not divide num_attention_heads={spec.num_attention_heads}"
