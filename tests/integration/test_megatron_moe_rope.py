@@ -4,10 +4,12 @@ Tiny random-init checkpoints: Qwen3-MoE and Qwen2-MoE (4 experts, top-2; Qwen2-M
 expert), a Llama with ``rope_type: llama3`` and a Qwen2 with ``rope_type: yarn`` (original context 64 tokens, so
 the scaling changes most rotary frequencies within the 40-token test sequences). One world-size-1 process
 builds each at EP1 and records logits and the trainer's log-probs of samples the CPU engine generated; one
-two-rank group trains Qwen3-MoE at DP2 with EP1 and with EP2 (each rank holds 2 of the 4 experts).
+two-rank group trains Qwen3-MoE at DP2 with EP1 and with EP2 (each rank holds 2 of the 4 experts; the EP2 run
+also saves a checkpoint and resumes from it) and at PP2 (one MoE layer per stage).
 
 Tolerances (float32): logits within 1e-4 of transformers in float64, trainer log-probs within 1e-4 of the
-engine's, EP2 losses and router load-balancing losses within 1e-5 of EP1, weights after two steps within 1e-5.
+engine's, EP2 and PP2 losses and router load-balancing losses within 1e-5 of EP1, weights after two steps
+within 1e-5, resume bitwise.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def setup(tmp_path_factory):
         )
         for ep in (1, 2)
     ]
-    pair[1]["export"] = str(root / "export-ep2")
+    pair[1].update(export=str(root / "export-ep2"), resume=str(root / "ckpt-ep2"))
+    pair.append({**pair[0], "name": "pp2", "pp": 2})
     spawned = [_spawn(1, single, root / "single"), _spawn(2, pair, root / "pair")]
     hf = {}
     for name, path in ckpts.items():
@@ -162,6 +165,20 @@ def test_expert_parallel_trains_like_ep1(setup):
     assert ep1["metrics"][0]["loss"] != ep1["metrics"][1]["loss"], "the optimizer step changed nothing"
     assert set(ep1["weights"]) == set(ep2["weights"])
     assert max(_max_abs(ep1["weights"][n], ep2["weights"][n]) for n in ep1["weights"]) < 1e-5
+
+
+def test_pipeline_parallel_moe_trains_like_ep1(setup):
+    ep1, pp2 = setup["results"]["ep1"], setup["results"]["pp2"]
+    for a, b in zip(ep1["metrics"], pp2["metrics"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["moe_aux_loss"] - b["moe_aux_loss"]) < 1e-5
+    assert max(_max_abs(ep1["weights"][n], pp2["weights"][n]) for n in ep1["weights"]) < 1e-5
+
+
+def test_expert_parallel_resume_is_bitwise(setup):
+    ep2 = setup["results"]["ep2"]
+    assert ep2["resumed"]["loss"] == ep2["continued"]["loss"]
+    assert ep2["resumed"]["moe_aux_loss"] == ep2["continued"]["moe_aux_loss"]
+    assert all(torch.equal(ep2["resumed_weights"][n], t) for n, t in ep2["continued_weights"].items())
 
 
 def test_expert_parallel_export_loads_in_transformers(setup):
