@@ -531,6 +531,7 @@ def plan(recipe, platform, found: Preflight) -> dict[str, Any]:
             "mode": recipe.run.mode,
             "tensor_parallel": t.parallel.tensor_parallel,
             "pipeline_parallel": t.parallel.pipeline_parallel,
+            "expert_parallel": t.parallel.expert_parallel,
             "data_parallel": t.data_parallel,
             "trainer_ranks": trainer_devices,
             "devices": trainer_devices

@@ -239,3 +239,5 @@ def test_tiny_moe_recipe_passes_preflight(tmp_path, capsys, monkeypatch):
     recipe = ROOT / "examples" / "tiny_moe_cpu.yaml"
     assert main(["train", str(recipe), "--output-dir", str(tmp_path / "run"), "--dry-run"]) == 0
     assert not (tmp_path / "run").exists()
+    out = capsys.readouterr().out
+    assert "expert_parallel" in out and "qwen3_moe" in out, out
