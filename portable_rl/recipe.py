@@ -40,13 +40,20 @@ DEBUG_MODES = ("none", "rollout_only", "train_only")
 @dataclass
 class ModelConfig:
     path: str = "tiny"  # "tiny" (random init, built in-process), "smollm2" (shipped demo model) or a HF dir
-    tiny_arch: str = "llama"  # llama | qwen2 | qwen3, for path="tiny"
+    tiny_arch: str = "llama"  # one of portable_rl.models.tiny.TINY_ARCHS, for path="tiny"
     tiny_seed: int = 0
 
     def __post_init__(self) -> None:
         refuse_non_finite(self, "model.")
-        if self.tiny_arch not in ("llama", "qwen2", "qwen3"):
-            raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of llama, qwen2, qwen3")
+        archs = (
+            "llama",
+            "qwen2",
+            "qwen3",
+            "qwen2_moe",
+            "qwen3_moe",
+        )  # models.tiny.TINY_ARCHS (a lower layer)
+        if self.tiny_arch not in archs:
+            raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of {', '.join(archs)}")
         if self.path not in ("tiny", "smollm2") and not (Path(self.path) / "config.json").is_file():
             raise ValueError(
                 f"model.path={self.path!r} is not a HF checkpoint directory (no config.json); "

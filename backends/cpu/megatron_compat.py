@@ -11,7 +11,12 @@ code paths run on the CPU, unchanged:
   an integer ordinal, ``torch.device("cuda", i)``) in factory functions and ``Tensor.to/.cuda/.new_*`` to the
   CPU, and reports ``torch.cuda.*Tensor`` from ``Tensor.type()`` so Megatron's dtype checks pass;
 * Megatron's RNG-tracker helpers read and write the CPU generator, so ``get_cuda_rng_tracker().fork()`` keeps
-  its per-rank seeding semantics.
+  its per-rank seeding semantics;
+* ``torch.distributed.all_to_all_single`` gets its split sizes as lists: the MoE token dispatcher moves them to
+  the host only from a CUDA tensor (``is_cuda``), so on the CPU they arrive as tensors, which the process
+  group's binding refuses; and the backward of Megatron's all-to-all (which allocates on
+  ``torch.cuda.current_device()``) runs under the device mode too: the autograd engine calls a custom
+  Function's backward without the thread's torch-function modes.
 
 Contract
 --------
@@ -90,7 +95,15 @@ class _CpuDeviceMode(TorchFunctionMode):
                 return name
         elif func is torch.Tensor.pin_memory:
             return args[0]  # no pinned memory without an accelerator driver; a plain CPU tensor does
+        elif func is torch.distributed.all_to_all_single:
+            kwargs = {k: _as_int_list(v) if k.endswith("split_sizes") else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+
+def _as_int_list(sizes):
+    if isinstance(sizes, torch.Tensor):
+        return [int(x) for x in sizes.tolist()]
+    return sizes
 
 
 class _NullStream:
@@ -202,6 +215,16 @@ def _patch_process() -> None:
 
     mp_random._get_cuda_rng_state = _cpu_rng_get
     mp_random._set_cuda_rng_state = _cpu_rng_set
+
+    from megatron.core.tensor_parallel import mappings
+
+    all_to_all_backward = mappings._AllToAll.backward
+
+    def backward_on_cpu(ctx, *grad_output):
+        with _CpuDeviceMode():
+            return all_to_all_backward(ctx, *grad_output)
+
+    mappings._AllToAll.backward = staticmethod(backward_on_cpu)
 
 
 def install() -> bool:

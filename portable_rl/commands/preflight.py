@@ -61,6 +61,9 @@ SHAPE_FACTS = (
     "tie_word_embeddings",
     "qkv_bias",
     "qk_norm",
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
 )
 
 
@@ -121,6 +124,15 @@ def check_placement(recipe, platform) -> None:
         f"TP {t.parallel.tensor_parallel} x PP {t.parallel.pipeline_parallel} x DP {t.data_parallel} "
         f"= {t.world_size} trainer rank(s)"
     )
+    ep = t.parallel.expert_parallel
+    if t.data_parallel % ep:
+        # Megatron lays the expert-parallel ranks over the data-parallel ones: EP x TP x PP must fit the world
+        raise UserError(
+            f"train.parallel.expert_parallel={ep} needs TP x EP x PP = "
+            f"{t.parallel.tensor_parallel * ep * t.parallel.pipeline_parallel} trainer ranks within {ranks}, "
+            f"but does not divide train.data_parallel={t.data_parallel}; set train.data_parallel to a multiple "
+            f"of {ep} or lower expert_parallel"
+        )
     engine_devices = r.num_engines * r.engine_tp_size
     if recipe.run.mode == "colocated" and engine_devices > t.world_size:
         raise UserError(
@@ -201,7 +213,12 @@ def _model_config(recipe, run_dir, resume: bool) -> dict[str, Any] | None:
 
 def check_model(recipe, run_dir, resume: bool, found: Preflight) -> None:
     """Model directory complete, architecture supported, layout divisible, context long enough, resume match."""
-    from portable_rl.training.model_builder import ModelSpec, UnsupportedModel, check_parallel_layout
+    from portable_rl.training.model_builder import (
+        ModelSpec,
+        UnsupportedModel,
+        check_expert_layout,
+        check_parallel_layout,
+    )
 
     cfg = _model_config(recipe, run_dir, resume)
     if cfg is None:
@@ -210,12 +227,18 @@ def check_model(recipe, run_dir, resume: bool, found: Preflight) -> None:
     try:
         spec = ModelSpec.from_hf(cfg)
     except UnsupportedModel as exc:
-        raise UserError(f"{where}: {exc}; use a Llama, Qwen2 or Qwen3 checkpoint") from None
+        raise UserError(
+            f"{where}: {exc}; use a Llama, Qwen2, Qwen3, Qwen2-MoE or Qwen3-MoE checkpoint"
+        ) from None
     except (KeyError, TypeError) as exc:
         raise UserError(
             f"{where}: config.json lacks or mistypes {exc}; copy the model directory again"
         ) from None
     p = recipe.train.parallel
+    try:
+        check_expert_layout(spec, p.tensor_parallel, p.expert_parallel)
+    except ValueError as exc:
+        raise UserError(f"train.parallel.{exc} ({where})") from None
     try:
         check_parallel_layout(spec, p.tensor_parallel, p.pipeline_parallel)
     except ValueError as exc:
@@ -608,6 +631,7 @@ def plan(recipe, platform, found: Preflight) -> dict[str, Any]:
             "mode": recipe.run.mode,
             "tensor_parallel": t.parallel.tensor_parallel,
             "pipeline_parallel": t.parallel.pipeline_parallel,
+            "expert_parallel": t.parallel.expert_parallel,
             "data_parallel": t.data_parallel,
             "trainer_ranks": trainer_devices,
             "devices": trainer_devices

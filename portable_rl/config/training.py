@@ -21,18 +21,23 @@ class ParallelConfig:
 
     tensor_parallel:        tensor-parallel size
     pipeline_parallel:      pipeline-parallel size
+    expert_parallel:        expert-parallel size of a MoE model: each of these ranks holds num_experts /
+                            expert_parallel of the experts and tokens travel to them (all-to-all). The
+                            ranks are data-parallel ranks (as in Megatron), so it must divide
+                            train.data_parallel and the model's num_experts
     distributed_optimizer:  shard optimizer state across data-parallel ranks
     collective_timeout_s:   timeout of every trainer collective (world and Megatron groups)
     """
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    expert_parallel: int = 1
     distributed_optimizer: bool = False
     collective_timeout_s: float = 1800.0  # every trainer collective (world and Megatron groups)
 
     def __post_init__(self) -> None:
         refuse_non_finite(self, "train.parallel.")
-        for name in ("tensor_parallel", "pipeline_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         t = self.collective_timeout_s

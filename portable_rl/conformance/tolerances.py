@@ -62,6 +62,8 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     # (measured 9.5e-7 for log-probs). GPUs run bf16: provisional, like the other model-level checks.
     "training.packed_vs_unpacked": {"cpu": {"*": 1e-5}, "*": {"*": 1e-1}},
     "training.tp2_vs_tp1": {"cpu": {"*": 2e-5}, "*": {"*": 1e-1}},
+    # EP2 vs EP1: the same expert math on other ranks (tokens travel all-to-all); CPU measured 4.8e-7 (fp32).
+    "training.ep2_vs_ep1": {"cpu": {"*": 2e-5}, "*": {"*": 1e-1}},
     "determinism.megatron_train_steps": EXACT,
     # Engine log-probs: the CPU engine decodes with a KV cache in fp32 (measured 5.6e-7 vs HF); SGLang on GPUs
     # samples in bf16 against a bf16 trainer — provisional until a GPU leg reports.

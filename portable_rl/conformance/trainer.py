@@ -1,8 +1,9 @@
 """Trainer checks: Megatron after HF->Megatron conversion computes what transformers computes, at any TP.
 
 One spawn of two ranks (``torch.multiprocessing``, the platform's dist backend) builds portable_rl's
-``MegatronActor`` from tiny Llama / Qwen2 / Qwen3 checkpoints, at TP1 (data-parallel over the two ranks) and
-TP2, and records: the full-vocabulary logits of a fixed batch (gathered over TP), the trainer's response
+``MegatronActor`` from tiny Llama / Qwen2 / Qwen3 / Qwen3-MoE checkpoints, at TP1 (data-parallel over the two
+ranks) and TP2 (the MoE model, which Megatron does not tensor-split here, at expert parallel 2 instead: each rank
+holds half of the experts), and records: the full-vocabulary logits of a fixed batch (gathered over TP), the trainer's response
 log-probs (``compute_logprobs``), the HF weights it exports (``named_hf_weights``) and, for Llama, the losses
 of two seeded training steps (twice at TP1, once at TP2), and, for Llama at TP1, one training step over
 variable-length samples packed into token-budget micro-batches and the same step one sample per micro-batch
@@ -19,6 +20,7 @@ The parent compares with transformers run in float64 on the CPU from the same ch
 * ``training.packed_vs_unpacked``: max abs difference of log-probs, entropy, loss and gradient norm, packed
   micro-batches against one sample at a time (fp32 rounding on CPU);
 * ``training.tp2_vs_tp1``: max abs difference of logits and of the two training losses, TP2 against TP1;
+* ``training.ep2_vs_ep1``: max abs difference of the MoE model's logits and log-probs, EP2 against EP1;
 * ``determinism.megatron_train_steps``: difference of the losses of two seeded TP1 runs (tolerance 0).
 
 On a device platform each rank takes device ``rank``; with one device the spawn has a single rank and the TP2
@@ -36,7 +38,9 @@ from portable_rl.conformance.engine_fixture import ENGINE_MODULES
 from portable_rl.conformance.registry import Context, Measurement, _module_exists, register
 from portable_rl.distributed import free_ports
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")
+MOE_ARCHS = ("qwen3_moe",)
+DENSE_ARCHS = tuple(a for a in ARCHS if a not in MOE_ARCHS)
 TRAINER_MODULE = "portable_rl.training.actor"
 PROMPT, RESPONSE = 4, 28
 LR = 1e-3
@@ -45,6 +49,11 @@ SEED = 1234
 # and leaves the 44-token sample in a micro-batch of its own (longer than the budget).
 PACKED_SAMPLES = ((3, 9), (6, 14), (4, 40), (5, 7), (2, 11), (8, 20))
 PACK_BUDGET = 40
+
+
+def layouts(arch: str) -> tuple[str, str]:
+    """The two layouts each architecture is recorded at: TP1 and TP2, or TP1 and EP2 for a MoE model."""
+    return ("tp1", "ep2") if arch in MOE_ARCHS else ("tp1", "tp2")
 
 
 def fixed_tokens(vocab_size: int) -> list[list[int]]:
@@ -80,10 +89,10 @@ def _worker(
     def mark(what: str) -> None:
         record["timings"][what] = round(time.perf_counter() - t0, 2)
 
-    def build(arch: str, tp: int, **extra: Any) -> MegatronActor:
+    def build(arch: str, tp: int, ep: int = 1, **extra: Any) -> MegatronActor:
         cfg = ActorConfig(
             hf_checkpoint=ckpts[arch],
-            parallel=ParallelConfig(tensor_parallel=tp),
+            parallel=ParallelConfig(tensor_parallel=tp, expert_parallel=ep),
             optim=OptimConfig(lr=LR, clip_grad=0.0),
             seed=SEED,
             **extra,
@@ -180,7 +189,12 @@ def _worker(
             actor.shutdown()
             record["llama/tp1/packed_vs_unpacked"] = packed_vs_unpacked(arch, vocab)
             mark(f"{arch}/tp1 again and packed done")
-        if world > 1:
+        if world > 1 and arch in MOE_ARCHS:
+            actor = build(arch, 1, ep=2)
+            record[f"{arch}/ep2"] = forward(actor, batch)
+            actor.shutdown()
+            mark(f"{arch}/ep2 done")
+        elif world > 1:
             actor = build(arch, 2)
             record[f"{arch}/tp2"] = forward(actor, batch)
             if arch == "llama":
@@ -212,7 +226,7 @@ def run_trainer_workers(ctx: Context) -> dict[str, Any]:
             samples = engine_samples(ctx)  # scored by the trainer for rollout.engine_vs_trainer_logprobs
         except Exception:  # noqa: BLE001 - the rollout checks report the engine's failure themselves
             samples = None
-    ports = free_ports(12, "127.0.0.1")
+    ports = free_ports(14, "127.0.0.1")
     mp.start_processes(
         _worker,
         args=(world, ctx.platform.name, ckpts, ports, str(out), samples),
@@ -235,12 +249,20 @@ def hf_reference(ckpt: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64).eval()
+    # transformers' grouped-GEMM experts kernel has no float64 path on the CPU: loop over experts ("eager")
+    moe = {"experts_implementation": "eager"} if "num_experts_per_tok" in _config(ckpt) else {}
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64, **moe).eval()
     tokens = torch.tensor(fixed_tokens(model.config.vocab_size))
     with torch.no_grad():
         logits = model(input_ids=tokens).logits
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
     return {"logits": logits, "logprobs": logp[:, PROMPT - 1 :]}
+
+
+def _config(ckpt: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((Path(ckpt) / "config.json").read_text())
 
 
 def _ref(ctx: Context, arch: str) -> dict[str, Any]:
@@ -271,7 +293,7 @@ _NEEDS = dict(
 @register(
     "training.megatron_vs_hf_logits",
     "max |Megatron TP1 logits after HF->Megatron conversion - transformers float64 logits|, worst of "
-    "llama/qwen2/qwen3",
+    "llama/qwen2/qwen3/qwen3_moe",
     **_NEEDS,
 )
 def check_megatron_vs_hf_logits(ctx: Context, dtype: str | None) -> Measurement:
@@ -341,15 +363,34 @@ def check_packed_vs_unpacked(ctx: Context, dtype: str | None) -> Measurement:
 
 @register(
     "training.tp2_vs_tp1",
-    "max |TP2 - TP1| over full-vocabulary logits (3 architectures) and two training-step losses (llama)",
+    "max |TP2 - TP1| over full-vocabulary logits (3 dense architectures) and two training-step losses (llama)",
     min_devices=2,
     **_NEEDS,
 )
 def check_tp2_vs_tp1(ctx: Context, dtype: str | None) -> Measurement:
     rec = trainer_record(ctx)
-    logit_err = max(_max_abs(rec[f"{a}/tp2"]["logits"], rec[f"{a}/tp1"]["logits"]) for a in ARCHS)
+    logit_err = max(_max_abs(rec[f"{a}/tp2"]["logits"], rec[f"{a}/tp1"]["logits"]) for a in DENSE_ARCHS)
     loss_err = _max_abs(rec["llama/tp2/losses"], rec["llama/tp1/losses"])
     return Measurement(max(logit_err, loss_err), f"logits {logit_err:.3g}, losses {loss_err:.3g}")
+
+
+@register(
+    "training.ep2_vs_ep1",
+    "max |EP2 - EP1| over the MoE model's full-vocabulary logits and response log-probs (qwen3_moe, each of two "
+    "ranks holding half of the experts)",
+    min_devices=2,
+    **_NEEDS,
+)
+def check_ep2_vs_ep1(ctx: Context, dtype: str | None) -> Measurement:
+    rec = trainer_record(ctx)
+    errs = {
+        a: max(
+            _max_abs(rec[f"{a}/ep2"]["logits"], rec[f"{a}/tp1"]["logits"]),
+            _max_abs(rec[f"{a}/ep2"]["logprobs"], rec[f"{a}/tp1"]["logprobs"]),
+        )
+        for a in MOE_ARCHS
+    }
+    return Measurement(max(errs.values()), ", ".join(f"{a} {e:.3g}" for a, e in errs.items()))
 
 
 @register(

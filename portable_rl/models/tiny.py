@@ -1,8 +1,11 @@
-"""Tiny random-init HF checkpoints (Llama / Qwen2 / Qwen3) with an in-process BPE tokenizer.
+"""Tiny random-init HF checkpoints (Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE) with an in-process BPE tokenizer.
 
 ``build_tiny_checkpoint(dir, arch)`` writes a directory that transformers, portable_rl's trainer and engines
 (and the real SGLang server) load like any hub checkpoint: config.json, model.safetensors, tokenizer files
-with a chat template. Deterministic for a given (arch, seed). Nothing is downloaded.
+with a chat template. Deterministic for a given (arch, seed). Nothing is downloaded. The MoE archs have
+``num_experts`` experts of width ``moe_intermediate_size``, ``experts_per_token`` routed per token (top-k
+renormalised, as Qwen3-30B-A3B); Qwen2-MoE adds its gated shared expert. ``rope_scaling`` (e.g.
+``{"rope_type": "llama3", "factor": 8.0, ...}``) is written into the config as transformers reads it.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ _CORPUS = [
 ]
 
 
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+
+
 @dataclass(frozen=True)
 class TinySpec:
-    arch: str = "llama"  # llama | qwen2 | qwen3
+    arch: str = "llama"  # one of TINY_ARCHS
     vocab_size: int = 512
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -39,10 +45,14 @@ class TinySpec:
     max_position_embeddings: int = 512
     tie_word_embeddings: bool = False
     seed: int = 0
+    num_experts: int = 4  # MoE archs only
+    experts_per_token: int = 2
+    moe_intermediate_size: int = 32
+    rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.arch not in ("llama", "qwen2", "qwen3"):
-            raise ValueError(f"tiny arch {self.arch!r} is not one of llama, qwen2, qwen3")
+        if self.arch not in TINY_ARCHS:
+            raise ValueError(f"tiny arch {self.arch!r} is not one of {', '.join(TINY_ARCHS)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -76,7 +86,7 @@ def train_tokenizer(vocab_size: int):
 
 
 def hf_config(spec: TinySpec, vocab_size: int, eos_id: int, pad_id: int):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -88,17 +98,30 @@ def hf_config(spec: TinySpec, vocab_size: int, eos_id: int, pad_id: int):
         max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=spec.tie_word_embeddings,
         rms_norm_eps=1e-6,
-        rope_theta=10000.0,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         bos_token_id=None,
         torch_dtype="float32",
     )
+    rope = {"rope_type": "default", **(spec.rope_scaling or {}), "rope_theta": 10000.0}
+    common["rope_parameters"] = rope
+    moe = dict(
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.experts_per_token,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.001,
+    )
+    head_dim = spec.hidden_size // spec.num_attention_heads
     if spec.arch == "llama":
         return LlamaConfig(**common)
     if spec.arch == "qwen2":
         return Qwen2Config(**common)
-    return Qwen3Config(head_dim=spec.hidden_size // spec.num_attention_heads, **common)
+    if spec.arch == "qwen2_moe":
+        return Qwen2MoeConfig(shared_expert_intermediate_size=spec.intermediate_size, **moe, **common)
+    if spec.arch == "qwen3_moe":
+        return Qwen3MoeConfig(head_dim=head_dim, **moe, **common)
+    return Qwen3Config(head_dim=head_dim, **common)
 
 
 def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
@@ -118,7 +141,7 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> 
     # Random init gives near-uniform logits; a wider init makes sampling and RL signal non-trivial.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 2:
+            if param.dim() >= 2:  # MoE experts are [experts, out, in] in memory
                 param.normal_(0.0, 0.08)
             elif "norm" in name:
                 param.fill_(1.0)

@@ -10,10 +10,12 @@ Modules (each states its own contract):
 * ``updates``      several optimizer steps per rollout: the mini-batch split and how their metrics combine.
 * ``batch``        ``TrainBatch`` (what the actor consumes), token-budget packing, and the padded or packed
                    ``MicroBatch`` (a loss function sees the same tensors either way).
-* ``model_builder`` ``ModelSpec`` from a HF config (Llama, Qwen2, Qwen3) and the Megatron model/config; the
-                   layer spec comes from the platform's ``trainer_kernels`` answer.
+* ``model_builder`` ``ModelSpec`` from a HF config (Llama, Qwen2, Qwen3, Qwen2/Qwen3-MoE; default, llama3 and
+                   yarn rotary embeddings) and the Megatron model/config; the layer spec comes from the
+                   platform's ``trainer_kernels`` answer.
 * ``attention``    ``SdpaCoreAttention``: Megatron core attention on torch SDPA (padded or packed ``thd``).
-* ``convert``      HF safetensors <-> Megatron tensors, TP-sharded, both directions; HF checkpoint writer.
+* ``convert``      HF safetensors <-> Megatron tensors, TP-sharded (experts EP-split), both directions; HF
+                   checkpoint writer.
 * ``logprobs``     per-token log-probs and entropy from vocab-parallel logits.
 * ``checkpoint``   resumable checkpoints in Megatron's distributed format (model, optimizer, RNG, step; any
                    layout resumes them) and HF weights out of a sharded model.

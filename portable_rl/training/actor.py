@@ -7,7 +7,8 @@ Public interface
 ``MegatronActor(config, rank, world_size, master_addr, master_port, local_device=0)``
     Prepares the platform's training runtime, joins ``torch.distributed`` with
     ``current_platform().dist_backend``, initialises Megatron ``parallel_state`` (TP x PP x DP with
-    DP = world_size / (TP * PP)), builds this rank's GPTModel stage from ``config.hf_checkpoint``, loads the HF
+    DP = world_size / (TP * PP); a MoE model's experts split over ``parallel.expert_parallel`` of the DP ranks),
+    builds this rank's GPTModel stage from ``config.hf_checkpoint``, loads the HF
     weights, and wraps it in Megatron DDP + the Megatron optimizer. With ``config.ref_checkpoint`` set, a frozen
     reference model with the same layout is built too. Every method below is collective: call it on every rank
     with the same arguments (Ray: ``ray.get([a.method.remote(...) for a in actors])``).
@@ -32,7 +33,9 @@ Public interface
     sum (e.g. ``(l * mask).sum() / mb["global_num_tokens"]``) and is used as is. Returned metrics (identical on
     all ranks): ``loss``, ``grad_norm``, ``lr``, ``entropy`` (token mean), ``logp_abs_diff`` (mean
     |logp_train - rollout_logprobs| when the batch has ``rollout_logprobs``), ``num_samples``, ``num_tokens``,
-    ``step`` and every key of ``loss_fn``'s metrics, averaged over micro-batches by sample count (so report
+    ``step``, for a MoE model ``moe_aux_loss`` (the router load-balancing loss, Megatron's definition without its
+    coefficient, mean over MoE layers and micro-batches, averaged over data-parallel ranks) and every key of
+    ``loss_fn``'s metrics, averaged over micro-batches by sample count (so report
     per-micro-batch means such as ``kl`` or ``clip_fraction``; a key that clashes with one of the actor's
     becomes ``loss_fn/<key>``). ``loss`` is always the objective actually minimised.
     ``mb`` keys: ``loss_mask`` [b, L], ``response_lengths`` [b], every token field [b, L] (``advantages``,
@@ -117,7 +120,17 @@ from portable_rl.training.updates import mean_over_updates, split_mini_batches
 
 # Metrics train_step computes itself; loss_fn metrics with these names are reported as "loss_fn/<name>".
 _ACTOR_METRICS = frozenset(
-    {"loss", "grad_norm", "lr", "entropy", "logp_abs_diff", "num_samples", "num_tokens", "step"}
+    {
+        "loss",
+        "grad_norm",
+        "lr",
+        "entropy",
+        "logp_abs_diff",
+        "num_samples",
+        "num_tokens",
+        "step",
+        "moe_aux_loss",
+    }
 )
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -202,8 +215,13 @@ class MegatronActor:
         self.kernels = self.platform.trainer_kernels(config.attention)
         self.dtype = _DTYPES[self.platform.default_train_dtype if config.dtype == "auto" else config.dtype]
         tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+        ep = config.parallel.expert_parallel
         if world_size % (tp * pp):
             raise ValueError(f"world_size={world_size} is not a multiple of TP*PP={tp * pp}")
+        if (world_size // (tp * pp)) % ep:
+            raise ValueError(
+                f"expert_parallel={ep} does not divide the {world_size // (tp * pp)} data-parallel rank(s)"
+            )
         self.device = self.platform.torch_device(local_device)
         if self.device.type != "cpu":
             torch.accelerator.set_device_index(self.device.index or 0)
@@ -222,6 +240,7 @@ class MegatronActor:
             ps.initialize_model_parallel(
                 tensor_model_parallel_size=tp,
                 pipeline_model_parallel_size=pp,
+                expert_model_parallel_size=ep,
                 distributed_timeout_minutes=config.parallel.collective_timeout_s / 60,
             )
         self.ps = ps
@@ -229,7 +248,7 @@ class MegatronActor:
         model_parallel_cuda_manual_seed(config.seed)
 
         self.spec = ModelSpec.from_hf(config.hf_checkpoint)
-        check_parallel_layout(self.spec, tp, pp)
+        check_parallel_layout(self.spec, tp, pp, ep)
         self.layout = Layout(
             tensor_parallel=tp,
             pipeline_parallel=pp,
@@ -240,6 +259,9 @@ class MegatronActor:
             dp_rank=ps.get_data_parallel_rank(),
         )
         self.layers = local_layer_range(self.spec, pp, self.layout.pp_rank)
+        per = self.spec.num_experts // ep
+        ep_rank = ps.get_expert_model_parallel_rank() if self.spec.is_moe else 0
+        self.experts = range(ep_rank * per, (ep_rank + 1) * per)  # global indices of this rank's experts
         self.step = 0
         self.model, self.tconfig = self._build(config.hf_checkpoint)
         self.ddp, self.optimizer = self._wrap(self.model, self.tconfig)
@@ -260,7 +282,8 @@ class MegatronActor:
     def _build(self, checkpoint: str):
         ModelSpec.from_hf(checkpoint)  # fail early with a clear message on an unsupported config
         tp, pp = self.layout.tensor_parallel, self.layout.pipeline_parallel
-        tconfig = transformer_config(self.spec, tp, pp, self.dtype, self._overrides())
+        ep = self.config.parallel.expert_parallel
+        tconfig = transformer_config(self.spec, tp, pp, self.dtype, self._overrides(), ep=ep)
         model = build_gpt_model(self.spec, tconfig, self.kernels)
         if self.device.type != "cpu":
             model = model.to(self.device)
@@ -273,6 +296,7 @@ class MegatronActor:
             layers=self.layers,
             pre_process=self.ps.is_pipeline_first_stage(),
             post_process=self.ps.is_pipeline_last_stage(),
+            experts=self.experts,
         )
         return model, tconfig
 
@@ -462,16 +486,38 @@ class MegatronActor:
         for _ in range(epochs):
             for part in parts:
                 reports = self.forward_backward(part, loss_fn)
+                aux = self._moe_aux_loss(len(reports) if reports else None)
                 ok, grad_norm, _ = self.optimizer.step()
                 if not ok:
                     raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
                 update = self._reduce_reports(reports, self.config.loss_scaling)
                 update["grad_norm"] = float(grad_norm)
+                if aux is not None:
+                    update["moe_aux_loss"] = aux
                 updates.append(update)
         self.step += 1
         metrics = mean_over_updates(updates, len(parts))
         metrics.update(lr=lr, step=self.step, num_samples=len(batch))
         return metrics
+
+    def _moe_aux_loss(self, num_micro_batches: int | None) -> float | None:
+        """Router load-balancing loss of the last forward_backward (Megatron's tracker, reduced and cleared)."""
+        if not self.spec.is_moe:
+            return None
+        from megatron.core.transformer.moe import moe_utils
+
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if "load_balancing_loss" not in tracker:
+            return None  # coefficient 0: Megatron computes no load-balancing loss
+        # summed over micro-batches per layer; collective over PP (layers) and DP (average)
+        moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+        values = tracker["load_balancing_loss"]["values"]
+        n_mb = torch.tensor([float(num_micro_batches or 0)], device=values.device)
+        if self.layout.pipeline_parallel > 1:  # only the last stage returned reports
+            dist.all_reduce(n_mb, op=dist.ReduceOp.MAX, group=self.ps.get_pipeline_model_parallel_group())
+        value = float(values.sum()) / self.spec.num_layers / max(float(n_mb), 1.0)
+        moe_utils.clear_aux_losses_tracker()
+        return value
 
     def _reduce_reports(self, reports: list[dict[str, torch.Tensor]], scaling: str) -> dict[str, float]:
         """Sum micro-batch reports, combine DP ranks, and hand the result from the last stage to all ranks."""
@@ -578,6 +624,7 @@ class MegatronActor:
             tp_group=self.ps.get_tensor_model_parallel_group(),
             pp_group=self.ps.get_pipeline_model_parallel_group(),
             all_stages=all_stages,
+            ep_group=self.ps.get_expert_model_parallel_group() if self.spec.is_moe else None,
         )
         return self._guarded(weights, "named_hf_weights")
 

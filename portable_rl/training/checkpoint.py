@@ -27,9 +27,10 @@ Contract
 * ``file_problems(path)`` lists, without torch.distributed or Megatron and in milliseconds, what is missing
   or cut short among a checkpoint's files (every byte range its index names must exist); ``read_meta`` raises
   ``CheckpointError`` for a directory without ``meta.json``.
-* ``iter_hf_weights(model, spec, layer_offset, tp_group, pp_group, all_stages)`` is collective over the TP
-  group (and the PP group when ``all_stages``): it yields ``(hf_name, full_tensor)`` for this stage's weights,
-  gathered across TP; with ``all_stages`` every stage's tensors are broadcast over the PP group so each rank
+* ``iter_hf_weights(model, spec, layer_offset, tp_group, pp_group, all_stages, ep_group)`` is collective over
+  the TP group, the expert-parallel group (MoE) and the PP group when ``all_stages``: it yields
+  ``(hf_name, full_tensor)`` for this stage's weights, gathered across TP and, for routed experts, across EP;
+  with ``all_stages`` every stage's tensors are broadcast over the PP group so each rank
   yields the whole model in HF naming. Tied output weights are never yielded (HF ties them on load).
 """
 
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from portable_rl.training.convert import global_name, megatron_to_hf, unshard
+from portable_rl.training.convert import global_name, is_expert, megatron_to_hf, unshard
 from portable_rl.training.model_builder import ModelSpec
 
 META = "meta.json"
@@ -390,10 +391,11 @@ def _distributed_file_problems(root: Path) -> list[str]:
 
 # ---- HF weights out of the sharded model -------------------------------------------------------------------
 def _local_full_tensors(
-    model: torch.nn.Module, spec: ModelSpec, layer_offset: int, tp_group
+    model: torch.nn.Module, spec: ModelSpec, layer_offset: int, tp_group, ep_group=None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(global Megatron name, full tensor) for this stage, all-gathered over TP."""
+    """(global Megatron name, full tensor) for this stage, all-gathered over TP (and routed experts over EP)."""
     tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
+    ep = dist.get_world_size(ep_group) if ep_group is not None and dist.is_initialized() else 1
     for name, local in model.state_dict().items():
         if name.endswith("_extra_state") or not isinstance(local, torch.Tensor):
             continue
@@ -404,7 +406,16 @@ def _local_full_tensors(
         else:
             parts = [local]
         gname = global_name(name, layer_offset)
-        yield gname, unshard(gname, parts, spec)
+        full = unshard(gname, parts, spec)
+        if ep > 1 and is_expert(name):
+            # every EP rank holds num_experts / ep consecutive experts under local indices from 0
+            shares = [torch.empty_like(full) for _ in range(ep)]
+            dist.all_gather(shares, full.contiguous(), group=ep_group)
+            per = spec.num_experts // ep
+            for r, share in enumerate(shares):
+                yield global_name(name, layer_offset, r * per), share
+            continue
+        yield gname, full
 
 
 def iter_hf_weights(
@@ -414,15 +425,16 @@ def iter_hf_weights(
     tp_group=None,
     pp_group=None,
     all_stages: bool = False,
+    ep_group=None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     pp = dist.get_world_size(pp_group) if pp_group is not None and dist.is_initialized() else 1
     if not all_stages or pp == 1:
-        for name, full in _local_full_tensors(model, spec, layer_offset, tp_group):
+        for name, full in _local_full_tensors(model, spec, layer_offset, tp_group, ep_group):
             yield from megatron_to_hf(spec, name, full)
         return
     my_stage = dist.get_rank(pp_group)
     group_ranks = dist.get_process_group_ranks(pp_group)
-    local = list(_local_full_tensors(model, spec, layer_offset, tp_group))
+    local = list(_local_full_tensors(model, spec, layer_offset, tp_group, ep_group))
     for stage in range(pp):
         # Announce names/shapes first so receivers can allocate, then broadcast tensor by tensor.
         header = [[(n, tuple(t.shape), t.dtype) for n, t in local] if stage == my_stage else None]

@@ -20,6 +20,12 @@ linear (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_
 ``local_spec_name`` translate, so loading and export work with either spec (the tensors are identical).
 Tied embeddings: HF stores only ``model.embed_tokens.weight``; a Megatron last pipeline stage that holds its own
 output copy receives the embedding, and export never emits ``lm_head.weight`` for a tied model.
+MoE (Qwen2-MoE, Qwen3-MoE): ``mlp.gate`` is Megatron's ``mlp.router``; HF expert ``j`` (the checkpoint's
+per-expert ``mlp.experts.{j}.{gate,up,down}_proj`` names, which SGLang and transformers both load) is
+``mlp.experts.local_experts.{j}`` with gate/up packed into ``linear_fc1``; Qwen2-MoE's shared expert is
+``mlp.shared_experts`` and its sigmoid gate ``mlp.shared_experts.gate_weight``. Full tensors carry the *global*
+expert index; an expert-parallel rank ``r`` of ``ep`` holds experts ``[r * E/ep, (r + 1) * E/ep)`` under local
+indices from 0 (``local_name`` / ``global_name`` translate both the layer and the expert index).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 from portable_rl.training.model_builder import ModelSpec, padded_vocab_size
 
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
@@ -46,6 +53,12 @@ _LAYER_SIMPLE = {
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# MoE layer (Megatron suffix -> HF suffix), 1:1 tensors; expert and shared-expert fc1 are packed below.
+_MOE_SIMPLE = {
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_expert.down_proj.weight",
+    "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
 }
 _TOP_SIMPLE = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -106,9 +119,16 @@ def unpack_qkv(spec: ModelSpec, packed: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def hf_to_megatron(
-    spec: ModelSpec, hf, layers: Iterable[int], pre_process: bool, post_process: bool
+    spec: ModelSpec,
+    hf,
+    layers: Iterable[int],
+    pre_process: bool,
+    post_process: bool,
+    experts: Iterable[int] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full Megatron tensors (global layer indices) for the given stage; ``hf[name]`` returns a tensor."""
+    """Full Megatron tensors (global layer and expert indices) for the given stage; ``hf[name]`` returns a
+    tensor. ``experts``: the global expert indices this rank holds (default: all of them)."""
+    experts = list(range(spec.num_experts) if experts is None else experts)
     if pre_process:
         yield "embedding.word_embeddings.weight", hf["model.embed_tokens.weight"]
     for i in layers:
@@ -118,6 +138,8 @@ def hf_to_megatron(
             if "q_layernorm" in m_suffix or "k_layernorm" in m_suffix:
                 if not spec.qk_norm:
                     continue
+            if m_suffix == "mlp.linear_fc2.weight" and spec.is_moe:
+                continue
             yield m + m_suffix, hf[p + hf_suffix]
         yield (
             m + "self_attention.linear_qkv.weight",
@@ -138,6 +160,9 @@ def hf_to_megatron(
                     hf[p + "self_attn.v_proj.bias"],
                 ),
             )
+        if spec.is_moe:
+            yield from _moe_to_megatron(spec, hf, p, m, experts)
+            continue
         yield (
             m + "mlp.linear_fc1.weight",
             torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0),
@@ -146,6 +171,28 @@ def hf_to_megatron(
         yield "decoder.final_layernorm.weight", hf["model.norm.weight"]
         source = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
         yield "output_layer.weight", hf[source]
+
+
+def _moe_to_megatron(
+    spec: ModelSpec, hf, p: str, m: str, experts: list[int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for m_suffix, hf_suffix in _MOE_SIMPLE.items():
+        if "shared" in m_suffix and not spec.shared_expert_intermediate_size:
+            continue
+        yield m + m_suffix, hf[p + hf_suffix]
+    if spec.shared_expert_intermediate_size:
+        gate, up = hf[p + "mlp.shared_expert.gate_proj.weight"], hf[p + "mlp.shared_expert.up_proj.weight"]
+        yield m + "mlp.shared_experts.linear_fc1.weight", torch.cat([gate, up], dim=0)
+    for j in experts:
+        e = f"{p}mlp.experts.{j}."
+        fc1 = torch.cat([hf[e + "gate_proj.weight"], hf[e + "up_proj.weight"]], dim=0)
+        yield f"{m}mlp.experts.local_experts.{j}.linear_fc1.weight", fc1
+        yield f"{m}mlp.experts.local_experts.{j}.linear_fc2.weight", hf[e + "down_proj.weight"]
+
+
+def _gate_up(prefix: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    gate, up = torch.chunk(full, 2, dim=0)
+    return [(prefix + "gate_proj.weight", gate.contiguous()), (prefix + "up_proj.weight", up.contiguous())]
 
 
 def megatron_to_hf(spec: ModelSpec, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -167,8 +214,18 @@ def megatron_to_hf(spec: ModelSpec, name: str, full: torch.Tensor) -> list[tuple
         q, k, v = unpack_qkv(spec, full)
         return [(f"{p}self_attn.{n}_proj.{kind}", t) for n, t in (("q", q), ("k", k), ("v", v))]
     if suffix == "mlp.linear_fc1.weight":
-        gate, up = torch.chunk(full, 2, dim=0)
-        return [(p + "mlp.gate_proj.weight", gate.contiguous()), (p + "mlp.up_proj.weight", up.contiguous())]
+        return _gate_up(p + "mlp.", full)
+    if suffix in _MOE_SIMPLE:
+        return [(p + _MOE_SIMPLE[suffix], full)]
+    if suffix == "mlp.shared_experts.linear_fc1.weight":
+        return _gate_up(p + "mlp.shared_expert.", full)
+    expert = _EXPERT.match(name)
+    if expert:
+        j, tail = int(expert.group(2)), expert.group(3)[1:]
+        if tail == "linear_fc1.weight":
+            return _gate_up(f"{p}mlp.experts.{j}.", full)
+        if tail == "linear_fc2.weight":
+            return [(f"{p}mlp.experts.{j}.down_proj.weight", full)]
     raise ConversionError(f"no HF name for Megatron tensor {name!r}")
 
 
@@ -217,15 +274,30 @@ def unshard(name: str, shards: list[torch.Tensor], spec: ModelSpec) -> torch.Ten
     return torch.cat(halves, dim=1).reshape(-1, *shards[0].shape[1:])
 
 
-def local_name(name: str, layer_offset: int) -> str:
-    """Global-layer Megatron name -> the name inside a pipeline stage whose first layer is ``layer_offset``."""
+def _shift_expert(name: str, offset: int) -> str:
+    match = _EXPERT.match(name)
+    if not match or not offset:
+        return name
+    return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
+
+
+def is_expert(name: str) -> bool:
+    """Whether ``name`` is a routed expert's tensor (split over expert-parallel ranks, not replicated)."""
+    return _EXPERT.match(name) is not None
+
+
+def local_name(name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """Global Megatron name -> the name inside a pipeline stage whose first layer is ``layer_offset`` (and an
+    expert-parallel rank whose first expert is ``expert_offset``)."""
+    name = _shift_expert(name, -expert_offset)
     match = _LAYER.match(name)
     if not match or not layer_offset:
         return name
     return f"{match.group(1)}{int(match.group(2)) - layer_offset}{match.group(3)}"
 
 
-def global_name(name: str, layer_offset: int) -> str:
+def global_name(name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    name = _shift_expert(name, expert_offset)
     match = _LAYER.match(name)
     if not match or not layer_offset:
         return name
@@ -279,12 +351,15 @@ def load_hf_into_model(
     layers: range,
     pre_process: bool,
     post_process: bool,
+    experts: range | None = None,
 ) -> None:
-    """Copy HF weights into this rank's Megatron stage; strict about names and shapes."""
+    """Copy HF weights into this rank's Megatron stage (and expert-parallel share ``experts``, global indices;
+    default all); strict about names and shapes."""
     targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
     filled: set[str] = set()
-    for name, full in hf_to_megatron(spec, hf, layers, pre_process, post_process):
-        lname = local_name(name, layers.start)
+    experts = range(spec.num_experts) if experts is None else experts
+    for name, full in hf_to_megatron(spec, hf, layers, pre_process, post_process, experts):
+        lname = local_name(name, layers.start, experts.start)
         if lname not in targets and te_name(lname) in targets:
             lname = te_name(lname)
         if lname not in targets:

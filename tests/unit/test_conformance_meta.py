@@ -476,7 +476,7 @@ def trainer_base(tmp_path_factory):
     for arch in trainer.ARCHS:
         ref = trainer._ref(ctx, arch)
         weights = load_file(str(ctx.tiny_checkpoint(arch) / "model.safetensors"))
-        for tp in ("tp1", "tp2"):
+        for tp in trainer.layouts(arch):
             record[f"{arch}/{tp}"] = {
                 "logits": ref["logits"].float(),
                 "logprobs": ref["logprobs"].float().tolist(),
@@ -509,6 +509,7 @@ TRAINER_CHECKS = [n for n in CHECKS if n.startswith("training.")] + [
         ("llama_logprob_shifted", "training.megatron_vs_hf_logprobs"),
         ("qwen2_bias_perturbed", "training.hf_roundtrip"),
         ("tp2_loss_differs", "training.tp2_vs_tp1"),
+        ("ep2_logits_differ", "training.ep2_vs_ep1"),
         ("second_run_differs", "determinism.megatron_train_steps"),
         ("packed_logprob_shifted", "training.packed_vs_unpacked"),
         ("packed_grad_norm_differs", "training.packed_vs_unpacked"),
@@ -544,6 +545,8 @@ def test_corrupted_trainer_fails(corruption, check, trainer_base, monkeypatch, t
     elif corruption == "qwen2_bias_perturbed":
         name = "model.layers.1.self_attn.k_proj.bias"
         bad["qwen2/tp2"]["weights"][name] = bad["qwen2/tp2"]["weights"][name] + torch.finfo(torch.float32).eps
+    elif corruption == "ep2_logits_differ":  # e.g. an expert-parallel rank loaded the wrong experts
+        bad["qwen3_moe/ep2"]["logits"] *= 1.001
     elif corruption == "tp2_loss_differs":
         bad["llama/tp2/losses"] = [6.25, 5.76]
     elif corruption == "second_run_differs":

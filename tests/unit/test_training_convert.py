@@ -50,7 +50,8 @@ def test_spec_reads_each_architecture(tiny_llama, tiny_qwen2, tiny_qwen3):
     "patch, field",
     [
         ({"model_type": "mistral"}, "model_type"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "lacks factor"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"use_sliding_window": True}, "use_sliding_window"),
     ],

@@ -14,6 +14,12 @@ Every function runs on the engine thread (no forward pass is in flight while wei
     transfer that fails midway may leave some parameters updated; the request then fails, the engine's
     weight version stays the old one and the sender's group is unusable (its next sync pushes every weight);
   * ``checksums`` / ``weight_by_name``: read-back for bit-exact verification.
+
+Names are the checkpoint's (what SGLang loads). transformers 5 keeps a MoE layer's experts fused in memory
+(``mlp.experts.gate_up_proj`` [experts, 2 x width, hidden] with gate rows first, ``mlp.experts.down_proj``
+[experts, hidden, width]) while checkpoints and the trainer name each expert
+(``mlp.experts.{j}.gate_proj.weight``, ``up_proj``, ``down_proj``): ``named_state`` adds those per-expert names
+as views of the fused parameters, so loads write into them and checksums read them.
 """
 
 from __future__ import annotations
@@ -41,7 +47,24 @@ def named_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out[name] = p
     for name, b in model.named_buffers(remove_duplicate=False):
         out.setdefault(name, b)
+    out.update(_per_expert_views(out))
     return out
+
+
+def _per_expert_views(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    views: dict[str, torch.Tensor] = {}
+    for name, fused in state.items():
+        if not name.endswith(".experts.gate_up_proj") or fused.dim() != 3:
+            continue
+        prefix = name.removesuffix("gate_up_proj")
+        down = state.get(prefix + "down_proj")
+        width = fused.shape[1] // 2
+        for j in range(fused.shape[0]):
+            views[f"{prefix}{j}.gate_proj.weight"] = fused[j, :width]
+            views[f"{prefix}{j}.up_proj.weight"] = fused[j, width:]
+            if down is not None and down.dim() == 3:
+                views[f"{prefix}{j}.down_proj.weight"] = down[j]
+    return views
 
 
 def load_named_tensors(model: torch.nn.Module, pairs: Iterable[NamedTensor]) -> int:
