@@ -35,8 +35,9 @@ class RolloutConfig:
                           the rest once prompts_per_step groups passed the filter; the cut prompts go back to
                           the front of the queue (continued with partial_rollout, else generated again)
     partial_rollout:      a cut rollout keeps what it generated: finished samples of an unfinished group are
-                          reused and cut samples continue from their tokens in a later step; each token span
-                          records the weight version that produced it (rollouts.jsonl: weight_spans)
+                          reused and cut samples continue from their tokens later; each token span records
+                          the weight version that produced it (rollouts.jsonl: weight_spans). With
+                          run.async_rollout the weight sync cuts the running rollout instead of waiting for it
     generate:             generate hook, "package.module:function" (async; see docs/customise-rollout.md);
                           null: one /generate call per sample. generate_options are its keyword arguments
     max_turns:            turns a multi-turn generate hook may take per sample (>= 1; the shipped

@@ -185,7 +185,8 @@ class EngineGroup:
             tokenizer,
             engine_urls=self.urls,
             api_key=self.api_key,
-            cut=self._cut if cfg is None else None,  # eval rollouts are never cut
+            # Only partial rollouts are cut (async weight updates); eval rollouts never are.
+            cut=self._cut if cfg is None and self.cfg.partial_rollout else None,
         )
 
     # ---- cutting an asynchronous rollout for a weight update ---------------------------------------------

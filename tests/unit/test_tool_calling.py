@@ -67,7 +67,8 @@ def scripted(first: str, answer: str = "The answer is 14"):
     def script(payload: dict[str, Any]) -> tuple[list[int], str]:
         seen = TOK.decode(payload["input_ids"], skip_special_tokens=False)
         text = answer if "<|im_start|>tool" in seen else first
-        return _ids(text) + [EOS], "stop"
+        ids, limit = _ids(text) + [EOS], payload["sampling_params"]["max_new_tokens"]
+        return (ids, "stop") if len(ids) <= limit else (ids[:limit], "length")
 
     return script
 
@@ -150,3 +151,15 @@ def test_a_cut_episode_knows_its_turns_and_its_unfinished_turn():
     assert tool_calling._turns_so_far(done) == (2, [3])  # cut mid-turn 2: continue it
     done = Transcript([1, 2, 9, 9], [0.0] * 4, [1, 1, 0, 0], [0] * 4)
     assert tool_calling._turns_so_far(done) == (1, [])  # cut after the observation: turn 2 starts
+
+
+def test_max_response_tokens_bounds_the_whole_episode():
+    engine = StubEngine(scripted("<calc>1+1</calc>", answer="<calc>2+2</calc>"))
+    try:
+        (s,) = _rollout(engine, max_turns=5, max_response_tokens=40)
+    finally:
+        engine.close()
+    # Turn 1 (17 tokens) and its observation (15) leave 8 tokens: turn 2 is cut there and the episode ends.
+    asked = [r["sampling_params"]["max_new_tokens"] for r in engine.requests]
+    assert asked == [24, 8] and s.response_length == 40
+    assert s.metadata["turns"] == 2 and s.metadata["tool_calls"] == 1

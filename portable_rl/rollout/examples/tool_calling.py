@@ -23,6 +23,10 @@ Episode (``calculator_agent``)
 
 ``metadata`` of each sample: ``turns``, ``tool_calls``, ``tool_errors``, ``final_text`` (the last turn's text).
 
+``max_response_tokens`` (default: no limit) bounds the whole response, observations included: a turn gets at
+most what is left of it, and the episode ends ("length") when nothing is; set it so that the prompt plus the
+response stay inside the model's context (an engine refuses a request beyond it).
+
 Partial rollouts: a sample cut mid-turn continues that turn; one cut right after an observation starts the next
 turn. The turn count is rebuilt from the transcript (each run of model tokens is one turn).
 """
@@ -109,6 +113,7 @@ async def calculator_agent(
     call_close: str = "</calc>",
     observation_role: str = "tool",
     max_observation_chars: int = 200,
+    max_response_tokens: int | None = None,
 ) -> HookOutput:
     """The generate hook of the module docstring."""
     tok = engine.tokenizer
@@ -121,12 +126,17 @@ async def calculator_agent(
     if call_close:
         params["stop"] = [*params.get("stop", []), call_close]
     eos_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    text = ""
     while True:
+        if max_response_tokens is not None and len(done.tokens) >= max_response_tokens:
+            return done.output("length", {**stats, "turns": turns, "final_text": text})
         if not resuming:
             turns += 1
             current = []
         resuming = False
         params["max_new_tokens"] = budget - len(current)
+        if max_response_tokens is not None:  # the whole episode's budget (keeps it inside the context)
+            params["max_new_tokens"] = min(params["max_new_tokens"], max_response_tokens - len(done.tokens))
         finish = "length"
         if params["max_new_tokens"] > 0:
             out = await engine.generate(sample.prompt_tokens + done.tokens, params)
