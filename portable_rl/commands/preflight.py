@@ -264,23 +264,23 @@ def check_model(recipe, run_dir, resume: bool, found: Preflight) -> None:
             f"tokens; lower data.max_prompt_tokens to at most {context - new}"
         )
     found.max_prompt_tokens = limit if limit is not None else context - new
-    check_critic(recipe, spec)
+    critic_spec = check_critic(recipe, spec)
     if resume:
         check_resume_model(run_dir, spec, where, recipe)
         if recipe.algo.uses_critic:
-            check_resume_critic(run_dir)
+            check_resume_critic(run_dir, critic_spec)
 
 
-def check_critic(recipe, actor_spec) -> None:
+def check_critic(recipe, actor_spec):
     """A separate value model (``train.critic.path``) must load onto the layout and share the actor's vocabulary
-    and hidden size."""
+    and hidden size. Returns the critic's ``ModelSpec`` (the actor's when no path is set)."""
     from portable_rl.models.hf_dir import ModelDirError, check_hf_dir
     from portable_rl.training.critic import CriticMismatch, check_compatible
     from portable_rl.training.model_builder import ModelSpec, UnsupportedModel, check_parallel_layout
 
     path = recipe.train.critic.path
     if not recipe.algo.uses_critic or path is None:
-        return
+        return actor_spec
     where = f"train.critic.path={path!r}"
     try:
         spec = ModelSpec.from_hf(check_hf_dir(path))
@@ -293,16 +293,30 @@ def check_critic(recipe, actor_spec) -> None:
         raise UserError(f"{where}: config.json lacks or mistypes {exc}") from None
     except ValueError as exc:
         raise UserError(f"train.parallel.{exc} of {where}; choose a divisor of it") from None
+    return spec
 
 
-def check_resume_critic(run_dir) -> None:
-    """A PPO run resumes only from a checkpoint that holds its critic."""
+def check_resume_critic(run_dir, critic_spec=None) -> None:
+    """A PPO run resumes only from a checkpoint that holds its critic, of the recipe's value model's shapes."""
     step, path = run_dir.last_checkpoint()
-    if not (path / "trainer" / "critic" / "meta.json").is_file():
+    meta_path = path / "trainer" / "critic" / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(
-            f"--resume: checkpoint step_{step} holds no critic (trainer/critic/meta.json), but "
+            f"--resume: checkpoint step_{step} holds no readable critic (trainer/critic/meta.json), but "
             "algo.advantage_estimator=gae trains one; resume with the run's own algo section, or start a new run"
-        )
+        ) from None
+    saved = meta.get("model")
+    if critic_spec is None or not isinstance(saved, dict):
+        return
+    mine = asdict(critic_spec)
+    for key in SHAPE_FACTS:
+        if key in saved and saved[key] != mine[key]:
+            raise UserError(
+                f"--resume: checkpoint step_{step} holds a critic with {key}={saved[key]!r} but the recipe's value "
+                f"model has {key}={mine[key]!r}; resume with the run's own train.critic.path or start a new run"
+            )
 
 
 def check_resume_model(run_dir, spec, where: str, recipe=None) -> None:

@@ -4,9 +4,9 @@ One world-size-1 process builds the actor with its co-located critic from the ti
 (the critic is built untied with a value head), runs RL steps as the trainer does (GAE from the critic's values,
 GSPO, 2 epochs x 2 mini-batches = 4 optimizer steps for the actor and for the critic), then saves, continues one
 step, and restores the checkpoint into a fresh actor that must repeat that step bit for bit (actor and critic).
-A two-rank gloo group runs the same first step on TP2, PP2 and DP2: the same numbers within fp32 reduction-order
-tolerance (the value head is replicated over TP, lives on the last pipeline stage, and its gradients are
-all-reduced over DP).
+A two-rank gloo group runs the same first step on TP2, PP2, DP2 and DP2 with packed micro-batches: the same numbers
+within fp32 reduction-order tolerance (the value head is replicated over TP, lives on the last pipeline stage, its
+gradients are all-reduced over DP, and packed samples' values are read at their own offsets).
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ def _rl_step(actor, groups, algo):
 
 
 ALGO = dict(advantage_estimator="gae", policy_loss="gspo", ppo_epochs=2, num_mini_batches=2, lam=0.95)
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
+# (TP, PP, token budget of packed micro-batches or None); DP = 2 / (TP x PP).
+LAYOUTS = {"tp2": (2, 1, None), "pp2": (1, 2, None), "dp2": (1, 1, None), "dp2-packed": (1, 1, 16)}
 TOL = dict(rel=1e-4, abs=1e-5)  # fp32, reduction orders differ between layouts
 
 
-def _config(ckpt: str, tp: int = 1, pp: int = 1):
+def _config(ckpt: str, tp: int = 1, pp: int = 1, budget: int | None = None):
     from portable_rl.training.actor import ActorConfig, OptimConfig, ParallelConfig
 
     return ActorConfig(
@@ -64,6 +65,7 @@ def _config(ckpt: str, tp: int = 1, pp: int = 1):
         micro_batch_size=2,
         critic_checkpoint=ckpt,
         critic_optim=OptimConfig(lr=1e-3),
+        max_tokens_per_micro_batch=budget,
     )
 
 
@@ -73,8 +75,8 @@ def _pair_worker(rank: int, ckpt: str, out: str, port: int) -> None:
     from portable_rl.training.actor import MegatronActor
 
     res = {}
-    for name, (tp, pp) in LAYOUTS.items():
-        actor = MegatronActor(_config(ckpt, tp, pp), rank, 2, "127.0.0.1", port)
+    for name, (tp, pp, budget) in LAYOUTS.items():
+        actor = MegatronActor(_config(ckpt, tp, pp, budget), rank, 2, "127.0.0.1", port)
         _, res[name] = _rl_step(actor, _groups(actor.spec.vocab_size), AlgoConfig(**ALGO))
         actor.ps.destroy_model_parallel()  # the next layout on the same process group
     if rank == 0:

@@ -5,6 +5,7 @@ Every expected number is worked out in the comments from the inputs, not taken f
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from portable_rl.config.algo import AlgoConfig
 from portable_rl.data.types import Group, Sample
 from portable_rl.rollout_to_train import build_train_batch, prepare_train_batch
 from portable_rl.training.batch import TrainBatch
+from portable_rl.training.model_builder import ModelSpec
 from portable_rl.training.updates import mean_over_updates, split_mini_batches
 
 # Two sequences; the second has a padded third token.
@@ -197,19 +199,21 @@ def test_mini_batches_split_and_metrics_average():
     assert mean_over_updates([one], per_pass=1) == one  # unchanged: no optimizer_steps key, no arithmetic
 
 
+TINY = dict(
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def test_value_model_must_match_the_actors_vocabulary_and_hidden_size():
     from portable_rl.training.critic import CriticMismatch, check_compatible
-    from portable_rl.training.model_builder import ModelSpec
 
-    base = dict(
-        model_type="llama",
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    base = TINY
     actor = ModelSpec.from_hf(base)
     check_compatible(actor, ModelSpec.from_hf({**base, "num_hidden_layers": 4}))  # depth may differ
     for key, value in (("vocab_size", 640), ("hidden_size", 96)):
@@ -226,8 +230,14 @@ def test_resuming_ppo_needs_a_checkpoint_with_its_critic(tmp_path):
     (step / "trainer").mkdir(parents=True)
     (step / "trainer" / "meta.json").write_text("{}")
     (step / "COMPLETE").write_text("2")
-    with pytest.raises(UserError, match="checkpoint step_2 holds no critic"):
+    with pytest.raises(UserError, match="checkpoint step_2 holds no readable critic"):
         check_resume_critic(RunDir(tmp_path))
     (step / "trainer" / "critic").mkdir()
-    (step / "trainer" / "critic" / "meta.json").write_text("{}")
-    check_resume_critic(RunDir(tmp_path))
+    (step / "trainer" / "critic" / "meta.json").write_text(json.dumps({"model": {"hidden_size": 64}}))
+    spec = ModelSpec.from_hf(TINY)
+    check_resume_critic(RunDir(tmp_path), spec)
+    wider = ModelSpec.from_hf({**TINY, "hidden_size": 96})
+    with pytest.raises(
+        UserError, match="holds a critic with hidden_size=64 but the recipe's value model has hidden_size=96"
+    ):
+        check_resume_critic(RunDir(tmp_path), wider)
