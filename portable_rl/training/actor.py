@@ -485,6 +485,10 @@ class MegatronActor:
         updates = []
         for _ in range(epochs):
             for part in parts:
+                if self.spec.is_moe:  # the load-balancing loss of this update only (other forwards add to it)
+                    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+                    clear_aux_losses_tracker()
                 reports = self.forward_backward(part, loss_fn)
                 aux = self._moe_aux_loss(len(reports) if reports else None)
                 ok, grad_norm, _ = self.optimizer.step()
@@ -509,13 +513,14 @@ class MegatronActor:
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         if "load_balancing_loss" not in tracker:
             return None  # coefficient 0: Megatron computes no load-balancing loss
-        # summed over micro-batches per layer; collective over PP (layers) and DP (average)
-        moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
-        values = tracker["load_balancing_loss"]["values"]
+        values = tracker["load_balancing_loss"]["values"]  # per layer, summed over this rank's micro-batches
         n_mb = torch.tensor([float(num_micro_batches or 0)], device=values.device)
         if self.layout.pipeline_parallel > 1:  # only the last stage returned reports
             dist.all_reduce(n_mb, op=dist.ReduceOp.MAX, group=self.ps.get_pipeline_model_parallel_group())
-        value = float(values.sum()) / self.spec.num_layers / max(float(n_mb), 1.0)
+        values.div_(n_mb.clamp(min=1.0))  # a mean per rank first: packed DP ranks may hold unequal counts
+        # collective: sums the layers over PP stages, averages over DP ranks
+        moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+        value = float(values.sum()) / self.spec.num_layers
         moe_utils.clear_aux_losses_tracker()
         return value
 

@@ -490,7 +490,8 @@ def layer_spec(spec: ModelSpec, kernels):
 
 def _router_without_transformer_engine() -> None:
     """Megatron 0.16.1's router GEMM tests ``te_general_gemm is not None``, a name its module defines only when
-    TransformerEngine imports: without TE every MoE forward raises NameError. ``None`` selects its torch path."""
+    TransformerEngine imports: without TE every MoE forward raises NameError. ``None`` selects its torch path
+    (what megatron-core 0.19 sets itself; it ships no Python 3.11 wheel)."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
