@@ -10,14 +10,15 @@ Contract
 * ``save_checkpoint(path, model, optimizer, step, layout, extra)`` is collective (every rank calls it). It saves
   the model's ``sharded_state_dict()`` and the optimizer's ``sharded_state_dict(model_state)``: Adam moments,
   fp32 master weights (bf16 training) and the step. The distributed optimizer uses Megatron's
-  ``fully_reshardable`` form (its shards gathered into per-parameter tensors), so optimizer state reshards over
-  TP, PP and DP like the weights. Each rank's RNG states (CPU, Megatron tracker, Python, NumPy) are one
+  ``fully_reshardable`` form (its shards gathered on DP rank 0 into per-parameter tensors while saving), so
+  optimizer state reshards over TP, PP and DP like the weights. Each rank's RNG states (CPU, Megatron tracker, Python, NumPy) are one
   element of an object indexed by (PP, TP, DP) rank. ``path`` is cleared first (callers keep atomicity by
   saving into a fresh directory; the run's checkpoints do). Saves are synchronous in the trainer's process
   (no forked writer, no pinned staging buffers): the segfault some GPU runtimes show for non_blocking pinned
   copies in forked writers cannot occur.
 * ``load_checkpoint(path, model, optimizer, layout)`` is collective and restores all of the above onto any
-  TP x PP x DP layout and either optimizer (plain or distributed) whose model has the same shapes. The RNG
+  TP x PP x DP layout whose model has the same shapes, with the optimizer kind (plain or distributed) it was
+  saved with (``reshard_refusal`` says why not otherwise; their saved structures differ). The RNG
   states are restored only onto the saved layout (a rank of another layout has no saved counterpart; it
   keeps the streams seeded at start-up, which training without dropout never draws from). On the same layout
   a resumed CPU run continues bitwise identically to an uninterrupted one; on another layout it continues
@@ -54,9 +55,14 @@ from portable_rl.training.model_builder import ModelSpec
 META = "meta.json"
 FORMAT_VERSION = 2
 LEGACY_FORMAT = 1
-# The distributed optimizer's state in per-parameter tensors (reshardable over TP, PP and DP, and readable by
-# the plain optimizer); Megatron's default ("fully_sharded_model_space") is keyed by its own bucket layout.
-_OPTIMIZER_FORM = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# The distributed optimizer's state as per-parameter tensors, reshardable over TP, PP and DP (Megatron's
+# training default, "dp_reshardable", is keyed by its bucket layout and reshards over DP only). Saving gathers
+# it on DP rank 0 only (mem_efficient), not on every DP rank.
+_OPTIMIZER_FORM = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+    "chained_optim_avoid_prefix": True,
+}
 _RNG_KEY = "rng_state"
 
 
@@ -191,10 +197,16 @@ def _sharded_state(model, optimizer, layout: Layout, loading: bool, with_rng: bo
         [w.optimizer for w in _distributed_optimizers(optimizer)] if loading else _inner_optimizers(optimizer)
     )
     model_state = model.sharded_state_dict()
-    state = {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=_OPTIMIZER_FORM),
-    }
+    optimizer_state = optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=_OPTIMIZER_FORM)
+    if (
+        isinstance(optimizer_state, dict)
+        and "param_state" in optimizer_state
+        and optimizer_state["param_state"] is None
+    ):
+        del optimizer_state[
+            "param_state"
+        ]  # DP ranks other than 0 hold none when saving (see _OPTIMIZER_FORM)
+    state = {"model": model_state, "optimizer": optimizer_state}
     if with_rng:
         state[_RNG_KEY] = ShardedObject(
             _RNG_KEY,
