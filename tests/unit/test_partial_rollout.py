@@ -11,43 +11,21 @@ under a new version: the continued sample shows one weight span per version, wit
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from stub_engine import StubEngine
+from stub_engine import TOKEN0, TOKENIZER, Prompts, StubEngine, engine_group
 
 from portable_rl.config.algo import AlgoConfig
-from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.buffer import DataBuffer
-from portable_rl.data.prompts import PromptItem
 from portable_rl.data.types import Group, SampleStatus
 from portable_rl.orchestration.engine_group import EngineGroup
 from portable_rl.rollout.manager import PARTIAL_KEY
 from portable_rl.rollout_to_train import build_train_batch
 
-TOKEN0 = 100  # prompt i is [TOKEN0 + i, 5, 6]
-TOKENIZER = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
-
 
 def reward(response: str, label: Any, sample: Any) -> float:
     return float(sample.response_tokens[-1] % 7 + sample.prompt_index)
-
-
-class Prompts:
-    def __init__(self) -> None:
-        self.next = 0
-
-    def next_batch(self, n: int) -> list[PromptItem]:
-        items = [PromptItem(i, 0, [TOKEN0 + i, 5, 6], f"p{i}") for i in range(self.next, self.next + n)]
-        self.next += n
-        return items
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next": self.next}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next = state["next"]
 
 
 @pytest.fixture
@@ -58,15 +36,9 @@ def engine():
 
 
 def _group(engine: StubEngine, **cfg: Any) -> EngineGroup:
-    rollout = RolloutConfig(
-        prompts_per_step=2,
-        samples_per_prompt=2,
-        max_new_tokens=3,
-        reward=f"{__name__}:reward",
-        health_check_interval_s=0,  # the stand-in engine is not a Ray actor
-        **cfg,
+    return engine_group(
+        engine, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=3, reward=f"{__name__}:reward", **cfg
     )
-    return EngineGroup.on_running_engines(rollout, router_url=engine.url, engine_urls=[engine.url])
 
 
 def _prompt0(groups: list[Group]) -> Group:

@@ -5,34 +5,31 @@ may train on surplus groups kept in the buffer from the previous step. The train
 ``group_id``, so two groups of different prompts sharing an id would share one GRPO baseline.
 
 The rollouts below run the real ``EngineGroup.rollout`` and ``RolloutManager`` over HTTP against a stand-in
-engine (a plain http.server in this process) that answers ``/generate`` like SGLang does and follows a script
-per prompt: answer at once, abort the first hand-out's requests, or hold its requests until an
-``/abort_request`` arrives (a request that finishes just as the abort is sent: the group ends as surplus).
+engine (``stub_engine.LoopbackEngine``, a plain http.server in this process) that answers ``/generate`` like
+SGLang does and follows a script per prompt: answer at once, abort the first hand-out's requests, or hold its
+requests until an ``/abort_request`` arrives (a request that finishes just as the abort is sent: the group
+ends as surplus).
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from stub_engine import TOKEN0, TOKENIZER, LoopbackEngine, Prompts, engine_group, sglang_answer
 
 from portable_rl.algo.objective import compute_advantages
 from portable_rl.config.algo import AlgoConfig
 from portable_rl.config.rollout import RolloutConfig
 from portable_rl.data.buffer import DataBuffer
-from portable_rl.data.prompts import PromptItem
 from portable_rl.data.types import Group
 from portable_rl.orchestration.engine_group import EngineGroup
 from portable_rl.rollout_to_train import build_train_batch
 
 SAMPLES = 3
-TOKEN0 = 100  # prompt i is [TOKEN0 + i, 5, 6]: the engine reads the prompt index from the first token
 
 
 def reward(response: str, label: Any, sample: Any) -> float:
@@ -49,43 +46,14 @@ def keep_every(group: Group) -> bool:
     return True
 
 
-class FakeEngine:
-    """An engine on loopback: ``/generate`` answers ``[prompt, sample]`` token ids with SGLang's response shape."""
+class FakeEngine(LoopbackEngine):
+    """``/generate`` answers ``[prompt, sample]`` token ids; scripted per prompt by ``abort_first`` and ``hold``."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.abort_first: set[int] = set()  # prompts whose first hand-out's requests end aborted
         self.hold: set[int] = set()  # prompts whose requests wait for an /abort_request, then finish
-        self.released = threading.Event()
         self.seen: Counter[int] = Counter()
-        self.lock = threading.Lock()
-        engine = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                payload = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
-                if self.path == "/abort_request":
-                    engine.released.set()
-                    self._reply({})
-                elif self.path == "/generate":
-                    self._reply(engine.generate(payload))
-                else:
-                    self.send_error(404)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def arm_hold(self, prompts: set[int]) -> None:
         self.hold = set(prompts)
@@ -101,41 +69,7 @@ class FakeEngine:
             self.released.wait(timeout=60)
         if aborted:
             return {"output_ids": [], "meta_info": {"id": payload["rid"], "finish_reason": {"type": "abort"}}}
-        ids = [prompt, sample]
-        return {
-            "output_ids": ids,
-            "meta_info": {
-                "id": payload["rid"],
-                "finish_reason": {"type": "stop"},
-                "output_token_logprobs": [[-0.5, t, None] for t in ids],
-                "weight_version": "0",
-            },
-        }
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class Prompts:
-    """A prompt stream over an endless list of distinct prompts, with a resumable position."""
-
-    def __init__(self) -> None:
-        self.next = 0
-
-    def next_batch(self, n: int) -> list[PromptItem]:
-        items = [PromptItem(i, 0, [TOKEN0 + i, 5, 6], f"p{i}") for i in range(self.next, self.next + n)]
-        self.next += n
-        return items
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next": self.next}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next = state["next"]
-
-
-TOKENIZER = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+        return sglang_answer(payload["rid"], [prompt, sample], "stop", lambda t: -0.5, "0")
 
 
 @pytest.fixture
@@ -146,14 +80,9 @@ def engine():
 
 
 def _group(engine: FakeEngine, **cfg: Any) -> EngineGroup:
-    rollout = RolloutConfig(
-        samples_per_prompt=SAMPLES,
-        max_new_tokens=4,
-        reward=f"{__name__}:reward",
-        health_check_interval_s=0,  # the stand-in engine is not a Ray actor
-        **cfg,
+    return engine_group(
+        engine, samples_per_prompt=SAMPLES, max_new_tokens=4, reward=f"{__name__}:reward", **cfg
     )
-    return EngineGroup.on_running_engines(rollout, router_url=engine.url, engine_urls=[engine.url])
 
 
 def _rollout(group: EngineGroup, buffer: DataBuffer, step: int) -> list[Group]:
