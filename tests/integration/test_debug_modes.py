@@ -12,36 +12,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from train_cli import ROOT, metrics, train
 
 from portable_rl.data.saved_rollouts import read_step, saved_steps
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "examples" / "tiny_cpu.yaml"
 NOT_REPRODUCED = ("time_", "tokens_per_s", "rollout/", "prompts_skipped_too_long", "prompt_lines_too_long")
 
 pytestmark = pytest.mark.slow
-
-
-def _train(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PORTABLE_RL_PLATFORM": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "portable_rl", "train", str(RECIPE), "--output-dir", str(run_dir), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +35,14 @@ def normal_run(tmp_path_factory) -> Path:
         + str(ROOT / "examples/data/arithmetic_eval.jsonl")
         + ", size: 2, samples_per_prompt: 2, temperature: 1.0}]"
     )
-    out = _train(run, "run.steps=2", "run.save_rollouts=true", "run.eval_every=1", eval_sets)
+    out = train(run, "run.steps=2", "run.save_rollouts=true", "run.eval_every=1", eval_sets)
     assert out.returncode == 0, out.stderr[-3000:]
     return run
 
 
 def test_normal_run_saves_rollouts_and_logs_each_eval_set(normal_run):
     assert saved_steps(normal_run / "rollouts") == [1, 2]
-    rows = _metrics(normal_run)
+    rows = metrics(normal_run)
     for row in rows:
         assert "eval_reward_mean" in row  # the single data.eval set still logs as before
         assert row["eval/tiny/samples"] == 2.0  # 2 prompts x 1 sample
@@ -80,9 +61,9 @@ def test_normal_run_saves_rollouts_and_logs_each_eval_set(normal_run):
 
 def test_train_only_reproduces_the_normal_runs_training_bit_for_bit(normal_run, tmp_path):
     replay = tmp_path / "replay"
-    out = _train(replay, "run.steps=2", "run.debug_mode=train_only", f"run.rollout_source={normal_run}")
+    out = train(replay, "run.steps=2", "run.debug_mode=train_only", f"run.rollout_source={normal_run}")
     assert out.returncode == 0, out.stderr[-3000:]
-    want, got = _metrics(normal_run), _metrics(replay)
+    want, got = metrics(normal_run), metrics(replay)
     assert [r["step"] for r in got] == [1, 2]
     for w, g in zip(want, got, strict=True):
         keys = {k for k in g if not k.startswith(NOT_REPRODUCED)}
@@ -97,18 +78,18 @@ def test_train_only_reproduces_the_normal_runs_training_bit_for_bit(normal_run, 
 
 def test_rollout_only_saves_samples_without_a_trainer(normal_run, tmp_path):
     run = tmp_path / "gen"
-    out = _train(run, "run.steps=1", "run.debug_mode=rollout_only")
+    out = train(run, "run.steps=1", "run.debug_mode=rollout_only")
     assert out.returncode == 0, out.stderr[-3000:]
     layout = json.loads((run / "layout.json").read_text())
     assert layout["trainer"] == [] and layout["engines"]
     assert not (run / "hf").exists() and not (run / "checkpoints" / "step_1" / "trainer").exists()
     assert (run / "checkpoints" / "step_1" / "COMPLETE").is_file()
-    row = _metrics(run)[0]
+    row = metrics(run)[0]
     assert "loss" not in row and row["num_samples"] == 8
     mine = [s for g in read_step(run / "rollouts", 1) for s in g.samples]
     theirs = [s for g in read_step(normal_run / "rollouts", 1) for s in g.samples]
     assert [s.response_tokens for s in mine] == [s.response_tokens for s in theirs]
     assert [s.reward for s in mine] == [s.reward for s in theirs]
     # --resume needs a trainer checkpoint: one line, exit 2, before anything is touched
-    again = _train(run, "run.steps=2", "run.debug_mode=rollout_only", "--resume")
+    again = train(run, "run.steps=2", "run.debug_mode=rollout_only", "--resume")
     assert again.returncode == 2 and "rollout_only" in again.stderr

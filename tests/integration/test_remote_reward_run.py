@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from train_cli import ROOT, train
 
 from portable_rl.config.reward import RemoteRewardConfig
 from portable_rl.distributed import free_port
 from portable_rl.rollout.reward_client import RemoteReward
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "examples" / "tiny_cpu.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -53,17 +51,6 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _train(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PORTABLE_RL_PLATFORM": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "portable_rl", "train", str(RECIPE), "--output-dir", str(run_dir), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-
-
 def _files(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -73,7 +60,7 @@ def test_a_down_reward_server_fails_the_run_and_keeps_the_checkpoint(tmp_path):
     remote = ["rollout.reward=remote", f"rollout.reward_options={{url: '{url}', retries: 2, backoff_s: 0.2}}"]
     run = tmp_path / "run"
     try:
-        first = _train(run, "run.steps=1", *remote)
+        first = train(run, "run.steps=1", *remote)
         assert first.returncode == 0, first.stderr[-3000:]
         scored = requests.get(url.replace("/score", "/stats"), timeout=5).json()["scored"]
         assert scored >= 8  # every sample of the step was scored by the server
@@ -81,7 +68,7 @@ def test_a_down_reward_server_fails_the_run_and_keeps_the_checkpoint(tmp_path):
         _stop(server)
     checkpoint = run / "checkpoints" / "step_1"
     before = _files(checkpoint)
-    again = _train(run, "run.steps=2", *remote, "--resume")
+    again = train(run, "run.steps=2", *remote, "--resume")
     assert again.returncode == 1, again.stderr[-3000:]
     lines = again.stderr.strip().splitlines()
     assert any("does not answer now" in line for line in lines[:-1]), lines  # preflight's warning

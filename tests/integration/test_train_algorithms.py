@@ -4,46 +4,25 @@ a third step; and the bad inputs of a value model, refused before anything is wr
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from train_cli import ROOT, metrics, train
 
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "examples" / "tiny_cpu.yaml"
 PPO_RECIPE = ROOT / "examples" / "tiny_ppo_cpu.yaml"  # gae, critic, 2 epochs x 2 mini-batches
 PPO = ("algo.policy_loss=gspo", "run.save_every=1")
-
-
-def _train(run_dir: Path, *args: str, recipe: Path = RECIPE) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PORTABLE_RL_PLATFORM": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "portable_rl", "train", str(recipe), "--output-dir", str(run_dir), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_ppo_with_critic_gspo_and_mini_batches_trains_and_resumes(tmp_path):
     run = tmp_path / "ppo"
-    out = _train(run, *PPO, "run.steps=2", recipe=PPO_RECIPE)
+    out = train(run, *PPO, "run.steps=2", recipe=PPO_RECIPE)
     assert out.returncode == 0, out.stderr[-3000:]
-    out = _train(run, *PPO, "run.steps=3", "--resume", recipe=PPO_RECIPE)
+    out = train(run, *PPO, "run.steps=3", "--resume", recipe=PPO_RECIPE)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = _metrics(run)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert row["optimizer_steps"] == 4.0  # 2 epochs x 2 mini-batches
@@ -67,7 +46,7 @@ def test_ppo_with_critic_gspo_and_mini_batches_trains_and_resumes(tmp_path):
 def test_a_value_model_of_another_size_is_refused_before_anything_is_written(tmp_path):
     other = build_tiny_checkpoint(tmp_path / "wide", TinySpec(hidden_size=96))
     run = tmp_path / "run"
-    out = _train(run, "algo.advantage_estimator=gae", f"train.critic.path={other}")
+    out = train(run, "algo.advantage_estimator=gae", f"train.critic.path={other}")
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "hidden_size=96" in lines[0] and "train.critic.path" in lines[0], lines

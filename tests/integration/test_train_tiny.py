@@ -10,18 +10,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 from learning import assert_trained_and_synced
+from train_cli import metrics, train, train_argv, train_env
 
 from portable_rl.conformance.golden import is_recorded_metric
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "examples" / "tiny_cpu.yaml"
 # Wall-clock metrics differ run to run; the engine's own log-probs may differ in the last bits with
 # request batching, so metrics derived from them are compared with a tolerance instead.
 TIMING = ("time_", "tokens_per_s", "weight_sync_s")
@@ -30,25 +28,10 @@ ENGINE_DERIVED = ("logp_abs_diff",)
 pytestmark = pytest.mark.slow
 
 
-def _train(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PORTABLE_RL_PLATFORM": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "portable_rl", "train", str(RECIPE), "--output-dir", str(run_dir), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_disaggregated_async_run(tmp_path):
-    out = _train(tmp_path / "run", "run.mode=disaggregated", "run.async_rollout=true", "run.steps=3")
+    out = train(tmp_path / "run", "run.mode=disaggregated", "run.async_rollout=true", "run.steps=3")
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = _metrics(tmp_path / "run")
+    rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["num_samples"] == 8 for r in rows)
     assert_trained_and_synced(rows)
@@ -61,10 +44,12 @@ def _kill_after_checkpoint(run_dir: Path, step: int, *args: str) -> int:
 
     Returns the number of metrics lines written when it was killed (the step in flight is lost).
     """
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PORTABLE_RL_PLATFORM": "cpu"}
-    argv = [sys.executable, "-m", "portable_rl", "train", str(RECIPE), "--output-dir", str(run_dir), *args]
     proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        train_argv(run_dir, *args),
+        env=train_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     marker = run_dir / "checkpoints" / f"step_{step}" / "COMPLETE"
     deadline = time.monotonic() + 600
@@ -81,7 +66,7 @@ def _kill_after_checkpoint(run_dir: Path, step: int, *args: str) -> int:
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
                 p.kill()
         proc.wait(timeout=60)
-    return len(_metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+    return len(metrics(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
 
 
 def _rollouts(run_dir: Path) -> list[tuple[int, int]]:
@@ -91,17 +76,17 @@ def _rollouts(run_dir: Path) -> list[tuple[int, int]]:
 
 def test_killed_run_resumes_exactly(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    out = _train(full, "run.steps=4", "run.save_every=2")
+    out = train(full, "run.steps=4", "run.save_every=2")
     assert out.returncode == 0, out.stderr[-3000:]
     written = _kill_after_checkpoint(part, 2, "run.steps=4", "run.save_every=2")
     assert written in (2, 3), f"killed with {written} steps logged; expected during step 3"
-    again = _train(part, "run.steps=4")
+    again = train(part, "run.steps=4")
     assert again.returncode == 2 and "already holds a run" in again.stderr  # no silent overwrite
     reshard = tmp_path / "reshard"
     shutil.copytree(part, reshard)
-    out = _train(part, "run.steps=4", "run.save_every=2", "--resume")
+    out = train(part, "run.steps=4", "run.save_every=2", "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
-    want, got = _metrics(full), _metrics(part)
+    want, got = metrics(full), metrics(part)
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # the killed step's line was dropped, then re-run
     assert_trained_and_synced(want)
     assert_trained_and_synced(got)  # also the resumed steps: the checkpoint's weights reached the engines
@@ -124,9 +109,9 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert len({index for _, index in _rollouts(full)}) == 4 * 2
     # The same killed run resumed with the trainer on TP2: the checkpoint reshards (the exact comparison is
     # test_checkpoint_reshard's; the engines' samples may differ here with the last bits of the weights).
-    out = _train(reshard, "run.steps=4", "train.parallel.tensor_parallel=2", "--resume")
+    out = train(reshard, "run.steps=4", "train.parallel.tensor_parallel=2", "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = _metrics(reshard)
+    rows = metrics(reshard)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[:2] == got[:2]  # the lines up to the checkpoint, as the killed run wrote them
     assert_trained_and_synced(rows)
