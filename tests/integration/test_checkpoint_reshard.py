@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawned_ranks import run_single_and_pair
 from test_megatron_parallel import _batch
 
-from portable_rl.distributed import free_port
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 from portable_rl.training.convert import HFWeights
 
@@ -38,16 +37,9 @@ def runs(tmp_path_factory) -> dict:
     job = dict(root=str(root), ckpt=str(ckpt), batch=batch)
     from reshard_jobs import run
 
-    ctx = mp.get_context("spawn")
-    p1, p2 = free_port("127.0.0.1"), free_port("127.0.0.1")
-    procs = [ctx.Process(target=run, args=("single", 0, 1, p1, job, str(root)))]
-    procs += [ctx.Process(target=run, args=("pair", r, 2, p2, job, str(root))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-    assert [p.exitcode for p in procs] == [0, 0, 0], (
-        "a Megatron rank failed; its traceback is in the log above"
+    run_single_and_pair(
+        lambda port: (run, ("single", 0, 1, port, job, str(root))),
+        lambda rank, port: (run, ("pair", rank, 2, port, job, str(root))),
     )
     return {
         "root": root,

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawned_ranks import run_single_and_pair
 
-from portable_rl.distributed import free_port
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -113,16 +112,10 @@ def _worker(ckpt: str, out: str, port: int) -> None:
 def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("critic")
     ckpt = build_tiny_checkpoint(root / "tied", TinySpec(arch="llama", tie_word_embeddings=True))
-    ctx = mp.get_context("spawn")
-    port1, port2 = free_port("127.0.0.1"), free_port("127.0.0.1")
-    procs = [ctx.Process(target=_worker, args=(str(ckpt), str(root), port1))]
-    procs += [ctx.Process(target=_pair_worker, args=(r, str(ckpt), str(root), port2)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0, 0, 0], (
-        "a Megatron rank failed; its traceback is in the log above"
+    run_single_and_pair(
+        lambda port: (_worker, (str(ckpt), str(root), port)),
+        lambda rank, port: (_pair_worker, (rank, str(ckpt), str(root), port)),
+        timeout_s=600,
     )
     return {
         **torch.load(root / "result.pt", weights_only=False),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from megatron_jobs import ENTROPY_COEF, LR
+from spawned_ranks import run_single_and_pair
 
 from portable_rl.distributed import free_port
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
@@ -150,21 +150,14 @@ def _run_everything(root: Path) -> dict:
             **common,
         ),
     ]
-    ctx = mp.get_context("spawn")
     out1, out2 = root / "single", root / "pair"
     out1.mkdir()
     out2.mkdir()
     from megatron_jobs import run_jobs
 
-    port1, port2 = free_port("127.0.0.1"), free_port("127.0.0.1")
-    procs = [ctx.Process(target=run_jobs, args=(0, 1, port1, single, str(out1)))]
-    procs += [ctx.Process(target=run_jobs, args=(r, 2, port2, pair, str(out2))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-    assert [p.exitcode for p in procs] == [0, 0, 0], (
-        "a Megatron rank failed; its traceback is in the log above"
+    run_single_and_pair(
+        lambda port: (run_jobs, (0, 1, port, single, str(out1))),
+        lambda rank, port: (run_jobs, (rank, 2, port, pair, str(out2))),
     )
     results = {
         **torch.load(out1 / "rank0.pt", weights_only=False),
