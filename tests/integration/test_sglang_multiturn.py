@@ -9,17 +9,16 @@ conversation must be what the chat template renders for the same messages, turn 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_sglang_real import ATOL, sglang_python
+from sglang_server import launch_sglang
+from test_sglang_real import ATOL
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from portable_rl.config.rollout import RolloutConfig
-from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 from portable_rl.rollout.manager import RolloutManager
 
 pytestmark = pytest.mark.sglang
@@ -30,19 +29,7 @@ TOKEN = "sglang-multiturn-token"
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    start = time.monotonic()
-    proc = launch_engine(
-        EngineSpec(
-            model_path=str(tiny_llama),
-            kind="sglang",
-            python=sglang_python(),
-            api_key=TOKEN,
-            env={"SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": "1"},
-            engine_args={"max_total_tokens": 4096, "skip_server_warmup": True},
-            startup_timeout_s=600,
-        )
-    )
-    print(f"\nSGLang server healthy after {time.monotonic() - start:.1f} s at {proc.url}")
+    proc = launch_sglang(tiny_llama, api_key=TOKEN)
     yield proc
     assert proc.stop() is not None
 

@@ -15,19 +15,17 @@ Tests that change weights load the original checkpoint back before they end, so 
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 from safetensors.torch import load_file
+from sglang_server import launch_sglang
 from transformers import AutoModelForCausalLM
 
 from portable_rl.models.tiny import TinySpec, build_tiny_checkpoint
 from portable_rl.protocol.client import EngineClient, EngineError
-from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 from portable_rl.weight_sync import WeightSyncConfig, make_weight_sync
 
 pytestmark = pytest.mark.sglang
@@ -38,17 +36,6 @@ PROMPTS = [[1, 17, 42, 99, 7], [3, 250, 11], [5, 6, 7, 8, 9, 10, 11, 12, 13], [4
 PROBE = [5, 6, 7, 8, 9, 10, 11, 40, 41, 42, 100, 200, 300]
 ATOL = 1e-4  # fp32 on both sides; differences seen are ~1e-6
 CHANGED = 0.05  # another checkpoint moves some probe log-prob by far more than this
-
-
-def sglang_python() -> str:
-    repo = Path(__file__).resolve().parents[2]
-    venv = Path(os.environ.get("SGLANG_VENV") or repo / ".venv-sglang")
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(
-            f"no SGLang venv at {venv}: run `make sglang-venv` (or point SGLANG_VENV at one)", pytrace=False
-        )
-    return str(python)
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +55,7 @@ def hf(checkpoints):
 
 @pytest.fixture(scope="module")
 def engine(checkpoints):
-    start = time.monotonic()
-    proc = launch_engine(
-        EngineSpec(
-            model_path=str(checkpoints["base"]),
-            kind="sglang",
-            python=sglang_python(),
-            api_key=TOKEN,
-            env={"SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": "1"},
-            engine_args={"max_total_tokens": 4096, "skip_server_warmup": True},
-            startup_timeout_s=600,
-        )
-    )
-    print(f"\nSGLang server healthy after {time.monotonic() - start:.1f} s at {proc.url}")
+    proc = launch_sglang(checkpoints["base"], api_key=TOKEN)
     yield proc
     assert proc.stop() is not None
 

@@ -21,6 +21,7 @@ import pytest
 import requests
 import torch
 from safetensors.torch import load_file
+from sglang_server import launch_sglang
 from transformers import AutoModelForCausalLM
 
 from portable_rl.protocol.client import EngineClient
@@ -215,26 +216,9 @@ def test_engine_that_never_joins_times_out_naming_group_and_ranks(cpu_engines):
 
 
 # ---- the real SGLang server ----------------------------------------------------------------------------------
-def _sglang_python() -> str:
-    venv = Path(os.environ.get("SGLANG_VENV", Path(__file__).resolve().parents[2] / ".venv-sglang"))
-    python = venv / "bin" / "python"
-    if not python.exists():
-        raise FileNotFoundError(f"no SGLang venv at {venv}; run `make sglang-venv` or set SGLANG_VENV")
-    return str(python)
-
-
 @pytest.fixture(scope="module")
 def sglang_engine(tiny_llama):
-    engine = launch_engine(
-        EngineSpec(
-            model_path=str(tiny_llama),
-            kind="sglang",
-            python=_sglang_python(),
-            env={"SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": "1"},
-            engine_args={"max_total_tokens": 4096, "skip_server_warmup": True},
-            startup_timeout_s=600,
-        )
-    )
+    engine = launch_sglang(tiny_llama)
     yield engine
     engine.stop()
 
