@@ -71,16 +71,7 @@ def load_named_tensors(model: torch.nn.Module, pairs: Iterable[NamedTensor]) -> 
     targets = named_state(model)
     checked: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, tensor in pairs:
-        target = targets.get(name)
-        if target is None:
-            raise ValueError(
-                f"weight {name!r} is not a parameter of the served model; send HF parameter names"
-            )
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"weight {name!r} has shape {tuple(tensor.shape)}, the served model expects {tuple(target.shape)}"
-            )
-        checked.append((target, tensor))
+        checked.append((_target(targets, name, tensor.shape), tensor))
     with torch.no_grad():
         for target, tensor in checked:
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
@@ -102,21 +93,21 @@ def read_checkpoint_dir(path: str | Path) -> list[NamedTensor]:
     return pairs
 
 
+def _target(targets: dict[str, torch.Tensor], name: str, shape: Sequence[int]) -> torch.Tensor:
+    """The served model's tensor ``name``, refused unless it exists with ``shape``."""
+    target = targets.get(name)
+    if target is None:
+        raise ValueError(f"weight {name!r} is not a parameter of the served model; send HF parameter names")
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(
+            f"weight {name!r} has shape {tuple(shape)}, the served model expects {tuple(target.shape)}"
+        )
+    return target
+
+
 def _checked_targets(model: torch.nn.Module, metas: Sequence[TensorMeta]) -> list[torch.Tensor]:
     targets = named_state(model)
-    out = []
-    for m in metas:
-        target = targets.get(m.name)
-        if target is None:
-            raise ValueError(
-                f"weight {m.name!r} is not a parameter of the served model; send HF parameter names"
-            )
-        if tuple(target.shape) != tuple(m.shape):
-            raise ValueError(
-                f"weight {m.name!r} has shape {tuple(m.shape)}, the served model expects {tuple(target.shape)}"
-            )
-        out.append(target)
-    return out
+    return [_target(targets, m.name, m.shape) for m in metas]
 
 
 def receive_distributed(
