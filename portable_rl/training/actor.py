@@ -116,7 +116,7 @@ from portable_rl.training.model_builder import (
     local_layer_range,
     transformer_config,
 )
-from portable_rl.training.updates import mean_over_updates, split_mini_batches
+from portable_rl.training.updates import mean_over_updates, optimizer_step, set_lr, split_mini_batches
 
 # Metrics train_step computes itself; loss_fn metrics with these names are reported as "loss_fn/<name>".
 _ACTOR_METRICS = frozenset(
@@ -469,18 +469,23 @@ class MegatronActor:
 
             return loss_func
 
-        self.ddp.train()
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        return self._run(self.ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
+        return self._backward(self.ddp, self.optimizer, micro_batches, seq_len, loss_func_for)
+
+    def _backward(self, ddp, optimizer, micro_batches: list[MicroBatch], seq_len: int, loss_func_for):
+        """Forward and backward over ``micro_batches`` into ``ddp``'s gradient buffers, zeroed first: one
+        procedure for the policy and the critic (which runs its own model and optimizer on this actor's
+        process groups)."""
+        ddp.train()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        return self._run(ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
 
     @_names_collective_failures
     def train_step(
         self, batch: TrainBatch, loss_fn: LossFn, mini_batches: int = 1, epochs: int = 1
     ) -> dict[str, float]:
         lr = self.config.optim.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         parts = split_mini_batches(batch, mini_batches, self.layout.data_parallel)
         updates = []
         for _ in range(epochs):
@@ -491,11 +496,9 @@ class MegatronActor:
                     clear_aux_losses_tracker()
                 reports = self.forward_backward(part, loss_fn)
                 aux = self._moe_aux_loss(len(reports) if reports else None)
-                ok, grad_norm, _ = self.optimizer.step()
-                if not ok:
-                    raise FloatingPointError(f"optimizer step {self.step} was skipped (non-finite gradients)")
+                grad_norm = optimizer_step(self.optimizer, f"optimizer step {self.step}")
                 update = self._reduce_reports(reports, self.config.loss_scaling)
-                update["grad_norm"] = float(grad_norm)
+                update["grad_norm"] = grad_norm
                 if aux is not None:
                     update["moe_aux_loss"] = aux
                 updates.append(update)

@@ -46,7 +46,7 @@ from portable_rl.training.model_builder import (
     local_layer_range,
     transformer_config,
 )
-from portable_rl.training.updates import mean_over_updates, split_mini_batches
+from portable_rl.training.updates import mean_over_updates, optimizer_step, set_lr, split_mini_batches
 
 
 class CriticMismatch(ValueError):
@@ -130,20 +130,15 @@ class ValueModel:
         a = self.actor
         with a._collectives("critic.train_step"):
             lr = self.optim.lr_at(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             parts = split_mini_batches(batch, mini_batches, a.layout.data_parallel)
             updates = []
             for _ in range(epochs):
                 for part in parts:
                     reports = self._forward_backward(part, loss_fn)
-                    ok, grad_norm, _ = self.optimizer.step()
-                    if not ok:
-                        raise FloatingPointError(
-                            f"critic optimizer step {self.step} was skipped (non-finite gradients)"
-                        )
+                    grad_norm = optimizer_step(self.optimizer, f"critic optimizer step {self.step}")
                     update = a._reduce_reports(reports, "global_sum")
-                    update["grad_norm"] = float(grad_norm)
+                    update["grad_norm"] = grad_norm
                     updates.append(update)
             self.step += 1
         metrics = mean_over_updates(updates, len(parts))
@@ -188,10 +183,7 @@ class ValueModel:
 
             return loss_func
 
-        self.ddp.train()
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        return a._run(self.ddp, micro_batches, seq_len, loss_func_for, forward_only=False)
+        return a._backward(self.ddp, self.optimizer, micro_batches, seq_len, loss_func_for)
 
     def save(self, path: str | Path, step: int) -> None:
         extra = {

@@ -8,9 +8,14 @@
   ``logp_abs_diff`` (the first step's, over its mini-batch: it measures the engine against the weights that
   sampled, which later steps have moved on purpose), plus ``optimizer_steps``. With one step it is that step's metrics
   unchanged (no arithmetic: a single-step run reports what it always did).
+* ``set_lr(optimizer, lr)`` and ``optimizer_step(optimizer, what)``: the learning rate of the coming steps, and
+  one step of Megatron's optimizer returning the gradient norm; a step it skipped (non-finite gradients) raises
+  ``FloatingPointError`` naming ``what``. The policy and the critic take their steps through these.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from portable_rl.training.batch import TrainBatch
 
@@ -37,3 +42,15 @@ def mean_over_updates(updates: list[dict[str, float]], per_pass: int) -> dict[st
         out["logp_abs_diff"] = updates[0]["logp_abs_diff"]
     out["optimizer_steps"] = float(len(updates))
     return out
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(optimizer: Any, what: str) -> float:
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:
+        raise FloatingPointError(f"{what} was skipped (non-finite gradients)")
+    return float(grad_norm)

@@ -18,7 +18,7 @@ from portable_rl.data.types import Group, Sample
 from portable_rl.rollout_to_train import build_train_batch, prepare_train_batch
 from portable_rl.training.batch import TrainBatch
 from portable_rl.training.model_builder import ModelSpec
-from portable_rl.training.updates import mean_over_updates, split_mini_batches
+from portable_rl.training.updates import mean_over_updates, optimizer_step, set_lr, split_mini_batches
 
 # Two sequences; the second has a padded third token.
 LOGP = [[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]]
@@ -197,6 +197,30 @@ def test_mini_batches_split_and_metrics_average():
     }
     one = {"loss": 0.1 + 0.2, "num_tokens": 3.0}
     assert mean_over_updates([one], per_pass=1) == one  # unchanged: no optimizer_steps key, no arithmetic
+
+
+def test_the_optimizer_step_sets_lr_returns_the_grad_norm_and_refuses_a_skipped_step():
+    """Megatron's optimizer answers ``(ok, grad_norm, zeros)``; a skipped step must stop training, not pass."""
+    param = torch.nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([param], lr=0.0)
+    set_lr(sgd, 0.5)
+    assert [g["lr"] for g in sgd.param_groups] == [0.5]
+
+    class Megatronish:
+        def __init__(self, ok: bool) -> None:
+            self.ok = ok
+
+        def step(self):
+            param.grad = torch.ones(2)
+            sgd.step()
+            return self.ok, torch.tensor(1.25), None
+
+    assert optimizer_step(Megatronish(True), "optimizer step 3") == 1.25
+    assert param.tolist() == [0.5, 0.5]  # the step ran at the lr set above
+    with pytest.raises(
+        FloatingPointError, match=r"^critic optimizer step 4 was skipped \(non-finite gradients\)$"
+    ):
+        optimizer_step(Megatronish(False), "critic optimizer step 4")
 
 
 TINY = dict(
