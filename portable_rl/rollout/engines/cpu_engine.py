@@ -5,7 +5,8 @@ Contract
 * One engine thread owns the model. Everything that touches it (prefill, decode, weight updates, aborts,
   pause) runs on that thread, between decode steps, so a weight update never lands mid-forward.
 * ``submit(GenRequest) -> Future[GenResult]`` queues a request; each step the thread admits waiting requests
-  (up to ``max_running_requests``) with one left-padded prefill, merges their KV cache into the running batch
+  (up to ``max_running_requests``) with one left-padded prefill (requests with identical tokens, such as the
+  samples of one GRPO group, share one row of it), merges their KV cache into the running batch
   (``kv_cache.merge``) and runs one decode step for every running request. A request ends on a stop token
   (its EOS ids unless ``ignore_eos``, plus ``stop_token_ids``), a stop string, ``max_new_tokens`` or the
   context length; the stop token is part of ``output_ids`` as in SGLang.
@@ -266,10 +267,14 @@ class CpuEngine:
                 batch.append(r)
         if not batch:
             return
-        tokens = [r.input_ids + r.output_ids for r in batch]
+        # Requests with identical tokens (the samples of a GRPO group share their prompt) are prefilled once
+        # and their cache rows copied: the prompt's forward is the same computation for each of them.
+        unique: dict[tuple[int, ...], int] = {}
+        rows = [unique.setdefault(tuple(r.input_ids + r.output_ids), len(unique)) for r in batch]
+        tokens = list(unique)
         width = max(len(t) for t in tokens)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(tokens), width), dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, width - len(t) :] = torch.tensor(t, dtype=torch.long)
             mask[i, width - len(t) :] = 1
@@ -284,12 +289,16 @@ class CpuEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        if len(tokens) < len(batch):
+            cache, mask = kv_cache.select(cache, mask, rows)
+            logits = logits[rows]
         if self._running:
-            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, out.past_key_values, mask)
+            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, mask)
         else:
-            self._cache, self._mask = out.past_key_values, mask
+            self._cache, self._mask = cache, mask
         self._running.extend(batch)
-        self._accept(batch, out.logits[:, -1])
+        self._accept(batch, logits)
 
     def _decode(self) -> None:
         last = torch.tensor([[r.output_ids[-1]] for r in self._running], dtype=torch.long)
