@@ -94,7 +94,7 @@ def test_the_job_releases_after_rollout_and_resumes_before_generating_or_syncing
     monkeypatch.setattr(saver, "_call", lambda urls, method: events.append(method.split("_")[0]))
     job = Job.__new__(Job)
     job.memory_saver = saver
-    job.recipe = SimpleNamespace(run=SimpleNamespace(seed=0, check_weight_update=False))
+    job.recipe = SimpleNamespace(run=SimpleNamespace(seed=0, check_weight_update=False, save_rollouts=False))
     job.buffer = job.tokenizer = None
     job.prompts = SimpleNamespace(skipped_too_long=0, oversized=[])
     job.engines = SimpleNamespace(

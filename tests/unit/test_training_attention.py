@@ -238,7 +238,7 @@ def test_gpu_platform_with_transformer_engine_builds_the_te_spec(monkeypatch, tm
     )
     spec = model_builder.ModelSpec.from_hf(_qwen3_config())
     assert model_builder.layer_spec(spec, kernels) == "te-spec"
-    assert asked == {"qk_layernorm": True}
+    assert asked == {"num_experts": None, "moe_grouped_gemm": False, "qk_layernorm": True}
 
 
 def _qwen3_config() -> dict:
