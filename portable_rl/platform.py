@@ -248,6 +248,11 @@ class Platform:
         """TransformerConfig fields this platform must set (user --megatron-* flags override them)."""
         return {}
 
+    def optimizer_options(self) -> dict[str, Any]:
+        """Options set on the param groups of the torch optimizer Megatron steps with (only keys the group
+        already has; Megatron's TE/Apex fused Adam, used where installed, is left alone)."""
+        return {}
+
     def image_ref(self, variant: str | None = None, version: str | None = None) -> str:
         """Container image reference for this platform (variant e.g. a GPU arch)."""
         from portable_rl.backends.versions import image_ref

@@ -66,3 +66,9 @@ class CpuPlatform(Platform):
     def megatron_overrides(self) -> dict[str, Any]:
         # No precision flags here: train.dtype decides (bf16 runs on CPU through the compat layer too).
         return {"use_cpu_initialization": True, "gradient_accumulation_fusion": False}
+
+    def optimizer_options(self) -> dict[str, Any]:
+        # Without TE/Apex Megatron steps with torch's AdamW, which on CPU tensors defaults to one loop per
+        # tensor. The multi-tensor ("foreach") path gives bit-identical parameters and moments (checked by
+        # tests/unit/test_training_updates.py) at a fraction of the time (0.65 s -> ~0.2 s for SmolLM2-135M).
+        return {"foreach": True}

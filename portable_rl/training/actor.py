@@ -108,7 +108,11 @@ from portable_rl.training.checkpoint import (
 )
 from portable_rl.training.convert import HFWeights, load_hf_into_model, save_hf_checkpoint
 from portable_rl.training.critic import ValueModel
-from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
+from portable_rl.training.logprobs import (
+    response_positions,
+    response_view,
+    token_logprobs_and_entropy,
+)
 from portable_rl.training.model_builder import (
     ModelSpec,
     build_gpt_model,
@@ -116,7 +120,13 @@ from portable_rl.training.model_builder import (
     local_layer_range,
     transformer_config,
 )
-from portable_rl.training.updates import mean_over_updates, optimizer_step, set_lr, split_mini_batches
+from portable_rl.training.updates import (
+    mean_over_updates,
+    optimizer_step,
+    set_lr,
+    set_optimizer_options,
+    split_mini_batches,
+)
 
 # Metrics train_step computes itself; loss_fn metrics with these names are reported as "loss_fn/<name>".
 _ACTOR_METRICS = frozenset(
@@ -263,6 +273,9 @@ class MegatronActor:
         ep_rank = ps.get_expert_model_parallel_rank() if self.spec.is_moe else 0
         self.experts = range(ep_rank * per, (ep_rank + 1) * per)  # global indices of this rank's experts
         self.step = 0
+        self._logit_rows: torch.Tensor | None = (
+            None  # the running micro-batch's logit positions (see _keep_rows)
+        )
         self.model, self.tconfig = self._build(config.hf_checkpoint)
         self.ddp, self.optimizer = self._wrap(self.model, self.tconfig)
         self.ref_model = None
@@ -298,7 +311,16 @@ class MegatronActor:
             post_process=self.ps.is_pipeline_last_stage(),
             experts=self.experts,
         )
+        if getattr(model, "output_layer", None) is not None:
+            model.output_layer.register_forward_pre_hook(self._keep_rows, with_kwargs=True)
         return model, tconfig
+
+    def _keep_rows(self, module, args, kwargs):
+        """Output-layer pre-hook: only the positions that score response tokens go through the vocabulary
+        projection (hidden states are [s, b, h]); other positions' logits would be computed and thrown away."""
+        if self._logit_rows is None:
+            return None
+        return (args[0].index_select(0, self._logit_rows), *args[1:]), kwargs
 
     def _wrap(self, model, tconfig, optim: OptimConfig | None = None):
         from megatron.core.distributed import (
@@ -328,6 +350,7 @@ class MegatronActor:
             use_distributed_optimizer=distopt,
         )
         optimizer = get_megatron_optimizer(opt_config, [ddp])
+        set_optimizer_options(optimizer, self.platform.optimizer_options())
         tconfig.finalize_model_grads_func = finalize_model_grads
         return ddp, optimizer
 
@@ -370,7 +393,7 @@ class MegatronActor:
                 f"{self.config.micro_batch_size}; pipeline parallelism needs equal micro-batches"
             )
         seq_len = self._seq_len(batch)
-        return [to_micro_batch(c, seq_len, self.device) for c in chunks], seq_len
+        return [self._with_logit_positions(to_micro_batch(c, seq_len, self.device)) for c in chunks], seq_len
 
     def _packed_micro_batches(self, local: TrainBatch) -> tuple[list[MicroBatch], int]:
         packs = local.pack(self.config.max_tokens_per_micro_batch)
@@ -379,8 +402,21 @@ class MegatronActor:
         if self.layout.pipeline_parallel > 1:
             # Every pipeline stage holds the same shard, so this maximum is the same on all of them.
             lengths = [max(lengths)] * len(lengths)
-        mbs = [to_packed_micro_batch(p, n, self.device) for p, n in zip(packs, lengths, strict=True)]
+        mbs = [
+            self._with_logit_positions(to_packed_micro_batch(p, n, self.device))
+            for p, n in zip(packs, lengths, strict=True)
+        ]
         return mbs, max(lengths)
+
+    def _with_logit_positions(self, mb: MicroBatch) -> MicroBatch:
+        # Sequence parallelism shards the output layer's input along the sequence: positions cannot be picked
+        # before its gather, so that layout computes every position's logits.
+        if self.tconfig.sequence_parallel or not any(mb.response_lengths):
+            return mb
+        kept, offsets = response_positions(mb.prompt_lengths, mb.response_lengths, mb.sample_starts)
+        mb.logit_positions = torch.tensor(kept, dtype=torch.long, device=mb.tokens.device)
+        mb.logit_offsets = offsets
+        return mb
 
     def _packed_seq_params(self, mb: MicroBatch):
         if mb.cu_seqlens is None:
@@ -398,24 +434,31 @@ class MegatronActor:
         return params
 
     def _logprobs(self, output: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = mb.logit_positions
+        # ``output`` has one column per kept position (position t scores token t + 1), or every position.
+        targets = mb.tokens[:, 1:] if kept is None else mb.tokens.index_select(1, kept + 1)
         logp, ent = token_logprobs_and_entropy(
-            output[:, :-1],
-            mb.tokens[:, 1:],
+            output[:, :-1] if kept is None else output,
+            targets,
             self.spec.vocab_size,
             tp_group=self.ps.get_tensor_model_parallel_group(),
             temperature=self.config.temperature,
         )
-        return (
-            response_view(logp, mb.prompt_lengths, mb.response_lengths, mb.sample_starts),
-            response_view(ent, mb.prompt_lengths, mb.response_lengths, mb.sample_starts),
-        )
+        args = (mb.prompt_lengths, mb.response_lengths, mb.sample_starts, mb.logit_offsets)
+        return response_view(logp, *args), response_view(ent, *args)
 
     def _run(self, model, micro_batches: list[MicroBatch], seq_len: int, loss_func_for, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, chunk):
             mb = next(data_iterator)
-            output = chunk(mb.tokens, mb.position_ids, None, packed_seq_params=self._packed_seq_params(mb))
+            self._logit_rows = mb.logit_positions
+            try:
+                output = chunk(
+                    mb.tokens, mb.position_ids, None, packed_seq_params=self._packed_seq_params(mb)
+                )
+            finally:
+                self._logit_rows = None
             return output, loss_func_for(mb)
 
         return get_forward_backward_func()(

@@ -153,6 +153,10 @@ class MicroBatch:
     cu_seqlens: torch.Tensor | None = None  # [segments + 1] int32
     segment_bounds: list[int] | None = None  # the same bounds as a host list
     max_seqlen: int = 0
+    # Set by the trainer: the only positions the output layer computes logits for (logprobs.response_positions)
+    # and each sample's offset into them; None = logits for every position.
+    logit_positions: torch.Tensor | None = None
+    logit_offsets: list[int] | None = None
 
     def as_loss_batch(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,13 @@ Contract
   over the shifted sequence (position t predicts token t+1) to ``[b, L]`` aligned with response tokens,
   zero-padded, where ``L = max(response_lengths)``. With ``sample_starts`` (a packed row, ``values`` [1, T]),
   sample i's tokens begin at ``sample_starts[i]``; the positions that score the next sample's first token are
-  never read.
+  never read. With ``offsets`` (from ``response_positions``), ``values`` holds only the kept positions and
+  sample i's response values start at column ``offsets[i]`` of its row.
+* ``response_positions(prompt_lengths, response_lengths, sample_starts=None) -> (positions, offsets)``: the
+  positions of the shifted sequence that score some response token (sorted, unique; one list for every row of
+  a padded micro-batch) and where each sample's first one sits in that list. The trainer computes vocabulary
+  logits for these positions only: a prompt position's logits score no trained token, and the output layer plus
+  the log-softmax over the vocabulary are a large share of a step when prompts are long.
 """
 
 from __future__ import annotations
@@ -87,18 +93,44 @@ def token_logprobs_and_entropy(
     return logprobs, entropy
 
 
+def _first_positions(prompt_lengths: list[int], sample_starts: list[int] | None) -> list[tuple[int, int]]:
+    """(row, position scoring the first response token) per sample."""
+    return [
+        (0, sample_starts[i] + p - 1) if sample_starts is not None else (i, p - 1)
+        for i, p in enumerate(prompt_lengths)
+    ]
+
+
 def response_view(
     values: torch.Tensor,
     prompt_lengths: list[int],
     response_lengths: list[int],
     sample_starts: list[int] | None = None,
+    offsets: list[int] | None = None,
 ) -> torch.Tensor:
     """``[b, s]`` per-position values (position t scores token t+1) -> ``[b, L]`` over response tokens."""
     b = len(prompt_lengths)
     width = max(response_lengths) if response_lengths else 0
     out = values.new_zeros(b, width)
-    for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
+    firsts = _first_positions(prompt_lengths, sample_starts)
+    for i, ((row, first), r) in enumerate(zip(firsts, response_lengths, strict=True)):
         if r:
-            row, start = (0, sample_starts[i]) if sample_starts is not None else (i, 0)
-            out[i, :r] = values[row, start + p - 1 : start + p - 1 + r]
+            start = offsets[i] if offsets is not None else first
+            out[i, :r] = values[row, start : start + r]
     return out
+
+
+def response_positions(
+    prompt_lengths: list[int],
+    response_lengths: list[int],
+    sample_starts: list[int] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Positions that score a response token (sorted, unique) and each sample's offset into them."""
+    firsts = _first_positions(prompt_lengths, sample_starts)
+    kept = sorted(
+        {first + j for (_, first), r in zip(firsts, response_lengths, strict=True) for j in range(r)}
+    )
+    index = {pos: k for k, pos in enumerate(kept)}
+    # A sample's positions are consecutive integers, all kept, so they stay consecutive in the sorted list.
+    offsets = [index[first] if r else 0 for (_, first), r in zip(firsts, response_lengths, strict=True)]
+    return kept, offsets

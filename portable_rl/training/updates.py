@@ -11,6 +11,8 @@
 * ``set_lr(optimizer, lr)`` and ``optimizer_step(optimizer, what)``: the learning rate of the coming steps, and
   one step of Megatron's optimizer returning the gradient norm; a step it skipped (non-finite gradients) raises
   ``FloatingPointError`` naming ``what``. The policy and the critic take their steps through these.
+* ``set_optimizer_options(optimizer, options)``: ``options`` (``Platform.optimizer_options()``) written into the
+  param groups of every torch optimizer inside Megatron's (chained) optimizer, for the keys a group already has.
 """
 
 from __future__ import annotations
@@ -54,3 +56,24 @@ def optimizer_step(optimizer: Any, what: str) -> float:
     if not ok:
         raise FloatingPointError(f"{what} was skipped (non-finite gradients)")
     return float(grad_norm)
+
+
+def torch_optimizers(optimizer: Any) -> list[Any]:
+    """The torch optimizers inside a Megatron optimizer (a chained one holds one per parameter kind)."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is not None:
+        return [inner for part in chained for inner in torch_optimizers(part)]
+    inner = getattr(optimizer, "optimizer", None)
+    return [inner] if inner is not None else []
+
+
+def set_optimizer_options(optimizer: Any, options: dict[str, Any]) -> int:
+    """Write ``options`` into every param group that has those keys; returns how many groups changed."""
+    changed = 0
+    for inner in torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            keys = [k for k in options if k in group]
+            for k in keys:
+                group[k] = options[k]
+            changed += bool(keys)
+    return changed

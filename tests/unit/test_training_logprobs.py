@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from portable_rl.distributed import free_port
 from portable_rl.training.batch import TrainBatch, to_micro_batch
-from portable_rl.training.logprobs import response_view, token_logprobs_and_entropy
+from portable_rl.training.logprobs import response_positions, response_view, token_logprobs_and_entropy
 
 VOCAB, PADDED = 11, 12
 
@@ -87,6 +87,28 @@ def test_response_view_aligns_with_response_tokens():
     out = response_view(values, prompt_lengths=[2, 3], response_lengths=[3, 1])
     # position p-1 predicts the first response token
     assert out.tolist() == [[1.0, 2.0, 3.0], [8.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize(
+    "prompts, responses, starts",
+    [
+        ([2, 3], [3, 1], None),  # padded rows: one position list for both
+        ([4, 1, 3], [0, 2, 5], None),  # a sample without response tokens
+        ([2, 3, 1], [2, 1, 3], [0, 4, 8]),  # packed: samples end to end in one row
+    ],
+)
+def test_logits_of_kept_positions_give_the_same_response_view(prompts, responses, starts):
+    rows, width = (1, 16) if starts is not None else (len(prompts), 10)
+    values = torch.randn(rows, width)
+    kept, offsets = response_positions(prompts, responses, starts)
+    assert kept == sorted(set(kept))
+    firsts = [s + p - 1 for s, p in zip(starts or [0] * len(prompts), prompts, strict=True)]
+    assert set(kept) == {f + j for f, r in zip(firsts, responses, strict=True) for j in range(r)}
+    compact = values[:, kept]
+    assert torch.equal(
+        response_view(compact, prompts, responses, starts, offsets),
+        response_view(values, prompts, responses, starts),
+    )
 
 
 def test_batch_validation_names_the_problem():
