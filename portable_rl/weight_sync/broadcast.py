@@ -11,7 +11,9 @@ Contract
 * ``update(named_tensors, version)`` sends buckets of at most ``bucket_mb`` (one dtype each). Per bucket every
   engine gets ``/update_weights_from_distributed`` with names, dtypes and shapes, then rank 0 broadcasts:
     - flattened (``load_format="flattened_bucket"``): the bucket's bytes as one uint8 buffer, one broadcast;
-      used when ``flatten_buckets="on"``, or ``"auto"`` and every engine declares support;
+      used when ``flatten_buckets="on"``, or ``"auto"`` and every engine supports and prefers it
+      (``EngineOps.prefers_flattened_bucket``: portable_rl's CPU engine receives per-tensor broadcasts straight
+      into its parameters, so for it a flat bucket only adds a copy on each side);
     - per tensor (no load_format): one broadcast per tensor, in name order: what every SGLang release accepts.
   All of it runs inside ``update_session`` (pause, flush, begin/end weight update, resume, version check).
 * A failed bucket (an engine refuses it, or the collective fails) ends the wait at once and names the cause;
@@ -131,7 +133,7 @@ class BroadcastWeightSync:
         elif self.cfg.flatten_buckets == "off":
             self.flattened = False
         else:
-            self.flattened = all(e.supports_flattened_bucket() for e in self.engines)
+            self.flattened = all(e.prefers_flattened_bucket() for e in self.engines)
 
     def disconnect(self) -> None:
         """Destroy the group on the engines and here. Best effort: an engine that lost the group is logged."""

@@ -222,11 +222,9 @@ def test_broadcast_syncs_two_engines_in_buckets(engines):
             "/flush_cache",
             "/begin_weight_update",
         ]
-        assert order[last + 1 : last + 4] == [
-            "/end_weight_update",
-            "/continue_generation",
-            "/model_info",
-        ]
+        assert order[last + 1] == "/end_weight_update"
+        # the resume and the version read-back are issued together once the session is closed
+        assert sorted(order[last + 2 : last + 4]) == ["/continue_generation", "/model_info"]
         assert [u[1].get("weight_version") for u in updates] == [None] * (len(updates) - 1) + ["7"]
         assert [u[1]["flush_cache"] for u in updates] == [False] * (len(updates) - 1) + [True]
         assert {u[1].get("load_format") for u in updates} == ({"flattened_bucket"} if flattened else {None})

@@ -9,7 +9,8 @@ Endpoints, request fields and response shapes follow SGLang 0.5.23, so one clien
               POST /pause_generation {mode: abort|retract|in_place}, POST /continue_generation
   health      GET /health, /health_generate (one greedy token), /ready
   info        GET /model_info (+ deprecated /get_model_info) with weight_version, GET /server_info
-              (+ /get_server_info) with tp_size, weight_update_load_formats, weights_checksum
+              (+ /get_server_info) with tp_size, weight_update_load_formats, weights_checksum and
+              weight_update_prefers_per_tensor (portable_rl: per-tensor distributed updates are the fast form)
   weights     POST /init_weights_update_group {master_address, master_port, rank_offset, world_size,
               group_name, backend}, /destroy_weights_update_group, /update_weights_from_distributed
               {names, dtypes, shapes, group_name, load_format, weight_version, flush_cache},
@@ -281,6 +282,9 @@ class Server:
                 "context_length": engine.context_length,
                 "max_running_requests": engine.cfg.max_running_requests,
                 "weight_update_load_formats": LOAD_FORMATS,
+                # Per-tensor broadcasts land straight in the parameters; a flattened bucket costs a staging copy
+                # on each side, so a client choosing the format ("auto") should send per tensor.
+                "weight_update_prefers_per_tensor": True,
                 "weights_checksum": True,
                 "internal_states": [{**engine.load(), "paused": engine.paused, "decode_steps": engine.steps}],
             }
