@@ -32,7 +32,9 @@ class WeightSyncConfig:
     timeout_s:       limit for every collective, rendezvous and engine HTTP call of a sync
     flatten_buckets: auto | on | off. "on" sends each bucket as one flat byte buffer (SGLang's
                      load_format="flattened_bucket"); "auto" does so only where every engine declares support,
-                     otherwise one broadcast per tensor (the format every SGLang release accepts)
+                     otherwise one broadcast per tensor (the format every SGLang release accepts); for
+                     broadcasts "auto" also sends per tensor to engines that declare it faster (portable_rl's
+                     CPU engine: per-tensor receives land straight in its parameters)
     group_name:      name of the trainer->engine process group
     master_address:  address engines use to reach the trainer's rendezvous (None: this host's address;
                      "node": its Ray node address, what a job on a multi-node cluster uses)

@@ -13,14 +13,21 @@ Request fields are SGLang 0.5.23's. Capabilities, read once from ``/server_info`
     distributed updates. portable_rl's engine lists it in ``weight_update_load_formats``; SGLang lists nothing,
     so it is inferred from ``version`` (0.5.23 is the release whose code was read and tested; older releases
     get per-tensor broadcasts);
+  * ``prefers_flattened_bucket()``: flattened buckets are also the faster form for this engine, i.e. it
+    supports them and does not declare ``weight_update_prefers_per_tensor`` (portable_rl's CPU engine does:
+    a per-tensor broadcast lands straight in its parameters, a flattened one costs a staging copy on each
+    side); ``flatten_buckets="auto"`` follows it;
   * ``supports_weights_checksum()``: the engine serves portable_rl's ``/get_weights_checksum``.
+``run_steps(steps, done, failed)`` runs several session calls as one coroutine (one hop to the loop instead of
+one per call): steps run in order, a tuple of steps runs concurrently; each success is recorded in ``done``
+and each failure in ``failed`` as it happens, so a caller that stops waiting still sees how far the engine got.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -104,6 +111,11 @@ class EngineOps:
         version = _version_tuple(info.get("version", ""))
         return bool(version) and version >= SGLANG_FLATTENED_SINCE
 
+    def prefers_flattened_bucket(self) -> bool:
+        return self.supports_flattened_bucket() and not self.server_info().get(
+            "weight_update_prefers_per_tensor"
+        )
+
     def supports_weights_checksum(self) -> bool:
         return bool(self.server_info().get("weights_checksum"))
 
@@ -125,6 +137,43 @@ class EngineOps:
 
     def get_weight_version(self) -> Future[str | None]:
         return self.submit(lambda c: c.get_weight_version())
+
+    def run_steps(
+        self,
+        steps: Sequence[str | tuple[str, ...]],
+        done: dict[str, Any],
+        failed: dict[str, BaseException],
+        stop_on_error: bool = True,
+    ) -> Future[None]:
+        """Run session calls (names in ``SESSION_STEPS``) in order as one coroutine; see the module docstring.
+
+        A tuple of steps is issued concurrently. With ``stop_on_error`` the first failure ends the sequence;
+        without it every step is still issued (a cleanup sequence must resume generation even when closing the
+        session failed). The future itself only fails if the coroutine is cancelled.
+        """
+        unknown = [
+            s
+            for step in steps
+            for s in ((step,) if isinstance(step, str) else step)
+            if s not in SESSION_STEPS
+        ]
+        if unknown:
+            raise ValueError(f"unknown session step(s) {unknown}; use {', '.join(SESSION_STEPS)}")
+
+        async def one(c: EngineClient, step: str) -> None:
+            try:
+                done[step] = await SESSION_STEPS[step](self, c)
+            except EngineError as exc:
+                failed[step] = exc
+
+        async def call(c: EngineClient) -> None:
+            for step in steps:
+                group = (step,) if isinstance(step, str) else step
+                await asyncio.gather(*(one(c, s) for s in group))
+                if failed and stop_on_error:
+                    return
+
+        return self.submit(call)
 
     def init_weights_update_group(self, **fields: Any) -> Future[None]:
         return self.submit(lambda c: c.init_weights_update_group(**fields))
@@ -158,3 +207,14 @@ class EngineOps:
                 raise
 
         return self.submit(call)
+
+
+# The calls an update session is made of, by endpoint name (what ``run_steps`` accepts).
+SESSION_STEPS: dict[str, Callable[[EngineOps, EngineClient], Awaitable[Any]]] = {
+    "pause_generation": lambda ops, c: c.pause_generation(ops.pause_mode),
+    "flush_cache": lambda ops, c: c.flush_cache(),
+    "begin_weight_update": lambda ops, c: c.begin_weight_update(),
+    "end_weight_update": lambda ops, c: c.end_weight_update(),
+    "continue_generation": lambda ops, c: c.continue_generation(),
+    "get_weight_version": lambda ops, c: c.get_weight_version(),
+}

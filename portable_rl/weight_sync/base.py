@@ -8,14 +8,19 @@ Contract
 * An update runs inside ``update_session``: generation is paused and the KV cache flushed on every engine,
   a weight-update session is opened (``/begin_weight_update``, required by SGLang 0.5.23 for tensor and
   distributed updates), the strategy moves the weights, the session is closed and generation resumed
-  (resumed even when the update failed, so engines never stay paused). ``weight_version`` rides on the last
-  request of a sync only, so an engine never claims a version whose weights arrived partially. After the
-  session the engines' version is read back and must equal ``str(version)`` (``WeightSyncError`` otherwise).
-* Engine calls fan out concurrently; any failure raises ``WeightSyncError`` naming the engine.
+  (resumed even when the update failed or the session could only be opened on some engines, so engines never
+  stay paused). ``weight_version`` rides on the last request of a sync only, so an engine never claims a
+  version whose weights arrived partially. Once the session is closed, the engines' version is read back
+  (issued together with the resume) and must equal ``str(version)`` (``WeightSyncError`` otherwise).
+* Per engine, the opening calls (pause -> flush -> begin) and the closing calls (end -> resume + version)
+  each run as one sequence on the HTTP loop (``EngineOps.run_steps``): the order each engine sees is SGLang's,
+  without a thread hop and a wait for every engine between calls.
+* Engine calls fan out concurrently; any failure raises ``WeightSyncError`` naming the step and the engine.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -28,6 +33,7 @@ import torch
 from portable_rl.protocol.engine_ops import EngineCallError, EngineOps
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class WeightSyncError(RuntimeError):
@@ -86,35 +92,118 @@ def update_session(
     ``engines`` are EngineOps, engine clients or URLs. ``enabled=False`` yields without touching the engines: a
     strategy configured with ``manage_session=False`` leaves the session to a caller that wraps several syncs
     (e.g. one per pipeline stage, each with its own group) in one ``update_session``.
+
+    Each engine's opening calls (pause -> flush -> begin) run as one sequence on the HTTP loop, and so do its
+    closing calls (end, then continue and the version read-back together: the version was set by the last
+    update request, so reading it needs no wait for the resume). An engine whose opening failed midway is put
+    back as it was (its session ended if it was opened, generation resumed if it was paused).
     """
     if not enabled:
         yield
         return
     ops = as_engine_ops(engines, timeout_s)
     created = [o for o, e in zip(ops, engines, strict=True) if o is not e]
+    opening: tuple[str, ...] = ("pause_generation", "flush_cache")
+    if open_session:
+        opening += ("begin_weight_update",)
     try:
-        fan_out(ops, lambda e: e.pause_generation(), "pause_generation")
+        progress = run_sequences(ops, opening, stop_on_error=True)
+        if any(failed for _, failed in progress):
+            undo = [
+                (e, _closing(open_session and "begin_weight_update" in done, read_version=False))
+                for e, (done, _) in zip(ops, progress, strict=True)
+                if "pause_generation" in done
+            ]
+            try:
+                _run_each(undo)
+            except WeightSyncError as exc:
+                log.warning("after a failed session start: %s", exc)
+            raise_failures(ops, opening, progress)
         try:
-            fan_out(ops, lambda e: e.flush_cache(), "flush_cache")
-            if open_session:
-                fan_out(ops, lambda e: e.begin_weight_update(), "begin_weight_update")
-                try:
-                    yield
-                finally:
-                    fan_out(ops, lambda e: e.end_weight_update(), "end_weight_update")
-            else:
-                yield
-        finally:
-            fan_out(ops, lambda e: e.continue_generation(), "continue_generation")
+            yield
+        except BaseException:
+            closing = _closing(open_session, read_version=False)
+            raise_failures(ops, closing, run_sequences(ops, closing, stop_on_error=False))
+            raise
+        closing = _closing(open_session, read_version=verify_version)
+        progress = run_sequences(ops, closing, stop_on_error=False)
+        raise_failures(ops, closing, progress)
         if verify_version:
-            versions = fan_out(ops, lambda e: e.get_weight_version(), "get_weight_version")
             stale = [
-                f"{e.label} reports {v!r}" for e, v in zip(ops, versions, strict=True) if v != str(version)
+                f"{e.label} reports {done['get_weight_version']!r}"
+                for e, (done, _) in zip(ops, progress, strict=True)
+                if done["get_weight_version"] != str(version)
             ]
             if stale:
                 raise WeightSyncError(f"weight version did not move to {str(version)!r}: " + "; ".join(stale))
     finally:
         close_all(created)
+
+
+Steps = Sequence[str | tuple[str, ...]]
+Progress = tuple[dict[str, Any], dict[str, BaseException]]
+
+
+def _closing(end_session: bool, read_version: bool) -> tuple[str | tuple[str, ...], ...]:
+    resume: str | tuple[str, ...] = (
+        ("continue_generation", "get_weight_version") if read_version else "continue_generation"
+    )
+    return ("end_weight_update", resume) if end_session else (resume,)
+
+
+def _flat(steps: Steps) -> list[str]:
+    return [s for step in steps for s in ((step,) if isinstance(step, str) else step)]
+
+
+def run_sequences(ops: Sequence[EngineOps], steps: Steps, stop_on_error: bool) -> list[Progress]:
+    """Run ``steps`` on every engine at once (``EngineOps.run_steps``); (done, failed) per engine.
+
+    An engine that does not finish within its timeout has its sequence cancelled and its next step marked
+    failed with "no answer".
+    """
+    return _run_each([(e, steps) for e in ops], stop_on_error)
+
+
+def _run_each(jobs: Sequence[tuple[EngineOps, Steps]], stop_on_error: bool = False) -> list[Progress]:
+    progress: list[Progress] = [({}, {}) for _ in jobs]
+    futures = [
+        e.run_steps(steps, *p, stop_on_error=stop_on_error)
+        for (e, steps), p in zip(jobs, progress, strict=True)
+    ]
+    deadline = time.monotonic() + max((e.timeout_s for e, _ in jobs), default=0.0)
+    for (engine, steps), fut, (done, failed) in zip(jobs, futures, progress, strict=True):
+        try:
+            fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            fut.cancel()
+            _mark_hung(steps, done, failed, f"{engine.label}: no answer within {engine.timeout_s:g}s")
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+        ) as exc:  # not an engine's answer: a transport-level failure
+            _mark_hung(steps, done, failed, f"{engine.label}: {type(exc).__name__}: {exc}")
+    return progress
+
+
+def _mark_hung(steps: Steps, done: dict[str, Any], failed: dict[str, BaseException], why: str) -> None:
+    hung = next((s for s in _flat(steps) if s not in done and s not in failed), _flat(steps)[-1])
+    failed.setdefault(hung, EngineCallError(why))
+
+
+def raise_failures(ops: Sequence[EngineOps], steps: Steps, progress: Sequence[Progress]) -> None:
+    """One WeightSyncError naming, per failed step (in step order), every engine it failed on."""
+    parts = []
+    for step in _flat(steps):
+        errors = [
+            str(failed[step]) if e.label in str(failed[step]) else f"{e.label}: {failed[step]}"
+            for e, (_, failed) in zip(ops, progress, strict=True)
+            if step in failed
+        ]
+        if errors:
+            parts.append(f"{step} failed on {len(errors)} of {len(ops)} engine(s): " + "; ".join(errors))
+    if parts:
+        raise WeightSyncError("; ".join(parts))
 
 
 def as_engine_ops(engines: Sequence[Any], timeout_s: float, pause_mode: str = "abort") -> list[EngineOps]:

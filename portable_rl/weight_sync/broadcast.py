@@ -11,7 +11,11 @@ Contract
 * ``update(named_tensors, version)`` sends buckets of at most ``bucket_mb`` (one dtype each). Per bucket every
   engine gets ``/update_weights_from_distributed`` with names, dtypes and shapes, then rank 0 broadcasts:
     - flattened (``load_format="flattened_bucket"``): the bucket's bytes as one uint8 buffer, one broadcast;
-      used when ``flatten_buckets="on"``, or ``"auto"`` and every engine declares support;
+      used when ``flatten_buckets="on"``, or ``"auto"`` and every engine supports and prefers it
+      (``EngineOps.prefers_flattened_bucket``). portable_rl's CPU engine receives per-tensor broadcasts straight
+      into its parameters, so for it a flat bucket only adds a copy on each side; with ``"auto"`` a bucket of
+      small tensors (mean below ``SMALL_TENSOR_BYTES``) is still flattened where every engine supports it, since
+      there one broadcast per tensor costs more in per-collective latency than the two copies;
     - per tensor (no load_format): one broadcast per tensor, in name order: what every SGLang release accepts.
   All of it runs inside ``update_session`` (pause, flush, begin/end weight update, resume, version check).
 * A failed bucket (an engine refuses it, or the collective fails) ends the wait at once and names the cause;
@@ -49,6 +53,10 @@ from portable_rl.weight_sync.base import (
 
 log = logging.getLogger(__name__)
 
+# With flatten_buckets="auto", buckets whose tensors average less than this are flattened for every engine that
+# supports it: a collective's fixed latency (~0.1-1 ms on gloo) then outweighs copying the bytes twice.
+SMALL_TENSOR_BYTES = 512 * 1024
+
 # After a failed broadcast, how long to wait for engines' answers that explain it.
 REFUSAL_GRACE_S = 2.0
 
@@ -61,7 +69,8 @@ class BroadcastWeightSync:
         self.platform = platform or current_platform()
         self.engines: list[EngineOps] = []
         self.group: WeightUpdateGroup | None = None
-        self.flattened = False
+        self.flattened = False  # the format of buckets of large tensors
+        self.flatten_small = False  # the format of buckets of small tensors (SMALL_TENSOR_BYTES)
         self.rank_offsets: list[int] = []
         self.staging = Staging()
         self.broken: str | None = None  # why the group cannot be used again, after a failed sync
@@ -126,12 +135,11 @@ class BroadcastWeightSync:
             raise
         self.group = group
         self.broken = None
-        if self.cfg.flatten_buckets == "on":
-            self.flattened = True
-        elif self.cfg.flatten_buckets == "off":
-            self.flattened = False
+        if self.cfg.flatten_buckets == "auto":
+            self.flattened = all(e.prefers_flattened_bucket() for e in self.engines)
+            self.flatten_small = all(e.supports_flattened_bucket() for e in self.engines)
         else:
-            self.flattened = all(e.supports_flattened_bucket() for e in self.engines)
+            self.flattened = self.flatten_small = self.cfg.flatten_buckets == "on"
 
     def disconnect(self) -> None:
         """Destroy the group on the engines and here. Best effort: an engine that lost the group is logged."""
@@ -165,19 +173,21 @@ class BroadcastWeightSync:
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         assert self.group is not None
         group = self.group
+        small = sum(nbytes(t) for _, t in bucket) < SMALL_TENSOR_BYTES * len(bucket)
+        flattened = self.flatten_small if small else self.flattened
         request = dict(
             names=[n for n, _ in bucket],
             dtypes=[dtype_name(t.dtype) for _, t in bucket],
             shapes=[list(t.shape) for _, t in bucket],
             group_name=group.group_name,
-            load_format="flattened_bucket" if self.flattened else None,
+            load_format="flattened_bucket" if flattened else None,
             weight_version=weight_version,
             flush_cache=flush_cache,
         )
         calls = [e.update_weights_from_distributed(**request) for e in self.engines]
 
         def send() -> None:
-            if self.flattened:
+            if flattened:
                 flat = _as_flat_bytes(bucket, self.staging)
                 group.broadcast(flat, what=f"bucket broadcast ({flat.numel()} bytes, {len(bucket)} tensors)")
             else:

@@ -374,6 +374,8 @@ def test_async_client_reads_the_protocol(engine):
     assert len(out.output_ids) == len(out.output_logprobs) == 5
     assert out.finish_reason == "length" and out.weight_version == version == "default"
     assert info["tp_size"] == 1 and "flattened_bucket" in info["weight_update_load_formats"]
+    # per-tensor receives land straight in the parameters: flatten_buckets="auto" sends per tensor to it
+    assert info["weight_update_prefers_per_tensor"] is True
 
 
 def test_engine_threads_follow_its_env(engine, tiny_llama):

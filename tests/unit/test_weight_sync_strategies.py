@@ -43,17 +43,20 @@ STAND_IN = textwrap.dedent(
     from portable_rl.protocol.tensor_codec import deserialize_tensors, named_tensors_from_payload
 
     port = int(sys.argv[1])
-    state = {"weights": {}, "version": "0", "session": False, "groups": {}, "calls": [], "formats": []}
+    state = {"weights": {}, "version": "0", "session": False, "groups": {}, "calls": [], "formats": [],
+             "prefers_per_tensor": False}
 
     def handle(path, body):
         if path == "/reset":
             for g in state["groups"].values():
                 g.destroy()
-            state.update(weights={}, version="0", session=False, groups={}, calls=[], formats=body["formats"])
+            state.update(weights={}, version="0", session=False, groups={}, calls=[], formats=body["formats"],
+                         prefers_per_tensor=body.get("prefers_per_tensor", False))
             return {"success": True}
         state["calls"].append([path, {k: v for k, v in body.items() if k != "serialized_named_tensors"}])
         if path in ("/server_info", "/get_server_info"):
-            return {"tp_size": 1, "weight_update_load_formats": state["formats"], "weights_checksum": True}
+            return {"tp_size": 1, "weight_update_load_formats": state["formats"], "weights_checksum": True,
+                    "weight_update_prefers_per_tensor": state["prefers_per_tensor"]}
         if path in ("/pause_generation", "/continue_generation", "/flush_cache"):
             return {"success": True}
         if path == "/begin_weight_update":
@@ -146,9 +149,10 @@ class StandIn:
                     raise RuntimeError("stand-in engine did not start") from None
                 time.sleep(0.2)
 
-    def reset(self, formats):
+    def reset(self, formats, prefers_per_tensor=False):
         self.formats = formats
-        requests.post(self.base_url + "/reset", json={"formats": formats}, timeout=30).raise_for_status()
+        body = {"formats": formats, "prefers_per_tensor": prefers_per_tensor}
+        requests.post(self.base_url + "/reset", json=body, timeout=30).raise_for_status()
 
     def calls(self):
         return requests.post(self.base_url + "/calls", json={}, timeout=5).json()["calls"]
@@ -222,16 +226,38 @@ def test_broadcast_syncs_two_engines_in_buckets(engines):
             "/flush_cache",
             "/begin_weight_update",
         ]
-        assert order[last + 1 : last + 4] == [
-            "/end_weight_update",
-            "/continue_generation",
-            "/model_info",
-        ]
+        assert order[last + 1] == "/end_weight_update"
+        # the resume and the version read-back are issued together once the session is closed
+        assert sorted(order[last + 2 : last + 4]) == ["/continue_generation", "/model_info"]
         assert [u[1].get("weight_version") for u in updates] == [None] * (len(updates) - 1) + ["7"]
         assert [u[1]["flush_cache"] for u in updates] == [False] * (len(updates) - 1) + [True]
         assert {u[1].get("load_format") for u in updates} == ({"flattened_bucket"} if flattened else {None})
         for u in updates:
             assert len({d for d in u[1]["dtypes"]}) == 1
+
+
+def test_auto_sends_large_tensors_per_tensor_to_engines_that_prefer_it(engines):
+    """An engine that declares per-tensor updates faster gets them for large tensors, small ones still flattened."""
+    for e in engines:
+        e.reset(["direct", "flattened_bucket"], prefers_per_tensor=True)
+    g = torch.Generator().manual_seed(3)
+    weights = [
+        ("big", torch.randn(512, 512, generator=g)),  # 1 MiB: a bucket of its own at bucket_mb=1
+        ("small.a", torch.randn(64, 32, generator=g)),
+        ("small.b", torch.randn(32, generator=g)),
+    ]
+    sync = make_weight_sync(WeightSyncConfig(bucket_mb=1, timeout_s=30), "disaggregated")
+    sync.connect([e.base_url for e in engines])
+    try:
+        sync.update(iter(weights), version=2)
+        check_weights([e.base_url for e in engines], weights).raise_if_failed()
+    finally:
+        sync.disconnect()
+    for e in engines:
+        formats = {
+            tuple(u[1]["names"]): u[1].get("load_format") for u in _paths(e.calls(), "/update_weights_from_d")
+        }
+        assert formats == {("big",): None, ("small.a", "small.b"): "flattened_bucket"}
 
 
 def test_broadcast_reports_the_engine_that_refuses(engines):

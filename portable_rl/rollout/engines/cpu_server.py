@@ -9,7 +9,8 @@ Endpoints, request fields and response shapes follow SGLang 0.5.23, so one clien
               POST /pause_generation {mode: abort|retract|in_place}, POST /continue_generation
   health      GET /health, /health_generate (one greedy token), /ready
   info        GET /model_info (+ deprecated /get_model_info) with weight_version, GET /server_info
-              (+ /get_server_info) with tp_size, weight_update_load_formats, weights_checksum
+              (+ /get_server_info) with tp_size, weight_update_load_formats, weights_checksum and
+              weight_update_prefers_per_tensor (portable_rl: per-tensor distributed updates are the fast form)
   weights     POST /init_weights_update_group {master_address, master_port, rank_offset, world_size,
               group_name, backend}, /destroy_weights_update_group, /update_weights_from_distributed
               {names, dtypes, shapes, group_name, load_format, weight_version, flush_cache},
@@ -86,6 +87,29 @@ async def _body(request: Request) -> dict[str, Any]:
     return data
 
 
+class _BearerAuth:
+    """ASGI middleware: every path but OPEN_PATHS needs ``Authorization: Bearer <key>`` when a key is set."""
+
+    def __init__(self, app: Any, server: Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        key = self.server._key_bytes
+        if scope["type"] == "http" and self.server.api_key and scope["path"] not in OPEN_PATHS:
+            header = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    header = value
+                    break
+            scheme, _, token = header.partition(b" ")
+            # Bytes, not str: compare_digest refuses non-ASCII strings, which a client controls.
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token, key):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _version_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -106,16 +130,9 @@ class Server:
 
     # ---- auth -------------------------------------------------------------------------------------------
     def _install_auth(self) -> None:
-        @self.app.middleware("http")
-        async def auth(request: Request, call_next):
-            if self.api_key and request.url.path not in OPEN_PATHS:
-                header = request.headers.get("authorization", "")
-                scheme, _, token = header.partition(" ")
-                # Bytes, not str: compare_digest refuses non-ASCII strings, which a client controls.
-                given = token.encode("utf-8", "surrogateescape")
-                if scheme.lower() != "bearer" or not secrets.compare_digest(given, self._key_bytes):
-                    return JSONResponse({"error": "Unauthorized"}, status_code=401)
-            return await call_next(request)
+        # A plain ASGI wrapper rather than FastAPI's @middleware("http"): that one runs every request through
+        # an extra task and memory streams, which costs a measurable share of a weight-sync call's round trip.
+        self.app.add_middleware(_BearerAuth, server=self)
 
     # ---- helpers ----------------------------------------------------------------------------------------
     async def _on_engine(self, fn, needs_idle: bool = False) -> Any:
@@ -281,6 +298,9 @@ class Server:
                 "context_length": engine.context_length,
                 "max_running_requests": engine.cfg.max_running_requests,
                 "weight_update_load_formats": LOAD_FORMATS,
+                # Per-tensor broadcasts land straight in the parameters; a flattened bucket costs a staging copy
+                # on each side, so a client choosing the format ("auto") should send per tensor.
+                "weight_update_prefers_per_tensor": True,
                 "weights_checksum": True,
                 "internal_states": [{**engine.load(), "paused": engine.paused, "decode_steps": engine.steps}],
             }

@@ -1,0 +1,166 @@
+"""EngineOps.run_steps and update_session's sequencing, against an in-process fake client (no server).
+
+The fake records the order calls start in; asked to, its continue_generation waits for the version read-back
+to start and records whether it did, which only happens when the two are issued together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from portable_rl.protocol.client import EngineError
+from portable_rl.protocol.engine_ops import EngineOps
+from portable_rl.weight_sync.base import WeightSyncError, update_session
+
+
+class FakeClient:
+    def __init__(self, url: str, refuse: str | None = None, version: str = "7") -> None:
+        self.base_url = url
+        self.refuse = refuse
+        self.version = version
+        self.log: list[str] = []
+        self.version_started: asyncio.Event | None = None
+        self.wait_for_version = False
+        self.overlapped = False
+
+    async def _step(self, name: str) -> None:
+        self.log.append(name)
+        if name == self.refuse:
+            raise EngineError(f"{self.base_url}/{name}: refused")
+
+    async def pause_generation(self, mode: str) -> None:
+        await self._step("pause_generation")
+
+    async def flush_cache(self) -> None:
+        await self._step("flush_cache")
+
+    async def begin_weight_update(self) -> None:
+        await self._step("begin_weight_update")
+
+    async def end_weight_update(self) -> None:
+        await self._step("end_weight_update")
+
+    async def continue_generation(self) -> None:
+        await self._step("continue_generation")
+        self.version_started = self.version_started or asyncio.Event()
+        if self.wait_for_version:
+            await asyncio.wait_for(self.version_started.wait(), timeout=2)
+            self.overlapped = True
+
+    async def get_weight_version(self) -> str:
+        await self._step("get_weight_version")
+        self.version_started = self.version_started or asyncio.Event()
+        self.version_started.set()
+        return self.version
+
+    async def close(self) -> None:
+        pass
+
+
+def _ops(n: int, **fake) -> list[EngineOps]:
+    ops = []
+    for i in range(n):
+        op = EngineOps(f"http://127.0.0.1:{9000 + i}", timeout_s=10)
+        op.client = FakeClient(op.client.base_url, **(fake if i == n - 1 else {}))
+        ops.append(op)
+    return ops
+
+
+def test_session_runs_in_sglang_order_and_reads_the_version_while_resuming():
+    ops = _ops(2)
+    for op in ops:
+        op.client.wait_for_version = True
+    with update_session(ops, 7):
+        for op in ops:
+            op.client.log.append("update")
+    for op in ops:
+        assert op.client.overlapped
+        log = op.client.log
+        assert log[:5] == [
+            "pause_generation",
+            "flush_cache",
+            "begin_weight_update",
+            "update",
+            "end_weight_update",
+        ]
+        assert sorted(log[5:]) == ["continue_generation", "get_weight_version"]
+
+
+def test_session_names_a_stale_version():
+    ops = _ops(2, version="6")
+    with pytest.raises(WeightSyncError, match=r"did not move to '7'.*:9001 reports '6'"):
+        with update_session(ops, 7):
+            pass
+
+
+def test_failed_begin_resumes_every_paused_engine_and_ends_opened_sessions():
+    ops = _ops(2, refuse="begin_weight_update")
+    with pytest.raises(
+        WeightSyncError, match=r"begin_weight_update failed on 1 of 2 engine\(s\): .*:9001.*refused"
+    ):
+        with update_session(ops, 7, verify_version=False):
+            pytest.fail("the body must not run when the session did not open everywhere")
+    assert ops[0].client.log == [
+        "pause_generation",
+        "flush_cache",
+        "begin_weight_update",
+        "end_weight_update",
+        "continue_generation",
+    ]
+    assert ops[1].client.log == [
+        "pause_generation",
+        "flush_cache",
+        "begin_weight_update",
+        "continue_generation",
+    ]
+
+
+def test_failed_end_still_resumes_and_is_reported():
+    ops = _ops(1, refuse="end_weight_update")
+    with pytest.raises(WeightSyncError, match="end_weight_update failed on 1 of 1"):
+        with update_session(ops, 7):
+            pass
+    assert ops[0].client.log[:4] == [
+        "pause_generation",
+        "flush_cache",
+        "begin_weight_update",
+        "end_weight_update",
+    ]
+    assert "continue_generation" in ops[0].client.log[4:]
+
+
+def test_failed_update_closes_the_session_without_a_version_check():
+    ops = _ops(1, version="old")
+    with pytest.raises(RuntimeError, match="bucket failed"):
+        with update_session(ops, 7):
+            raise RuntimeError("bucket failed")
+    assert ops[0].client.log[-2:] == ["end_weight_update", "continue_generation"]
+
+
+def test_run_steps_rejects_an_unknown_step():
+    with pytest.raises(ValueError, match="unknown session step"):
+        _ops(1)[0].run_steps(["pause_generation", "reboot"], {}, {})
+
+
+@pytest.mark.parametrize(
+    ("info", "prefers"),
+    [
+        ({"weight_update_load_formats": ["direct", "flattened_bucket"]}, True),
+        (
+            {
+                "weight_update_load_formats": ["direct", "flattened_bucket"],
+                "weight_update_prefers_per_tensor": True,
+            },
+            False,
+        ),
+        ({"weight_update_load_formats": ["direct"]}, False),
+        ({"version": "0.5.23"}, True),  # SGLang declares nothing: its release decides
+        ({"version": "0.5.2"}, False),
+    ],
+)
+def test_auto_flattening_follows_what_the_engine_declares(info, prefers):
+    op = EngineOps("http://127.0.0.1:9000", timeout_s=10)
+    op._info = info
+    assert op.prefers_flattened_bucket() is prefers
