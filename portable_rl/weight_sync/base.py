@@ -276,6 +276,7 @@ def update_in_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     version: int,
     send_bucket: Callable[[list[tuple[str, torch.Tensor]], str | None, bool], None],
+    split_small_at: int | None = None,
 ) -> None:
     """One bucketed update inside ``update_session``; staging buffers are released unless ``cfg.keep_staging``.
 
@@ -284,7 +285,7 @@ def update_in_buckets(
     """
     from portable_rl.protocol.buckets import iter_buckets
 
-    buckets = mark_last(iter_buckets(named_tensors, cfg.bucket_bytes))
+    buckets = mark_last(iter_buckets(named_tensors, cfg.bucket_bytes, split_small_at))
     try:
         with update_session(
             engines,
