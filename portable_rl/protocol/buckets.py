@@ -4,7 +4,9 @@ Contract
 --------
 * ``iter_buckets(named_tensors, max_bytes)`` groups tensors in arrival order into buckets of one dtype each and
   at most ``max_bytes`` (a tensor larger than that travels alone). It consumes the iterable lazily, so a
-  trainer that gathers weights layer by layer never holds more than one bucket of extra memory.
+  trainer that gathers weights layer by layer never holds more than one bucket of extra memory (per dtype and
+  size class). With ``split_at``, tensors smaller than ``split_at`` bytes fill buckets of their own (a sender
+  can then flatten the buckets of small tensors and send the others tensor by tensor).
 * ``Staging`` keeps one flat buffer for reuse across buckets and syncs: a fresh allocation per bucket pays
   first-touch page faults on every byte, which on CPU costs as much as the copy itself.
 * ``flatten(bucket)`` lays a bucket out as SGLang's ``FlattenedTensorBucket`` does: each tensor's bytes, in
@@ -52,12 +54,14 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
-def iter_buckets(named_tensors: Iterable[NamedTensor], max_bytes: int) -> Iterator[list[NamedTensor]]:
+def iter_buckets(
+    named_tensors: Iterable[NamedTensor], max_bytes: int, split_at: int | None = None
+) -> Iterator[list[NamedTensor]]:
     """Yield lists of (name, tensor), one dtype per list, each at most ``max_bytes`` unless a single tensor is larger."""
     if max_bytes <= 0:
         raise ValueError(f"bucket size must be positive, got {max_bytes} bytes")
     seen: set[str] = set()
-    open_buckets: dict[torch.dtype, tuple[list[NamedTensor], int]] = {}
+    open_buckets: dict[tuple[torch.dtype, bool], tuple[list[NamedTensor], int]] = {}
     for name, tensor in named_tensors:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
@@ -65,13 +69,14 @@ def iter_buckets(named_tensors: Iterable[NamedTensor], max_bytes: int) -> Iterat
             raise ValueError(f"weight {name!r} appears twice in one update; names must be unique")
         seen.add(name)
         size = nbytes(tensor)
-        items, used = open_buckets.get(tensor.dtype, ([], 0))
+        key = (tensor.dtype, split_at is not None and size < split_at)
+        items, used = open_buckets.get(key, ([], 0))
         if items and used + size > max_bytes:
             yield items
             items, used = [], 0
         items.append((name, tensor))
         used += size
-        open_buckets[tensor.dtype] = (items, used)
+        open_buckets[key] = (items, used)
     for items, _ in open_buckets.values():
         if items:
             yield items

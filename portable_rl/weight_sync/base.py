@@ -14,12 +14,14 @@ Contract
   (issued together with the resume) and must equal ``str(version)`` (``WeightSyncError`` otherwise).
 * Per engine, the opening calls (pause -> flush -> begin) and the closing calls (end -> resume + version)
   each run as one sequence on the HTTP loop (``EngineOps.run_steps``): the order each engine sees is SGLang's,
-  without a thread hop and a wait for every engine between calls.
+  without a thread hop and a wait for every engine between calls. A bucketed update gathers its first bucket
+  (``named_tensors`` is lazy) while the opening calls are in flight.
 * Engine calls fan out concurrently; any failure raises ``WeightSyncError`` naming the step and the engine.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -86,7 +88,8 @@ def update_session(
     open_session: bool = True,
     enabled: bool = True,
     timeout_s: float = 600.0,
-) -> Iterator[None]:
+    overlap: Callable[[], Any] | None = None,
+) -> Iterator[Any]:
     """Pause + flush, open the weight-update session, yield, close it, resume; then check the version.
 
     ``engines`` are EngineOps, engine clients or URLs. ``enabled=False`` yields without touching the engines: a
@@ -97,9 +100,12 @@ def update_session(
     closing calls (end, then continue and the version read-back together: the version was set by the last
     update request, so reading it needs no wait for the resume). An engine whose opening failed midway is put
     back as it was (its session ended if it was opened, generation resumed if it was paused).
+
+    ``overlap`` (optional) runs in this thread while the opening calls are in flight, e.g. the trainer gathering
+    the first bucket; the ``with`` statement binds its result. If it raises, the session is closed again.
     """
     if not enabled:
-        yield
+        yield overlap() if overlap is not None else None
         return
     ops = as_engine_ops(engines, timeout_s)
     created = [o for o, e in zip(ops, engines, strict=True) if o is not e]
@@ -107,20 +113,18 @@ def update_session(
     if open_session:
         opening += ("begin_weight_update",)
     try:
-        progress = run_sequences(ops, opening, stop_on_error=True)
+        started = _start_each([(e, opening) for e in ops], stop_on_error=True)
+        try:
+            prepared = overlap() if overlap is not None else None
+        except BaseException:
+            _undo_opening(ops, open_session, _finish_each(started))
+            raise
+        progress = _finish_each(started)
         if any(failed for _, failed in progress):
-            undo = [
-                (e, _closing(open_session and "begin_weight_update" in done, read_version=False))
-                for e, (done, _) in zip(ops, progress, strict=True)
-                if "pause_generation" in done
-            ]
-            try:
-                _run_each(undo)
-            except WeightSyncError as exc:
-                log.warning("after a failed session start: %s", exc)
+            _undo_opening(ops, open_session, progress)
             raise_failures(ops, opening, progress)
         try:
-            yield
+            yield prepared
         except BaseException:
             closing = _closing(open_session, read_version=False)
             raise_failures(ops, closing, run_sequences(ops, closing, stop_on_error=False))
@@ -142,6 +146,19 @@ def update_session(
 
 Steps = Sequence[str | tuple[str, ...]]
 Progress = tuple[dict[str, Any], dict[str, BaseException]]
+Started = list[tuple[EngineOps, Steps, Future[None], Progress]]
+
+
+def _undo_opening(ops: Sequence[EngineOps], open_session: bool, progress: Sequence[Progress]) -> None:
+    """Best effort: end the session where it was opened and resume generation where it was paused."""
+    undo = [
+        (e, _closing(open_session and "begin_weight_update" in done, read_version=False))
+        for e, (done, _) in zip(ops, progress, strict=True)
+        if "pause_generation" in done
+    ]
+    for e, (_, failed) in zip([e for e, _ in undo], _run_each(undo), strict=True):
+        for step, exc in failed.items():
+            log.warning("putting %s back after a failed weight update: %s failed: %s", e.label, step, exc)
 
 
 def _closing(end_session: bool, read_version: bool) -> tuple[str | tuple[str, ...], ...]:
@@ -165,25 +182,29 @@ def run_sequences(ops: Sequence[EngineOps], steps: Steps, stop_on_error: bool) -
 
 
 def _run_each(jobs: Sequence[tuple[EngineOps, Steps]], stop_on_error: bool = False) -> list[Progress]:
-    progress: list[Progress] = [({}, {}) for _ in jobs]
-    futures = [
-        e.run_steps(steps, *p, stop_on_error=stop_on_error)
-        for (e, steps), p in zip(jobs, progress, strict=True)
-    ]
-    deadline = time.monotonic() + max((e.timeout_s for e, _ in jobs), default=0.0)
-    for (engine, steps), fut, (done, failed) in zip(jobs, futures, progress, strict=True):
+    return _finish_each(_start_each(jobs, stop_on_error))
+
+
+def _start_each(jobs: Sequence[tuple[EngineOps, Steps]], stop_on_error: bool) -> Started:
+    started: Started = []
+    for e, steps in jobs:
+        progress: Progress = ({}, {})
+        started.append((e, steps, e.run_steps(steps, *progress, stop_on_error=stop_on_error), progress))
+    return started
+
+
+def _finish_each(started: Started) -> list[Progress]:
+    deadline = time.monotonic() + max((e.timeout_s for e, *_ in started), default=0.0)
+    for engine, steps, fut, (done, failed) in started:
         try:
             fut.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             fut.cancel()
             _mark_hung(steps, done, failed, f"{engine.label}: no answer within {engine.timeout_s:g}s")
-        except (
-            OSError,
-            RuntimeError,
-            ValueError,
-        ) as exc:  # not an engine's answer: a transport-level failure
+        except (OSError, RuntimeError, ValueError) as exc:
+            # not an engine's answer: a transport-level failure
             _mark_hung(steps, done, failed, f"{engine.label}: {type(exc).__name__}: {exc}")
-    return progress
+    return [progress for *_, progress in started]
 
 
 def _mark_hung(steps: Steps, done: dict[str, Any], failed: dict[str, BaseException], why: str) -> None:
@@ -231,17 +252,17 @@ def mark_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
     yield prev, True
 
 
-def send_in_buckets(
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
-    bucket_bytes: int,
-    version: int,
-    send_bucket: Callable[[list[tuple[str, torch.Tensor]], str | None, bool], None],
-) -> None:
-    """Cut ``named_tensors`` into buckets and send each; only the last carries the version and flushes the cache."""
-    from portable_rl.protocol.buckets import iter_buckets
+Bucket = list[tuple[str, torch.Tensor]]
 
+
+def send_buckets(
+    buckets: Iterable[tuple[Bucket, bool]],
+    version: int,
+    send_bucket: Callable[[Bucket, str | None, bool], None],
+) -> None:
+    """Send (bucket, is_last) pairs in order; only the last carries the version and flushes the cache."""
     sent = 0
-    for bucket, last in mark_last(iter_buckets(named_tensors, bucket_bytes)):
+    for bucket, last in buckets:
         send_bucket(bucket, str(version) if last else None, last)
         sent += 1
     if not sent:
@@ -255,11 +276,25 @@ def update_in_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     version: int,
     send_bucket: Callable[[list[tuple[str, torch.Tensor]], str | None, bool], None],
+    split_small_at: int | None = None,
 ) -> None:
-    """One bucketed update inside ``update_session``; staging buffers are released unless ``cfg.keep_staging``."""
+    """One bucketed update inside ``update_session``; staging buffers are released unless ``cfg.keep_staging``.
+
+    The first bucket is gathered (``named_tensors`` is lazy: a trainer gathers its weights as they are consumed)
+    while the engines pause and open their sessions.
+    """
+    from portable_rl.protocol.buckets import iter_buckets
+
+    buckets = mark_last(iter_buckets(named_tensors, cfg.bucket_bytes, split_small_at))
     try:
-        with update_session(engines, version, verify_version=cfg.verify_version, enabled=cfg.manage_session):
-            send_in_buckets(named_tensors, cfg.bucket_bytes, version, send_bucket)
+        with update_session(
+            engines,
+            version,
+            verify_version=cfg.verify_version,
+            enabled=cfg.manage_session,
+            overlap=lambda: next(buckets, None),
+        ) as first:
+            send_buckets(itertools.chain([first] if first is not None else [], buckets), version, send_bucket)
     finally:
         if not cfg.keep_staging:
             staging.release()

@@ -15,7 +15,8 @@ Contract
       (``EngineOps.prefers_flattened_bucket``). portable_rl's CPU engine receives per-tensor broadcasts straight
       into its parameters, so for it a flat bucket only adds a copy on each side; with ``"auto"`` a bucket of
       small tensors (mean below ``SMALL_TENSOR_BYTES``) is still flattened where every engine supports it, since
-      there one broadcast per tensor costs more in per-collective latency than the two copies;
+      there one broadcast per tensor costs more in per-collective latency than the two copies; for such engines
+      small tensors are bucketed apart from large ones (``iter_buckets(split_at=...)``);
     - per tensor (no load_format): one broadcast per tensor, in name order: what every SGLang release accepts.
   All of it runs inside ``update_session`` (pause, flush, begin/end weight update, resume, version check).
 * A failed bucket (an engine refuses it, or the collective fails) ends the wait at once and names the cause;
@@ -54,8 +55,9 @@ from portable_rl.weight_sync.base import (
 log = logging.getLogger(__name__)
 
 # With flatten_buckets="auto", buckets whose tensors average less than this are flattened for every engine that
-# supports it: a collective's fixed latency (~0.1-1 ms on gloo) then outweighs copying the bytes twice.
-SMALL_TENSOR_BYTES = 512 * 1024
+# supports it: a collective's fixed cost (~1 ms per gloo broadcast measured on a loaded 2-core host) then
+# outweighs copying the bytes twice (~0.6 ms per MiB there).
+SMALL_TENSOR_BYTES = 1024 * 1024
 
 # After a failed broadcast, how long to wait for engines' answers that explain it.
 REFUSAL_GRACE_S = 2.0
@@ -168,7 +170,12 @@ class BroadcastWeightSync:
                 f"the weight-update group is unusable after a failed sync ({self.broken}); "
                 "call disconnect() and connect() again"
             )
-        update_in_buckets(self.engines, self.cfg, self.staging, named_tensors, version, self._send_bucket)
+        # Mixed formats: small tensors (norms, biases) ride together in flattened buckets instead of costing one
+        # collective each among the large ones.
+        split = SMALL_TENSOR_BYTES if self.flatten_small and not self.flattened else None
+        update_in_buckets(
+            self.engines, self.cfg, self.staging, named_tensors, version, self._send_bucket, split
+        )
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         assert self.group is not None

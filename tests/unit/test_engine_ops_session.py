@@ -164,3 +164,46 @@ def test_auto_flattening_follows_what_the_engine_declares(info, prefers):
     op = EngineOps("http://127.0.0.1:9000", timeout_s=10)
     op._info = info
     assert op.prefers_flattened_bucket() is prefers
+
+
+def test_overlap_runs_while_the_engines_open_their_sessions():
+    import threading
+
+    gathered = threading.Event()
+    ops = _ops(1)
+    fake = ops[0].client
+    real_pause = fake.pause_generation
+
+    async def pause_waiting_for_overlap(mode: str) -> None:
+        # Returns only once the overlap ran: a session that opened before starting it would fail here.
+        if not await asyncio.get_running_loop().run_in_executor(None, gathered.wait, 5):
+            raise EngineError("overlap did not run while the session opened")
+        await real_pause(mode)
+
+    fake.pause_generation = pause_waiting_for_overlap
+
+    def gather_first_bucket() -> str:
+        gathered.set()
+        return "bucket-0"
+
+    with update_session(ops, 7, overlap=gather_first_bucket) as first:
+        assert first == "bucket-0"
+        assert fake.log[:3] == ["pause_generation", "flush_cache", "begin_weight_update"]
+
+
+def test_failed_overlap_puts_the_engines_back():
+    ops = _ops(1)
+
+    def broken_gather() -> None:
+        raise RuntimeError("gather failed")
+
+    with pytest.raises(RuntimeError, match="gather failed"):
+        with update_session(ops, 7, overlap=broken_gather):
+            pytest.fail("the body must not run when the overlap failed")
+    assert ops[0].client.log == [
+        "pause_generation",
+        "flush_cache",
+        "begin_weight_update",
+        "end_weight_update",
+        "continue_generation",
+    ]

@@ -189,3 +189,12 @@ def test_disk_writer_leaves_no_partial_directory_on_failure(tmp_path):
     with pytest.raises(RuntimeError, match="trainer died"):
         write_safetensors_dir(broken(), tmp_path / "weights_v1", shard_bytes=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_buckets_can_keep_small_tensors_apart_from_large_ones():
+    big, small = torch.zeros(256), torch.zeros(4)  # 1 KiB and 16 bytes
+    named = [("b0", big), ("s0", small), ("b1", big), ("s1", small), ("b2", big)]
+    plain = [[n for n, _ in b] for b in iter_buckets(iter(named), 2048 + 16)]
+    split = [[n for n, _ in b] for b in iter_buckets(iter(named), 2048 + 16, split_at=64)]
+    assert plain == [["b0", "s0", "b1"], ["s1", "b2"]]
+    assert split == [["b0", "b1"], ["b2"], ["s0", "s1"]]

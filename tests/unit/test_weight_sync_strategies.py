@@ -242,11 +242,12 @@ def test_auto_sends_large_tensors_per_tensor_to_engines_that_prefer_it(engines):
         e.reset(["direct", "flattened_bucket"], prefers_per_tensor=True)
     g = torch.Generator().manual_seed(3)
     weights = [
-        ("big", torch.randn(512, 512, generator=g)),  # 1 MiB: a bucket of its own at bucket_mb=1
+        ("big.0", torch.randn(1024, 512, generator=g)),  # 2 MiB each: two fill a 4 MiB bucket
         ("small.a", torch.randn(64, 32, generator=g)),
+        ("big.1", torch.randn(1024, 512, generator=g)),
         ("small.b", torch.randn(32, generator=g)),
     ]
-    sync = make_weight_sync(WeightSyncConfig(bucket_mb=1, timeout_s=30), "disaggregated")
+    sync = make_weight_sync(WeightSyncConfig(bucket_mb=4, timeout_s=30), "disaggregated")
     sync.connect([e.base_url for e in engines])
     try:
         sync.update(iter(weights), version=2)
@@ -254,10 +255,11 @@ def test_auto_sends_large_tensors_per_tensor_to_engines_that_prefer_it(engines):
     finally:
         sync.disconnect()
     for e in engines:
-        formats = {
-            tuple(u[1]["names"]): u[1].get("load_format") for u in _paths(e.calls(), "/update_weights_from_d")
-        }
-        assert formats == {("big",): None, ("small.a", "small.b"): "flattened_bucket"}
+        updates = _paths(e.calls(), "/update_weights_from_d")
+        formats = {tuple(u[1]["names"]): u[1].get("load_format") for u in updates}
+        # small tensors are bucketed apart from the large ones, which go one broadcast each
+        assert formats == {("big.0", "big.1"): None, ("small.a", "small.b"): "flattened_bucket"}
+        assert updates[-1][1]["weight_version"] == "2"
 
 
 def test_broadcast_reports_the_engine_that_refuses(engines):

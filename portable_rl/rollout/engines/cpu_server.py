@@ -25,7 +25,8 @@ As in SGLang 0.5.23, tensor and distributed updates must sit between /begin_weig
 Tensor updates use the payload of ``portable_rl.protocol.tensor_codec``: per TP rank a base64
 ``ForkingPickler`` pickle of handles, on CPU named shared-memory segments (torch's ``file_system`` sharing
 strategy), opened here with an allow-list unpickler; the engine copies the tensors into its weights before it
-answers, so the sender may free them afterwards.
+answers. It keeps the last update's segment mapped until /end_weight_update (a sender that stages every bucket in
+one segment then pays the mapping once per session); the sender may free its memory after that.
 
 Auth: with ``--api-key`` (or env ``PORTABLE_RL_ENGINE_TOKEN``, which keeps the key off the command line) every
 endpoint except /health, /health_generate, /ready and /metrics needs ``Authorization: Bearer <key>`` and
@@ -124,6 +125,10 @@ class Server:
         self.timeout_s = weight_update_timeout_s
         # Flattened buckets land here, reused across buckets and syncs (touched on the engine thread only).
         self.receive_buffer = Staging()
+        # The shared tensors of the session's last tensor update (engine thread only). Held until the session
+        # ends so that the next bucket, staged by the sender in the same segment, finds it still mapped (torch
+        # caches open segments by name): no new mapping and no page faults on every byte per bucket.
+        self.mapped_inputs: Any = None
         self.app = FastAPI(openapi_url=None)
         self._install_auth()
         self._routes()
@@ -370,6 +375,7 @@ class Server:
                 if not e.update_session_open:
                     return False, "no weight-update session is open; call begin_weight_update() first"
                 e.update_session_open = False
+                self.mapped_inputs = None  # the sender may free its staging segment now
                 return True, "Success"
 
             return _outcome(*await self._on_engine(end))
@@ -450,7 +456,11 @@ class Server:
             def update(e: CpuEngine) -> int:
                 in_session(e, "update_weights_from_tensor")
                 obj = deserialize_tensors(payloads[0])  # this engine is TP rank 0 of 1
-                return load_named_tensors(e.model, named_tensors_from_payload(obj, body.get("load_format")))
+                count = load_named_tensors(e.model, named_tensors_from_payload(obj, body.get("load_format")))
+                self.mapped_inputs = (
+                    obj  # replaces (and unmaps) the previous bucket's only after this one opened
+                )
+                return count
 
             return await self._update(update, body, "Success")
 
