@@ -151,12 +151,7 @@ class EngineOps:
         without it every step is still issued (a cleanup sequence must resume generation even when closing the
         session failed). The future itself only fails if the coroutine is cancelled.
         """
-        unknown = [
-            s
-            for step in steps
-            for s in ((step,) if isinstance(step, str) else step)
-            if s not in SESSION_STEPS
-        ]
+        unknown = [s for s in step_names(steps) if s not in SESSION_STEPS]
         if unknown:
             raise ValueError(f"unknown session step(s) {unknown}; use {', '.join(SESSION_STEPS)}")
 
@@ -168,8 +163,7 @@ class EngineOps:
 
         async def call(c: EngineClient) -> None:
             for step in steps:
-                group = (step,) if isinstance(step, str) else step
-                await asyncio.gather(*(one(c, s) for s in group))
+                await asyncio.gather(*(one(c, s) for s in step_names([step])))
                 if failed and stop_on_error:
                     return
 
@@ -207,6 +201,11 @@ class EngineOps:
                 raise
 
         return self.submit(call)
+
+
+def step_names(steps: Sequence[str | tuple[str, ...]]) -> list[str]:
+    """Every step name of a ``run_steps`` sequence, in order (a tuple's names in their order)."""
+    return [s for step in steps for s in ((step,) if isinstance(step, str) else step)]
 
 
 # The calls an update session is made of, by endpoint name (what ``run_steps`` accepts).

@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from portable_rl.protocol.engine_ops import EngineCallError, EngineOps
+from portable_rl.protocol.engine_ops import EngineCallError, EngineOps, step_names
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -168,10 +168,6 @@ def _closing(end_session: bool, read_version: bool) -> tuple[str | tuple[str, ..
     return ("end_weight_update", resume) if end_session else (resume,)
 
 
-def _flat(steps: Steps) -> list[str]:
-    return [s for step in steps for s in ((step,) if isinstance(step, str) else step)]
-
-
 def run_sequences(ops: Sequence[EngineOps], steps: Steps, stop_on_error: bool) -> list[Progress]:
     """Run ``steps`` on every engine at once (``EngineOps.run_steps``); (done, failed) per engine.
 
@@ -208,14 +204,14 @@ def _finish_each(started: Started) -> list[Progress]:
 
 
 def _mark_hung(steps: Steps, done: dict[str, Any], failed: dict[str, BaseException], why: str) -> None:
-    hung = next((s for s in _flat(steps) if s not in done and s not in failed), _flat(steps)[-1])
+    hung = next((s for s in step_names(steps) if s not in done and s not in failed), step_names(steps)[-1])
     failed.setdefault(hung, EngineCallError(why))
 
 
 def raise_failures(ops: Sequence[EngineOps], steps: Steps, progress: Sequence[Progress]) -> None:
     """One WeightSyncError naming, per failed step (in step order), every engine it failed on."""
     parts = []
-    for step in _flat(steps):
+    for step in step_names(steps):
         errors = [
             str(failed[step]) if e.label in str(failed[step]) else f"{e.label}: {failed[step]}"
             for e, (_, failed) in zip(ops, progress, strict=True)
