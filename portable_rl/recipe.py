@@ -28,7 +28,13 @@ from portable_rl.config.algo import AlgoConfig
 from portable_rl.config.data import LONG_PROMPTS, EvalSetConfig, PromptConfig
 from portable_rl.config.placement import NodePlacementConfig
 from portable_rl.config.rollout import RolloutConfig
-from portable_rl.config.training import TRAINER_ATTENTION, CriticConfig, OptimConfig, ParallelConfig
+from portable_rl.config.training import (
+    TRAINER_ATTENTION,
+    CriticConfig,
+    OptimConfig,
+    ParallelConfig,
+    share_prompt_prefix_refusal,
+)
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
 
@@ -110,6 +116,9 @@ class TrainConfig:
     attention: str = "auto"  # auto | transformer_engine | sdpa | local (Platform.trainer_kernels)
     max_tokens_per_micro_batch: int | None = None  # set: pack samples into micro-batches of this many tokens
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO's value model (algo gae only)
+    # Samples of a micro-batch with identical prompts (a GRPO group) share one copy of the prompt in the
+    # trainer's forward/backward: same results up to float rounding, less compute (sdpa; no PP/SP/critic).
+    share_prompt_prefix: bool = False
 
     def __post_init__(self) -> None:
         refuse_non_finite(self, "train.")
@@ -129,6 +138,14 @@ class TrainConfig:
                 f"train.max_tokens_per_micro_batch={budget!r} must be an integer >= 1 (tokens per packed "
                 "micro-batch), or unset for micro-batches of train.micro_batch_size samples"
             )
+        if not isinstance(self.share_prompt_prefix, bool):
+            raise ValueError(f"train.share_prompt_prefix={self.share_prompt_prefix!r} must be true or false")
+        if self.share_prompt_prefix:
+            why = share_prompt_prefix_refusal(self.attention, self.parallel.pipeline_parallel, False)
+            if not why and self.megatron_args.get("sequence_parallel"):
+                why = "train.share_prompt_prefix does not support sequence parallelism; turn one of them off"
+            if why:
+                raise ValueError(why)
         if budget is not None and self.attention == "local":
             raise ValueError(
                 "train.max_tokens_per_micro_batch needs packed-sequence attention, which train.attention=local "
@@ -233,6 +250,8 @@ class Recipe:
                 f"train.critic.path is set but algo.advantage_estimator={self.algo.advantage_estimator!r} trains no "
                 "critic; use advantage_estimator=gae or unset train.critic.path"
             )
+        if self.train.share_prompt_prefix and self.algo.uses_critic:
+            raise ValueError(share_prompt_prefix_refusal(self.train.attention, 1, True))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

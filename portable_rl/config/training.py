@@ -15,6 +15,29 @@ from portable_rl.config import refuse_non_finite
 TRAINER_ATTENTION = ("auto", "transformer_engine", "sdpa", "local")
 
 
+def share_prompt_prefix_refusal(attention: str, pipeline_parallel: int, critic: bool) -> str | None:
+    """Why ``train.share_prompt_prefix`` cannot run with these settings (one line), or None.
+
+    ``attention`` may be the requested ``train.attention`` ("auto" passes here: the trainer checks what it
+    resolves to) or the resolved kernel. The shared layout's masks live in portable_rl's SDPA core attention;
+    pipeline stages would need one row shape for every micro-batch and the critic's value head reads per-sample
+    positions the shared row does not have.
+    """
+    if attention not in ("auto", "sdpa"):
+        return (
+            f"train.share_prompt_prefix needs train.attention=sdpa (its masks live in the SDPA core attention), "
+            f"not {attention!r}; set train.attention: sdpa or turn share_prompt_prefix off"
+        )
+    if pipeline_parallel > 1:
+        return (
+            f"train.share_prompt_prefix does not support pipeline parallelism (pipeline_parallel="
+            f"{pipeline_parallel}); turn one of them off"
+        )
+    if critic:
+        return "train.share_prompt_prefix does not support a critic (algo gae); turn share_prompt_prefix off"
+    return None
+
+
 @dataclass
 class ParallelConfig:
     """Megatron parallelism of the trainer (recipe ``train.parallel``).
