@@ -347,10 +347,10 @@ class MegatronActor:
     def _check_share_prompt_prefix(self) -> None:
         """What ``share_prompt_prefix`` needs of the built model (the config checks what it can earlier)."""
         why = share_prompt_prefix_refusal(self.kernels.attention, self.layout.pipeline_parallel, False)
-        if self.tconfig.sequence_parallel:
+        kind = getattr(self.model, "position_embedding_type", None)
+        if not why and self.tconfig.sequence_parallel:
             why = "share_prompt_prefix does not support sequence parallelism; turn one of them off"
-        elif getattr(self.model, "position_embedding_type", None) != "rope":
-            kind = getattr(self.model, "position_embedding_type", None)
+        if not why and kind != "rope":
             why = f"share_prompt_prefix needs plain rotary position embeddings; this model has {kind!r}"
         if why:
             raise ValueError(why)
