@@ -53,7 +53,9 @@ def loss_fn(logp: torch.Tensor, entropy: torch.Tensor, mb: dict) -> tuple[torch.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=("smollm", "tiny"), default="smollm")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--group", type=int, default=4)
@@ -67,9 +69,13 @@ def main() -> None:
             ckpt = build_tiny_checkpoint(Path(tmp) / "tiny", TinySpec(arch="llama"))
         else:
             ckpt = build_shaped("smollm", Path(tmp) / "smollm")
-        config = ActorConfig(hf_checkpoint=str(ckpt), micro_batch_size=args.micro_batch_size, attention="sdpa")
+        config = ActorConfig(
+            hf_checkpoint=str(ckpt), micro_batch_size=args.micro_batch_size, attention="sdpa"
+        )
         actor = MegatronActor(config, 0, 1, "127.0.0.1", free_port())
-        batch = grpo_batch(actor.spec.vocab_size, args.prompts, args.group, args.prompt_len, args.response_len)
+        batch = grpo_batch(
+            actor.spec.vocab_size, args.prompts, args.group, args.prompt_len, args.response_len
+        )
         times: dict[tuple[str, bool], list[float]] = {}
         logps: dict[bool, list[list[float]]] = {}
         for it in range(args.iters + 1):

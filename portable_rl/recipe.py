@@ -138,6 +138,11 @@ class TrainConfig:
                 f"train.max_tokens_per_micro_batch={budget!r} must be an integer >= 1 (tokens per packed "
                 "micro-batch), or unset for micro-batches of train.micro_batch_size samples"
             )
+        if budget is not None and self.attention == "local":
+            raise ValueError(
+                "train.max_tokens_per_micro_batch needs packed-sequence attention, which train.attention=local "
+                "(Megatron's unfused attention) lacks; use train.attention=auto"
+            )
         if not isinstance(self.share_prompt_prefix, bool):
             raise ValueError(f"train.share_prompt_prefix={self.share_prompt_prefix!r} must be true or false")
         if self.share_prompt_prefix:
@@ -146,11 +151,6 @@ class TrainConfig:
                 why = "train.share_prompt_prefix does not support sequence parallelism; turn one of them off"
             if why:
                 raise ValueError(why)
-        if budget is not None and self.attention == "local":
-            raise ValueError(
-                "train.max_tokens_per_micro_batch needs packed-sequence attention, which train.attention=local "
-                "(Megatron's unfused attention) lacks; use train.attention=auto"
-            )
 
     @property
     def world_size(self) -> int:

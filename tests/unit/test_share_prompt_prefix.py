@@ -206,3 +206,24 @@ def test_refusals_are_one_line(attention, pp, critic, words):
     assert words in why and "\n" not in why
     assert share_prompt_prefix_refusal("sdpa", 1, False) is None
     assert share_prompt_prefix_refusal("auto", 1, False) is None
+
+
+def test_preflight_refuses_sharing_where_auto_attention_is_not_sdpa():
+    from pathlib import Path
+
+    from portable_rl.commands.preflight import check_trainer_kernels
+    from portable_rl.errors import UserError
+    from portable_rl.recipe import load_recipe
+
+    recipe = load_recipe(
+        Path(__file__).resolve().parents[2] / "examples/tiny_cpu.yaml", ["train.share_prompt_prefix=true"]
+    )
+
+    def platform(attention: str):
+        return SimpleNamespace(trainer_kernels=lambda requested: SimpleNamespace(attention=attention))
+
+    assert check_trainer_kernels(recipe, platform("sdpa")).attention == "sdpa"
+    with pytest.raises(UserError) as err:
+        check_trainer_kernels(recipe, platform("transformer_engine"))
+    assert "train.attention=auto gives transformer_engine here" in str(err.value)
+    assert "\n" not in str(err.value)
