@@ -352,6 +352,12 @@ class MegatronActor:
             why = "share_prompt_prefix does not support sequence parallelism; turn one of them off"
         if not why and kind != "rope":
             why = f"share_prompt_prefix needs plain rotary position embeddings; this model has {kind!r}"
+        if not why and self.spec.is_moe:
+            # The router's load-balancing loss counts tokens: a prompt counted once instead of once per
+            # sample would change it (and so the gradients).
+            why = (
+                "share_prompt_prefix does not support MoE models (it would change the router's balance loss)"
+            )
         if why:
             raise ValueError(why)
 
