@@ -109,6 +109,9 @@ def main() -> None:
         for what in ("train_step", "compute_logprobs"):
             a, b = statistics.median(times[(what, False)]), statistics.median(times[(what, True)])
             print(f"{what:18}{a:10.3f}{b:10.3f}{a / b:9.2f}x")
+        for what in ("train_step", "compute_logprobs"):
+            off, on = ([round(t, 2) for t in times[(what, share)]] for share in (False, True))
+            print(f"{what} per iteration (s): off {off}, on {on}")
         actor.shutdown()
 
 
