@@ -27,8 +27,9 @@ Public interface
     packed row in which the samples with identical prompts share one copy of it (``to_shared_micro_batch``):
     the prompt's forward and backward run once per group, each response attends to it and to itself only, and
     rotary positions continue from the prompt (a forward hook gives the rotary embedding each token's own
-    position); log-probs and gradients equal the unshared ones up to float rounding. With pipeline parallelism every packed micro-batch of a step
-    is padded to the step's longest (Megatron's pipeline sends one tensor shape). For every micro-batch
+    position); log-probs and gradients equal the unshared ones up to float rounding. With pipeline parallelism
+    every packed micro-batch of a step is padded to the step's longest (Megatron's pipeline sends one tensor
+    shape). For every micro-batch
     ``loss_fn(logprobs, entropy, mb) -> (loss, metrics)`` is called, where ``logprobs``/``entropy`` are
     ``[b, L]`` over response tokens (differentiable) and ``mb`` is ``MicroBatch.as_loss_batch()`` plus
     ``global_num_samples`` and ``global_num_tokens`` (whole batch, all DP ranks). With
@@ -182,7 +183,7 @@ class ActorConfig:
     # PPO's value model: a HF checkpoint (usually the actor's own) the critic is built from; None = no critic.
     critic_checkpoint: str | None = None
     critic_optim: OptimConfig = field(default_factory=OptimConfig)  # the critic's own optimizer
-    # Samples of a micro-batch with identical prompts share one copy of it (sdpa attention, no PP/SP/critic).
+    # Samples of a micro-batch with identical prompts share one copy of it (sdpa; no PP/SP/critic/MoE).
     share_prompt_prefix: bool = False
 
     def __post_init__(self) -> None:
