@@ -146,9 +146,12 @@ class TrainConfig:
         if not isinstance(self.share_prompt_prefix, bool):
             raise ValueError(f"train.share_prompt_prefix={self.share_prompt_prefix!r} must be true or false")
         if self.share_prompt_prefix:
-            why = share_prompt_prefix_refusal(self.attention, self.parallel.pipeline_parallel, False)
-            if not why and self.megatron_args.get("sequence_parallel"):
-                why = "train.share_prompt_prefix does not support sequence parallelism; turn one of them off"
+            why = share_prompt_prefix_refusal(
+                self.attention,
+                self.parallel.pipeline_parallel,
+                False,
+                sequence_parallel=bool(self.megatron_args.get("sequence_parallel")),
+            )
             if why:
                 raise ValueError(why)
 

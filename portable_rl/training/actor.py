@@ -112,9 +112,9 @@ from portable_rl.platform import current_platform
 from portable_rl.training.batch import (
     MicroBatch,
     TrainBatch,
+    shared_micro_batches,
     to_micro_batch,
     to_packed_micro_batch,
-    to_shared_micro_batch,
 )
 from portable_rl.training.checkpoint import (
     CheckpointError,
@@ -303,8 +303,17 @@ class MegatronActor:
         )
         self._rope_rows: torch.Tensor | None = None  # shared-prompt row's positions (see _rope_positions)
         self.model, self.tconfig = self._build(config.hf_checkpoint)
-        if config.share_prompt_prefix:
-            self._check_share_prompt_prefix()
+        if config.share_prompt_prefix:  # what only the built model knows
+            why = share_prompt_prefix_refusal(
+                self.kernels.attention,
+                pp,
+                False,
+                sequence_parallel=self.tconfig.sequence_parallel,
+                position_embedding=str(getattr(self.model, "position_embedding_type", None)),
+                moe=self.spec.is_moe,
+            )
+            if why:
+                raise ValueError(why)
         self.ddp, self.optimizer = self._wrap(self.model, self.tconfig)
         self.ref_model = None
         if config.ref_checkpoint:
@@ -345,28 +354,9 @@ class MegatronActor:
             model.rotary_pos_emb.register_forward_hook(self._rope_positions)
         return model, tconfig
 
-    def _check_share_prompt_prefix(self) -> None:
-        """What ``share_prompt_prefix`` needs of the built model (the config checks what it can earlier)."""
-        why = share_prompt_prefix_refusal(self.kernels.attention, self.layout.pipeline_parallel, False)
-        kind = getattr(self.model, "position_embedding_type", None)
-        if not why and self.tconfig.sequence_parallel:
-            why = "share_prompt_prefix does not support sequence parallelism; turn one of them off"
-        if not why and kind != "rope":
-            why = f"share_prompt_prefix needs plain rotary position embeddings; this model has {kind!r}"
-        if not why and self.spec.is_moe:
-            # The router's load-balancing loss counts tokens: a prompt counted once instead of once per
-            # sample would change it (and so the gradients).
-            why = (
-                "share_prompt_prefix does not support MoE models (it would change the router's balance loss)"
-            )
-        if why:
-            raise ValueError(why)
-
     def _rope_positions(self, module, args, output):
-        """Rotary-embedding forward hook for a shared-prompt row: the frequencies of each packed token's own
-        position, one row per token. Megatron's ``thd`` RoPE maps a table as long as the packed row one to one
-        onto its tokens (instead of restarting positions per segment), so a response continues after its
-        prompt as it does unshared."""
+        """Rotary-embedding hook, shared-prompt rows: one table row per packed token, at its own position
+        (Megatron's ``thd`` RoPE maps a table as long as the row one to one onto its tokens)."""
         if self._rope_rows is None:
             return None
         return output.index_select(0, self._rope_rows)
@@ -441,7 +431,10 @@ class MegatronActor:
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[MicroBatch], int]:
         local = batch.shard(self.layout.dp_rank, self.layout.data_parallel)
         if self.config.share_prompt_prefix:
-            return self._shared_micro_batches(local)
+            c = self.config
+            return shared_micro_batches(
+                local, c.micro_batch_size, c.max_tokens_per_micro_batch, c.seq_length_multiple, self.device
+            )
         if self.config.max_tokens_per_micro_batch is not None:
             return self._packed_micro_batches(local)
         chunks = local.micro_batches(self.config.micro_batch_size)
@@ -464,17 +457,6 @@ class MegatronActor:
             self._with_logit_positions(to_packed_micro_batch(p, n, self.device))
             for p, n in zip(packs, lengths, strict=True)
         ]
-        return mbs, max(lengths)
-
-    def _shared_micro_batches(self, local: TrainBatch) -> tuple[list[MicroBatch], int]:
-        budget = self.config.max_tokens_per_micro_batch
-        if budget is None:
-            parts = local.micro_batches(self.config.micro_batch_size)
-        else:
-            parts = local.pack(budget)  # the unshared partition: it weights per-micro-batch losses
-        m = self.config.seq_length_multiple
-        lengths = [max(m, math.ceil(p.num_tokens(share_prompts=True) / m) * m) for p in parts]
-        mbs = [to_shared_micro_batch(p, n, self.device) for p, n in zip(parts, lengths, strict=True)]
         return mbs, max(lengths)
 
     def _with_logit_positions(self, mb: MicroBatch) -> MicroBatch:

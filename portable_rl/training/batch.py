@@ -36,12 +36,15 @@ Contract
   of them scores) and ``logit_offsets`` say which logits score which response token; ``sample_starts[i]`` is
   where sample i's response starts minus its prompt length (only meaningful with those offsets). The
   loss-side tensors are the same ``[b, L]`` / ``[b]`` as unpacked, in the batch's sample order.
-  Micro-batches are cut exactly as without sharing (``micro_batches`` or ``pack``, whose budget counts every
-  sample's prompt): the partition weights a per-micro-batch loss, so keeping it keeps the results.
+  ``shared_micro_batches(batch, micro_batch_size, max_tokens, multiple)`` cuts ``batch`` exactly as without
+  sharing (``micro_batches``, or ``pack`` when ``max_tokens`` is set, whose budget counts every sample's
+  prompt: the cut weights a per-micro-batch loss, so keeping it keeps the results) into such rows, each padded
+  to a multiple of ``multiple`` tokens; returns them and the longest row length.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -312,3 +315,18 @@ def to_shared_micro_batch(batch: TrainBatch, seq_len: int, device: torch.device 
         mb.logit_targets = torch.tensor(targets, dtype=torch.long).to(device)
         mb.logit_offsets = offsets
     return mb
+
+
+def shared_micro_batches(
+    batch: TrainBatch,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    multiple: int,
+    device: torch.device | str = "cpu",
+) -> tuple[list[MicroBatch], int]:
+    """``batch`` cut as without sharing, each part one shared-prompt row (see the module docstring)."""
+    parts = batch.micro_batches(micro_batch_size) if max_tokens is None else batch.pack(max_tokens)
+    lengths = [
+        max(multiple, math.ceil(p.num_tokens(share_prompts=True) / multiple) * multiple) for p in parts
+    ]
+    return [to_shared_micro_batch(p, n, device) for p, n in zip(parts, lengths, strict=True)], max(lengths)
