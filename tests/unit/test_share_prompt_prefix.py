@@ -208,6 +208,19 @@ def test_refusals_are_one_line(attention, pp, critic, words):
     assert share_prompt_prefix_refusal("auto", 1, False) is None
 
 
+@pytest.mark.parametrize(
+    ("facts", "words"),
+    [
+        (dict(sequence_parallel=True), "sequence parallelism"),
+        (dict(position_embedding="yarn"), "has 'yarn'"),
+        (dict(moe=True), "MoE models"),
+    ],
+)
+def test_model_side_refusals(facts, words):
+    why = share_prompt_prefix_refusal("sdpa", 1, False, **facts)
+    assert words in why and "\n" not in why
+
+
 def test_preflight_refuses_sharing_where_auto_attention_is_not_sdpa():
     from pathlib import Path
 
