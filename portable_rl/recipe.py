@@ -28,7 +28,13 @@ from portable_rl.config.algo import AlgoConfig
 from portable_rl.config.data import LONG_PROMPTS, EvalSetConfig, PromptConfig
 from portable_rl.config.placement import NodePlacementConfig
 from portable_rl.config.rollout import RolloutConfig
-from portable_rl.config.training import TRAINER_ATTENTION, CriticConfig, OptimConfig, ParallelConfig
+from portable_rl.config.training import (
+    TRAINER_ATTENTION,
+    CriticConfig,
+    OptimConfig,
+    ParallelConfig,
+    share_prompt_prefix_refusal,
+)
 from portable_rl.config.weight_sync import WeightSyncConfig
 from portable_rl.config_loader import ConfigError, apply_overrides, build, load_yaml
 
@@ -110,6 +116,9 @@ class TrainConfig:
     attention: str = "auto"  # auto | transformer_engine | sdpa | local (Platform.trainer_kernels)
     max_tokens_per_micro_batch: int | None = None  # set: pack samples into micro-batches of this many tokens
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO's value model (algo gae only)
+    # Samples of a micro-batch with identical prompts (a GRPO group) share one copy of the prompt in the
+    # trainer's forward/backward: same results up to float rounding, less compute (sdpa; no PP/SP/critic).
+    share_prompt_prefix: bool = False
 
     def __post_init__(self) -> None:
         refuse_non_finite(self, "train.")
@@ -134,6 +143,17 @@ class TrainConfig:
                 "train.max_tokens_per_micro_batch needs packed-sequence attention, which train.attention=local "
                 "(Megatron's unfused attention) lacks; use train.attention=auto"
             )
+        if not isinstance(self.share_prompt_prefix, bool):
+            raise ValueError(f"train.share_prompt_prefix={self.share_prompt_prefix!r} must be true or false")
+        if self.share_prompt_prefix:
+            why = share_prompt_prefix_refusal(
+                self.attention,
+                self.parallel.pipeline_parallel,
+                False,
+                sequence_parallel=bool(self.megatron_args.get("sequence_parallel")),
+            )
+            if why:
+                raise ValueError(why)
 
     @property
     def world_size(self) -> int:
@@ -233,6 +253,8 @@ class Recipe:
                 f"train.critic.path is set but algo.advantage_estimator={self.algo.advantage_estimator!r} trains no "
                 "critic; use advantage_estimator=gae or unset train.critic.path"
             )
+        if self.train.share_prompt_prefix and self.algo.uses_critic:
+            raise ValueError(share_prompt_prefix_refusal(self.train.attention, 1, True))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

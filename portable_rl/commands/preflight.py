@@ -173,13 +173,22 @@ def check_placement(recipe, platform) -> None:
 
 
 def check_trainer_kernels(recipe, platform):
-    """train.attention must be one this platform runs (the trainer asks the same ``trainer_kernels``)."""
+    """train.attention must be one this platform runs (the trainer asks the same ``trainer_kernels``), and
+    train.share_prompt_prefix needs it to come out as sdpa (``auto`` picks TransformerEngine where it imports)."""
+    from portable_rl.config.training import share_prompt_prefix_refusal
     from portable_rl.platform import UnsupportedKernel
 
     try:
-        return platform.trainer_kernels(recipe.train.attention)
+        kernels = platform.trainer_kernels(recipe.train.attention)
     except UnsupportedKernel as exc:
         raise UserError(str(exc)) from None
+    if recipe.train.share_prompt_prefix:
+        why = share_prompt_prefix_refusal(kernels.attention, 1, False)
+        if why:
+            raise UserError(
+                f"{why} (train.attention={recipe.train.attention} gives {kernels.attention} here)"
+            )
+    return kernels
 
 
 def _model_config(recipe, run_dir, resume: bool) -> dict[str, Any] | None:

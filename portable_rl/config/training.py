@@ -15,6 +15,44 @@ from portable_rl.config import refuse_non_finite
 TRAINER_ATTENTION = ("auto", "transformer_engine", "sdpa", "local")
 
 
+def share_prompt_prefix_refusal(
+    attention: str,
+    pipeline_parallel: int,
+    critic: bool,
+    sequence_parallel: bool = False,
+    position_embedding: str = "rope",
+    moe: bool = False,
+) -> str | None:
+    """Why ``train.share_prompt_prefix`` cannot run with these settings (one line), or None.
+
+    ``attention`` may be the requested ``train.attention`` ("auto" passes here: the trainer checks what it
+    resolves to) or the resolved kernel. The shared layout's masks live in portable_rl's SDPA core attention;
+    pipeline stages would need one row shape for every micro-batch and the critic's value head reads per-sample
+    positions the shared row does not have. The model facts (sequence parallelism, Megatron's position
+    embedding type, MoE) are known to the trainer only: positions come from plain RoPE's table, and a MoE
+    router's load-balancing loss counts tokens, so counting a prompt once would change it.
+    """
+    if attention not in ("auto", "sdpa"):
+        return (
+            f"train.share_prompt_prefix needs train.attention=sdpa (its masks live in the SDPA core attention), "
+            f"not {attention!r}; set train.attention: sdpa or turn share_prompt_prefix off"
+        )
+    if pipeline_parallel > 1:
+        return (
+            f"train.share_prompt_prefix does not support pipeline parallelism (pipeline_parallel="
+            f"{pipeline_parallel}); turn one of them off"
+        )
+    if critic:
+        return "train.share_prompt_prefix does not support a critic (algo gae); turn share_prompt_prefix off"
+    if sequence_parallel:
+        return "train.share_prompt_prefix does not support sequence parallelism; turn one of them off"
+    if position_embedding != "rope":
+        return f"train.share_prompt_prefix needs plain rotary position embeddings; this model has {position_embedding!r}"
+    if moe:
+        return "train.share_prompt_prefix does not support MoE models (it would change the router's balance loss)"
+    return None
+
+
 @dataclass
 class ParallelConfig:
     """Megatron parallelism of the trainer (recipe ``train.parallel``).

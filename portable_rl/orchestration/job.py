@@ -243,6 +243,7 @@ class Job:
             max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
             critic_checkpoint=(t.critic.path or str(self.model_dir)) if r.algo.uses_critic else None,
             critic_optim=t.critic.optim,
+            share_prompt_prefix=t.share_prompt_prefix,
         )
 
     def __exit__(self, *exc: Any) -> None:

@@ -22,8 +22,14 @@ Public interface
     micro-batches of ``micro_batch_size`` samples, all padded to one sequence length, or, with
     ``max_tokens_per_micro_batch`` set, packed: consecutive samples laid end to end without padding up to that
     many tokens (``TrainBatch.pack``; a longer sample gets a micro-batch of its own), attention kept inside each
-    sample and positions restarting per sample. With pipeline parallelism every packed micro-batch of a step
-    is padded to the step's longest (Megatron's pipeline sends one tensor shape). For every micro-batch
+    sample and positions restarting per sample. With ``share_prompt_prefix`` every micro-batch (of
+    ``micro_batch_size`` samples, or packed as without sharing, the budget counting every sample's prompt) is one
+    packed row in which the samples with identical prompts share one copy of it (``to_shared_micro_batch``):
+    the prompt's forward and backward run once per group, each response attends to it and to itself only, and
+    rotary positions continue from the prompt (a forward hook gives the rotary embedding each token's own
+    position); log-probs and gradients equal the unshared ones up to float rounding. With pipeline parallelism
+    every packed micro-batch of a step is padded to the step's longest (Megatron's pipeline sends one tensor
+    shape). For every micro-batch
     ``loss_fn(logprobs, entropy, mb) -> (loss, metrics)`` is called, where ``logprobs``/``entropy`` are
     ``[b, L]`` over response tokens (differentiable) and ``mb`` is ``MicroBatch.as_loss_batch()`` plus
     ``global_num_samples`` and ``global_num_tokens`` (whole batch, all DP ranks). With
@@ -95,10 +101,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from portable_rl.config.training import TRAINER_ATTENTION, OptimConfig, ParallelConfig
+from portable_rl.config.training import (
+    TRAINER_ATTENTION,
+    OptimConfig,
+    ParallelConfig,
+    share_prompt_prefix_refusal,
+)
 from portable_rl.distributed import collective_errors
 from portable_rl.platform import current_platform
-from portable_rl.training.batch import MicroBatch, TrainBatch, to_micro_batch, to_packed_micro_batch
+from portable_rl.training.batch import (
+    MicroBatch,
+    TrainBatch,
+    shared_micro_batches,
+    to_micro_batch,
+    to_packed_micro_batch,
+)
 from portable_rl.training.checkpoint import (
     CheckpointError,
     Layout,
@@ -166,6 +183,8 @@ class ActorConfig:
     # PPO's value model: a HF checkpoint (usually the actor's own) the critic is built from; None = no critic.
     critic_checkpoint: str | None = None
     critic_optim: OptimConfig = field(default_factory=OptimConfig)  # the critic's own optimizer
+    # Samples of a micro-batch with identical prompts share one copy of it (sdpa; no PP/SP/critic/MoE).
+    share_prompt_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -188,6 +207,12 @@ class ActorConfig:
                     "max_tokens_per_micro_batch needs packed-sequence attention; attention='local' (Megatron's "
                     "unfused DotProductAttention) has none: use attention=auto"
                 )
+        if self.share_prompt_prefix:
+            why = share_prompt_prefix_refusal(
+                self.attention, self.parallel.pipeline_parallel, self.critic_checkpoint is not None
+            )
+            if why:
+                raise ValueError(why)
         if self.loss_scaling not in ("sample_share", "global_sum"):
             raise ValueError(f"loss_scaling={self.loss_scaling!r} must be 'sample_share' or 'global_sum'")
         if self.seq_length_multiple < 1:
@@ -276,7 +301,19 @@ class MegatronActor:
         self._logit_rows: torch.Tensor | None = (
             None  # the running micro-batch's logit positions (see _keep_rows)
         )
+        self._rope_rows: torch.Tensor | None = None  # shared-prompt row's positions (see _rope_positions)
         self.model, self.tconfig = self._build(config.hf_checkpoint)
+        if config.share_prompt_prefix:  # what only the built model knows
+            why = share_prompt_prefix_refusal(
+                self.kernels.attention,
+                pp,
+                False,
+                sequence_parallel=self.tconfig.sequence_parallel,
+                position_embedding=str(getattr(self.model, "position_embedding_type", None)),
+                moe=self.spec.is_moe,
+            )
+            if why:
+                raise ValueError(why)
         self.ddp, self.optimizer = self._wrap(self.model, self.tconfig)
         self.ref_model = None
         if config.ref_checkpoint:
@@ -313,7 +350,16 @@ class MegatronActor:
         )
         if getattr(model, "output_layer", None) is not None:
             model.output_layer.register_forward_pre_hook(self._keep_rows, with_kwargs=True)
+        if getattr(model, "rotary_pos_emb", None) is not None:
+            model.rotary_pos_emb.register_forward_hook(self._rope_positions)
         return model, tconfig
+
+    def _rope_positions(self, module, args, output):
+        """Rotary-embedding hook, shared-prompt rows: one table row per packed token, at its own position
+        (Megatron's ``thd`` RoPE maps a table as long as the row one to one onto its tokens)."""
+        if self._rope_rows is None:
+            return None
+        return output.index_select(0, self._rope_rows)
 
     def _keep_rows(self, module, args, kwargs):
         """Output-layer pre-hook: only the positions that score response tokens go through the vocabulary
@@ -384,6 +430,11 @@ class MegatronActor:
 
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[MicroBatch], int]:
         local = batch.shard(self.layout.dp_rank, self.layout.data_parallel)
+        if self.config.share_prompt_prefix:
+            c = self.config
+            return shared_micro_batches(
+                local, c.micro_batch_size, c.max_tokens_per_micro_batch, c.seq_length_multiple, self.device
+            )
         if self.config.max_tokens_per_micro_batch is not None:
             return self._packed_micro_batches(local)
         chunks = local.micro_batches(self.config.micro_batch_size)
@@ -431,12 +482,16 @@ class MegatronActor:
             max_seqlen_kv=mb.max_seqlen,
         )
         params.host_cu_seqlens = mb.segment_bounds  # read by SdpaCoreAttention without a device sync
+        params.host_branches = mb.branches  # shared-prompt segments (SdpaCoreAttention's masks), or None
         return params
 
     def _logprobs(self, output: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         kept = mb.logit_positions
         # ``output`` has one column per kept position (position t scores token t + 1), or every position.
-        targets = mb.tokens[:, 1:] if kept is None else mb.tokens.index_select(1, kept + 1)
+        if kept is None:
+            targets = mb.tokens[:, 1:]
+        else:
+            targets = mb.tokens.index_select(1, kept + 1 if mb.logit_targets is None else mb.logit_targets)
         logp, ent = token_logprobs_and_entropy(
             output[:, :-1] if kept is None else output,
             targets,
@@ -453,12 +508,14 @@ class MegatronActor:
         def forward_step(data_iterator, chunk):
             mb = next(data_iterator)
             self._logit_rows = mb.logit_positions
+            self._rope_rows = mb.position_ids[0] if mb.branches is not None else None
             try:
                 output = chunk(
                     mb.tokens, mb.position_ids, None, packed_seq_params=self._packed_seq_params(mb)
                 )
             finally:
                 self._logit_rows = None
+                self._rope_rows = None
             return output, loss_func_for(mb)
 
         return get_forward_backward_func()(

@@ -62,13 +62,18 @@ class SdpaCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
     @staticmethod
-    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q ``[B, heads, s, d]``, k/v ``[B, groups, s, d]`` -> ``[B, heads, s, d]`` (causal)."""
+    def _attend(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q ``[B, heads, s, d]``, k/v ``[B, groups, s, d]`` -> ``[B, heads, s, d]`` (causal, or ``mask``:
+        ``[s, s]`` boolean, True where a query row may attend to a key column)."""
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             # Megatron's GQA layout: query heads [g*rep, (g+1)*rep) share key/value group g.
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
     def forward(
@@ -88,13 +93,14 @@ class SdpaCoreAttention(MegatronModule):
             bounds = (
                 getattr(packed_seq_params, "host_cu_seqlens", None) or packed_seq_params.cu_seqlens_q.tolist()
             )
+            masks = _branch_masks(packed_seq_params, len(bounds) - 1, query.device)
             outs = []
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            for start, end, mask in zip(bounds[:-1], bounds[1:], masks, strict=True):
                 if end == start:
                     continue
                 # [len, heads, d] -> [1, heads, len, d]
                 q, k, v = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-                outs.append(self._attend(q, k, v, self.softmax_scale)[0].transpose(0, 1))
+                outs.append(self._attend(q, k, v, self.softmax_scale, mask)[0].transpose(0, 1))
             out = torch.cat(outs, dim=0)  # [t, heads, d]
             return out.reshape(out.shape[0], -1)
         if packed_seq_params is not None:
@@ -104,3 +110,32 @@ class SdpaCoreAttention(MegatronModule):
         out = self._attend(q, k, v, self.softmax_scale)  # [b, heads, s, d]
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def shared_prefix_mask(parts: tuple[int, ...]) -> torch.Tensor:
+    """``[n, n]`` boolean attention mask of a segment ``(lp, r_1, ..., r_k)``: a prompt of ``lp`` tokens then
+    k responses to it (n = lp + sum r). Query row q may see key column c iff c <= q and c is in the prompt or
+    in q's own response."""
+    lp, *responses = parts
+    n = lp + sum(responses)
+    # branch id: -1 for the prompt, i for response i
+    branch = torch.cat(
+        [torch.full((lp,), -1, dtype=torch.long)]
+        + [torch.full((r,), i, dtype=torch.long) for i, r in enumerate(responses)]
+    )
+    idx = torch.arange(n)
+    causal = idx.unsqueeze(1) >= idx.unsqueeze(0)
+    visible = (branch.unsqueeze(0) == -1) | (branch.unsqueeze(1) == branch.unsqueeze(0))
+    return causal & visible
+
+
+def _branch_masks(params, segments: int, device: torch.device) -> list[torch.Tensor | None]:
+    """One mask per segment (None = plain causal), built on the first layer and kept on ``params``."""
+    branches = getattr(params, "host_branches", None)
+    if branches is None:
+        return [None] * segments
+    cached = getattr(params, "branch_masks", None)
+    if cached is None:
+        cached = [None if b is None else shared_prefix_mask(b).to(device) for b in branches]
+        params.branch_masks = cached
+    return cached

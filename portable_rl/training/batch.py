@@ -25,10 +25,26 @@ Contract
   the padding as one trailing segment; ``segment_bounds`` the same as a list) and ``max_seqlen`` describe the
   layout to the model (Megatron's ``thd`` format). The loss-side tensors are the same ``[b, L]`` / ``[b]`` as unpacked, so a ``loss_fn``
   cannot tell the difference.
+* ``to_shared_micro_batch(batch, seq_len)`` (``train.share_prompt_prefix``): the samples whose prompts are
+  identical token for token (``prompt_groups``, in order of first appearance) become one segment
+  ``[prompt, response_1, ..., response_k]`` of a packed row, so the prompt is computed once for its group.
+  ``position_ids``: the prompt ``0..lp-1``, every response continuing at ``lp``. ``branches[s]`` describes
+  segment s to the attention: ``(lp, r_1, ..., r_k)`` for a shared prompt (k >= 2; the prompt causal over
+  itself, each response over the whole prompt and causally over itself, never another response), ``None`` for
+  a plain causal segment (a group of one, the padding). ``logit_positions`` (repeats allowed: every response's
+  first token is scored from the prompt's last position), ``logit_targets`` (the row index of the token each
+  of them scores) and ``logit_offsets`` say which logits score which response token; ``sample_starts[i]`` is
+  where sample i's response starts minus its prompt length (only meaningful with those offsets). The
+  loss-side tensors are the same ``[b, L]`` / ``[b]`` as unpacked, in the batch's sample order.
+  ``shared_micro_batches(batch, micro_batch_size, max_tokens, multiple)`` cuts ``batch`` exactly as without
+  sharing (``micro_batches``, or ``pack`` when ``max_tokens`` is set, whose budget counts every sample's
+  prompt: the cut weights a per-micro-batch loss, so keeping it keeps the results) into such rows, each padded
+  to a multiple of ``multiple`` tokens; returns them and the longest row length.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,8 +145,10 @@ class TrainBatch:
             used += n
         return [self.select(g) for g in groups]
 
-    def num_tokens(self) -> int:
-        return sum(len(p) + len(r) for p, r in zip(self.prompt_tokens, self.response_tokens, strict=True))
+    def num_tokens(self, share_prompts: bool = False) -> int:
+        """Prompt + response tokens; with ``share_prompts`` each distinct prompt counts once."""
+        prompts = {tuple(p) for p in self.prompt_tokens} if share_prompts else map(tuple, self.prompt_tokens)
+        return sum(len(p) for p in prompts) + sum(len(r) for r in self.response_tokens)
 
     def max_length(self) -> int:
         return max(
@@ -153,10 +171,15 @@ class MicroBatch:
     cu_seqlens: torch.Tensor | None = None  # [segments + 1] int32
     segment_bounds: list[int] | None = None  # the same bounds as a host list
     max_seqlen: int = 0
+    # Shared-prompt layout only: per cu_seqlens segment (lp, r_1, ..., r_k) or None (plain causal).
+    branches: list[tuple[int, ...] | None] | None = None
     # Set by the trainer: the only positions the output layer computes logits for (logprobs.response_positions)
     # and each sample's offset into them; None = logits for every position.
     logit_positions: torch.Tensor | None = None
     logit_offsets: list[int] | None = None
+    # Set with logit_positions where a kept position does not score the token right after it (shared prompts):
+    # the row index of the token each kept position scores. None = logit_positions + 1.
+    logit_targets: torch.Tensor | None = None
 
     def as_loss_batch(self) -> dict[str, Any]:
         return {
@@ -221,3 +244,89 @@ def to_packed_micro_batch(batch: TrainBatch, seq_len: int, device: torch.device 
     padded.segment_bounds = bounds
     padded.max_seqlen = max(segments)
     return padded
+
+
+def prompt_groups(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of samples with identical prompts, grouped, in order of each prompt's first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    return list(groups.values())
+
+
+def to_shared_micro_batch(batch: TrainBatch, seq_len: int, device: torch.device | str = "cpu") -> MicroBatch:
+    """``batch`` as one packed row in which each distinct prompt appears once, before its group's responses."""
+    total = batch.num_tokens(share_prompts=True)
+    if total > seq_len:
+        raise ValueError(f"{total} packed tokens (prompts shared) do not fit seq_len={seq_len}")
+    flat: list[int] = []
+    positions: list[int] = []
+    segments: list[int] = []
+    branches: list[tuple[int, ...] | None] = []
+    n = len(batch)
+    response_starts = [0] * n
+    prompt_last = [0] * n  # row index of the last token of sample i's (shared) prompt
+    for group in prompt_groups(batch.prompt_tokens):
+        prompt = batch.prompt_tokens[group[0]]
+        lp = len(prompt)
+        seg_start = len(flat)
+        flat += prompt
+        positions += range(lp)
+        for i in group:
+            response = batch.response_tokens[i]
+            response_starts[i] = len(flat)
+            prompt_last[i] = seg_start + lp - 1
+            flat += response
+            positions += range(lp, lp + len(response))
+        segments.append(len(flat) - seg_start)
+        rs = tuple(len(batch.response_tokens[i]) for i in group)
+        branches.append((lp, *rs) if len(group) > 1 else None)
+    pad = seq_len - total
+    if pad:  # padding attends only to itself: its own segment
+        segments.append(pad)
+        branches.append(None)
+        positions += range(pad)
+    # Sample i's response token j is scored from the position before it; for j = 0 that is its prompt's last
+    # token, shared by the group. Kept positions are listed sample by sample, so each sample's are contiguous.
+    kept: list[int] = []
+    targets: list[int] = []
+    offsets: list[int] = []
+    for i in range(n):
+        r, s = len(batch.response_tokens[i]), response_starts[i]
+        offsets.append(len(kept))
+        if r:
+            kept += [prompt_last[i], *range(s, s + r - 1)]
+            targets += range(s, s + r)
+    bounds = [0]
+    for length in segments:
+        bounds.append(bounds[-1] + length)
+    tokens = torch.zeros(1, seq_len, dtype=torch.int64)
+    tokens[0, :total] = torch.tensor(flat, dtype=torch.int64)
+    mb = to_micro_batch(batch, batch.max_length(), device)
+    mb.tokens = tokens.to(device)
+    mb.position_ids = torch.tensor(positions, dtype=torch.int64).unsqueeze(0).to(device)
+    mb.sample_starts = [s - p for s, p in zip(response_starts, mb.prompt_lengths, strict=True)]
+    mb.cu_seqlens = torch.tensor(bounds, dtype=torch.int32).to(device)
+    mb.segment_bounds = bounds
+    mb.max_seqlen = max(segments)
+    mb.branches = branches
+    if kept:
+        mb.logit_positions = torch.tensor(kept, dtype=torch.long).to(device)
+        mb.logit_targets = torch.tensor(targets, dtype=torch.long).to(device)
+        mb.logit_offsets = offsets
+    return mb
+
+
+def shared_micro_batches(
+    batch: TrainBatch,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    multiple: int,
+    device: torch.device | str = "cpu",
+) -> tuple[list[MicroBatch], int]:
+    """``batch`` cut as without sharing, each part one shared-prompt row (see the module docstring)."""
+    parts = batch.micro_batches(micro_batch_size) if max_tokens is None else batch.pack(max_tokens)
+    lengths = [
+        max(multiple, math.ceil(p.num_tokens(share_prompts=True) / multiple) * multiple) for p in parts
+    ]
+    return [to_shared_micro_batch(p, n, device) for p, n in zip(parts, lengths, strict=True)], max(lengths)

@@ -62,6 +62,10 @@ def test_overrides_and_pass_through_reach_the_tree():
         (["train.attention=flash"], "train.attention='flash' is not one of"),
         (["train.attention=local", "train.max_tokens_per_micro_batch=64"], "use train.attention=auto"),
         (["train.dtype=float16"], "train.dtype='float16'"),
+        (["train.share_prompt_prefix=true", "train.attention=local"], "needs train.attention=sdpa"),
+        (["train.share_prompt_prefix=true", "train.parallel.pipeline_parallel=2"], "pipeline parallelism"),
+        (["train.share_prompt_prefix=true", "algo.advantage_estimator=gae"], "does not support a critic"),
+        (["train.share_prompt_prefix=sometimes"], "train.share_prompt_prefix"),
     ],
 )
 def test_bad_recipes(overrides, message):
