@@ -24,6 +24,7 @@ Contract
 patches happen once). It does nothing on a torch build with an accelerator, and raises
 ``MegatronVersionError`` when the installed megatron-core is not the pinned version
 (``versions.COMMON["megatron-core"]``): the patches target that release and must be re-verified on upgrade.
+The version is checked once per process, before the patches (later calls find them applied).
 ``installed()`` reports whether the calling thread runs under the compat mode. Only the CPU platform's
 ``prepare_training_runtime()`` calls this module.
 """
@@ -232,9 +233,11 @@ def install() -> bool:
     global _PATCHED
     if not needed():
         return False
-    _check_version()
     with _LOCK:
         if not _PATCHED:
+            # Once per process, with the patches it guards: reading the package metadata costs ~1 ms, and the
+            # trainer calls this before every step, log-prob pass and weight export.
+            _check_version()
             _patch_process()
             _PATCHED = True
     if getattr(_THREAD, "mode", None) is None:

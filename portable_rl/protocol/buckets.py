@@ -87,6 +87,20 @@ def _bytes_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
+def _copy_into(dst: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy ``tensor``'s bytes into the uint8 slice ``dst``, as its own dtype where the slice is aligned for it.
+
+    Same bytes either way, but a byte view has ``itemsize`` times the elements, which pushes small tensors past
+    torch's grain size for a parallel copy: a bucket of a tiny model's weights then took ~7 ms instead of
+    ~0.3 ms on a 2-core host whose other core was busy (each copy waits for the intra-op threads).
+    """
+    size = tensor.element_size()
+    if (dst.storage_offset() % size == 0) and dst.numel() % size == 0:
+        dst.view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+    else:
+        dst.copy_(_bytes_view(tensor))
+
+
 def flatten(
     bucket: Sequence[NamedTensor], out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, list[TensorMeta]]:
@@ -106,7 +120,7 @@ def flatten(
             f"flat buffer must be 1-D uint8 with >= {offset} elements, got {out.dtype} {tuple(out.shape)}"
         )
     for (_, tensor), meta in zip(bucket, metas, strict=True):
-        out[meta.start_idx : meta.end_idx].copy_(_bytes_view(tensor))
+        _copy_into(out[meta.start_idx : meta.end_idx], tensor)
     return out[:offset], metas
 
 

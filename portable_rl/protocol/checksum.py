@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +47,7 @@ def tensor_checksum(tensor: torch.Tensor) -> str:
     h.update(",".join(str(d) for d in t.shape).encode())
     h.update(b"|")
     if t.numel():
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
     return h.hexdigest()
 
 
@@ -95,8 +97,9 @@ class WeightCheckReport:
             raise WeightMismatch("engine weights differ from the trainer's:\n" + self.summary())
 
 
-def _check_by_checksum(engine: EngineOps, expected: Mapping[str, str], report: EngineCheck) -> None:
-    served: Mapping[str, str | None] = engine.get_weights_checksum(list(expected)).result()
+def _compare_checksums(
+    served: Mapping[str, str | None], expected: Mapping[str, str], report: EngineCheck
+) -> None:
     for name, digest in expected.items():
         if name not in served or served[name] is None:
             report.missing.append(name)
@@ -122,21 +125,35 @@ def _check_by_values(engine: EngineOps, tensors: Sequence[NamedTensor], report: 
 def check_weights(
     engines: Sequence[Any], named_tensors: Iterable[NamedTensor], timeout_s: float = 300.0
 ) -> WeightCheckReport:
-    """Compare every engine's weights with ``named_tensors`` (bit-exact); see the module docstring."""
+    """Compare every engine's weights with ``named_tensors`` (bit-exact); see the module docstring.
+
+    Engines that serve checksums are asked first, so they hash their weights while this process hashes its own.
+    """
     tensors = list(named_tensors)
-    expected = checksums(tensors)
-    results = []
-    for item in engines:
-        engine = item if isinstance(item, EngineOps) else EngineOps(item, timeout_s)
-        report = EngineCheck(engine=engine.label)
+    ops = [item if isinstance(item, EngineOps) else EngineOps(item, timeout_s) for item in engines]
+    reports = [EngineCheck(engine=engine.label) for engine in ops]
+    asked: dict[int, Future] = {}
+    for i, engine in enumerate(ops):
         try:
             if engine.supports_weights_checksum():
-                _check_by_checksum(engine, expected, report)
+                asked[i] = engine.get_weights_checksum([name for name, _ in tensors])
+        except _ENGINE_ERRORS as exc:
+            reports[i].error = f"{type(exc).__name__}: {exc}"
+    expected = checksums(tensors) if asked else {}
+    for i, (engine, report) in enumerate(zip(ops, reports, strict=True)):
+        if report.error is not None:
+            continue
+        try:
+            if i in asked:
+                _compare_checksums(asked[i].result(timeout=timeout_s), expected, report)
             else:
                 _check_by_values(engine, tensors, report)
-        except (EngineCallError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (*_ENGINE_ERRORS, FutureTimeout) as exc:
             report.error = f"{type(exc).__name__}: {exc}"
-        results.append(report)
-        if not isinstance(item, EngineOps):
+    for item, engine in zip(engines, ops, strict=True):
+        if engine is not item:
             engine.close()
-    return WeightCheckReport(results)
+    return WeightCheckReport(reports)
+
+
+_ENGINE_ERRORS = (EngineCallError, OSError, ValueError, KeyError, TypeError)

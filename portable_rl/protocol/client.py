@@ -12,6 +12,12 @@ Contract
   ``meta_info.output_token_logprobs``, [logprob, token_id, text] triples, checked against ``output_ids``),
   the finish reason (``"stop" | "length" | "abort"``), and the ``weight_version`` that produced it.
 * The weight version is read from ``/model_info`` (served by SGLang and the CPU engine alike).
+* ``session_batch(steps)``: several weight-update session calls (names in ``SESSION_CALLS``, the same requests
+  the one-call methods send) in one round trip, to an engine whose ``/server_info`` lists their paths under
+  ``session_batch`` (portable_rl's CPU engine; SGLang has no such endpoint, so it only ever gets one request per
+  call). The engine runs them in order, each exactly as if it had arrived alone, and answers each call's status
+  and body; with ``stop_on_error`` it stops after the first that failed. Each call's result is then judged by
+  the same rule as a lone request: its value, or the ``EngineError`` that request would have raised.
 * The client owns one aiohttp session per event loop; ``await client.close()`` (or ``async with``) releases it.
 """
 
@@ -24,6 +30,19 @@ from typing import Any
 import aiohttp
 
 DEFAULT_GROUP = "weight_update_group"
+
+# The calls of a weight-update session: (method, path). Their payloads: {"mode": ...} for the pause, else {} for
+# a POST and none for a GET (``session_request``).
+SESSION_CALLS: dict[str, tuple[str, str]] = {
+    "pause_generation": ("POST", "/pause_generation"),
+    "flush_cache": ("POST", "/flush_cache"),
+    "begin_weight_update": ("POST", "/begin_weight_update"),
+    "end_weight_update": ("POST", "/end_weight_update"),
+    "continue_generation": ("POST", "/continue_generation"),
+    "get_weight_version": ("GET", "/model_info"),
+}
+# portable_rl's CPU engine: runs several of them in one request (see the module docstring).
+SESSION_BATCH_PATH = "/session_batch"
 
 
 class EngineError(RuntimeError):
@@ -148,11 +167,7 @@ class EngineClient:
                 body = json.loads(raw)
             except ValueError:
                 pass
-        if status >= 400:
-            raise EngineError(f"{url}: HTTP {status}: {_message(body)[:500]}", status)
-        if isinstance(body, dict) and body.get("success") is False:
-            raise EngineError(f"{url}: {_message(body)[:500]}", status)
-        return body
+        return checked(url, status, body)
 
     async def post(
         self, path: str, payload: dict[str, Any] | None = None, timeout_s: float | None = None
@@ -187,13 +202,13 @@ class EngineClient:
         await self.post("/abort_request", {"rid": rid, "abort_all": abort_all})
 
     async def pause_generation(self, mode: str = "abort") -> None:
-        await self.post("/pause_generation", {"mode": mode})
+        await self.request(*session_request("pause_generation", mode))
 
     async def continue_generation(self) -> None:
-        await self.post("/continue_generation", {})
+        await self.request(*session_request("continue_generation"))
 
     async def flush_cache(self) -> None:
-        await self.post("/flush_cache")
+        await self.request(*session_request("flush_cache"))
 
     # ---- memory saver (SGLang started with --enable-memory-saver) ------------------------------------------
     async def release_memory_occupation(self, tags: list[str] | None = None) -> None:
@@ -225,8 +240,7 @@ class EngineClient:
         return await self.get("/server_info")
 
     async def get_weight_version(self) -> str | None:
-        version = (await self.get_model_info()).get("weight_version")
-        return None if version is None else str(version)
+        return _weight_version(await self.request(*session_request("get_weight_version")))
 
     async def update_weight_version(self, new_version: str, abort_all_requests: bool = True) -> None:
         await self.post(
@@ -236,10 +250,35 @@ class EngineClient:
 
     # ---- weight updates ---------------------------------------------------------------------------------
     async def begin_weight_update(self) -> None:
-        await self.post("/begin_weight_update", {})
+        await self.request(*session_request("begin_weight_update"))
 
     async def end_weight_update(self) -> None:
-        await self.post("/end_weight_update", {})
+        await self.request(*session_request("end_weight_update"))
+
+    async def session_batch(
+        self, steps: list[str], pause_mode: str = "abort", stop_on_error: bool = True
+    ) -> list[Any]:
+        """Run session ``steps`` in one request (see the module docstring): per step that ran, its value (the
+        version for ``get_weight_version``, else None) or its ``EngineError``. Raises ``EngineError`` itself when
+        the request as a whole fails."""
+        calls = []
+        for step in steps:
+            method, path, payload = session_request(step, pause_mode)
+            calls.append({"method": method, "path": path, "body": payload})
+        body = await self.post(SESSION_BATCH_PATH, {"calls": calls, "stop_on_error": stop_on_error})
+        results = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(results, list) or len(results) > len(steps):
+            raise EngineError(f"{self.base_url}{SESSION_BATCH_PATH}: malformed answer {str(body)[:200]}")
+        out: list[Any] = []
+        for step, call, result in zip(steps, calls, results, strict=False):
+            try:
+                if not isinstance(result, dict):
+                    raise EngineError(f"{self.base_url}{call['path']}: malformed answer {str(result)[:200]}")
+                value = checked(f"{self.base_url}{call['path']}", int(result["status"]), result.get("body"))
+                out.append(_weight_version(value) if step == "get_weight_version" else None)
+            except EngineError as exc:
+                out.append(exc)
+        return out
 
     async def init_weights_update_group(
         self,
@@ -305,6 +344,29 @@ class EngineClient:
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
         await self.post("/update_weights_from_disk", payload)
+
+
+def session_request(step: str, pause_mode: str = "abort") -> tuple[str, str, dict[str, Any] | None]:
+    """(method, path, payload) of one session call (``SESSION_CALLS``)."""
+    method, path = SESSION_CALLS[step]
+    if step == "pause_generation":
+        return method, path, {"mode": pause_mode}
+    return method, path, ({} if method == "POST" else None)
+
+
+def checked(url: str, status: int, body: Any) -> Any:
+    """``body`` of an answer with ``status``, or the ``EngineError`` a failed one raises (HTTP >= 400 or a JSON
+    ``success: false``)."""
+    if status >= 400:
+        raise EngineError(f"{url}: HTTP {status}: {_message(body)[:500]}", status)
+    if isinstance(body, dict) and body.get("success") is False:
+        raise EngineError(f"{url}: {_message(body)[:500]}", status)
+    return body
+
+
+def _weight_version(model_info: Any) -> str | None:
+    version = model_info.get("weight_version") if isinstance(model_info, dict) else None
+    return None if version is None else str(version)
 
 
 def _with_options(

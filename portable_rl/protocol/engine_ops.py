@@ -21,6 +21,10 @@ Request fields are SGLang 0.5.23's. Capabilities, read once from ``/server_info`
 ``run_steps(steps, done, failed)`` runs several session calls as one coroutine (one hop to the loop instead of
 one per call): steps run in order, a tuple of steps runs concurrently; each success is recorded in ``done``
 and each failure in ``failed`` as it happens, so a caller that stops waiting still sees how far the engine got.
+An engine whose ``/server_info`` lists every step's path under ``session_batch`` (portable_rl's CPU engine) gets
+the whole sequence in one request (``EngineClient.session_batch``: one round trip instead of one per step; a
+tuple's steps then run in the order written); if that request fails as a whole, its first step (every step,
+without ``stop_on_error``) is recorded as failed. SGLang lists nothing and gets one request per step.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from portable_rl.config.weight_sync import PAUSE_MODES
-from portable_rl.protocol.client import EngineClient, EngineError
+from portable_rl.protocol.client import SESSION_CALLS, EngineClient, EngineError
 
 T = TypeVar("T")
 EngineCallError = EngineError
@@ -162,12 +166,40 @@ class EngineOps:
                 failed[step] = exc
 
         async def call(c: EngineClient) -> None:
+            if await self._batches(c, step_names(steps)):
+                await batched(c)
+                return
             for step in steps:
                 await asyncio.gather(*(one(c, s) for s in step_names([step])))
                 if failed and stop_on_error:
                     return
 
+        async def batched(c: EngineClient) -> None:
+            names = step_names(steps)
+            try:
+                results = await c.session_batch(names, self.pause_mode, stop_on_error)
+            except EngineError as exc:
+                for step in names[:1] if stop_on_error else names:
+                    failed[step] = exc
+                return
+            for step, result in zip(names, results, strict=False):
+                if isinstance(result, EngineError):
+                    failed[step] = result
+                else:
+                    done[step] = result
+
         return self.submit(call)
+
+    async def _batches(self, c: EngineClient, steps: Sequence[str]) -> bool:
+        """Whether the engine runs all of ``steps`` in one ``/session_batch`` request (server info read once)."""
+        if self._info is None:
+            try:
+                info = await c.get_server_info()
+            except EngineError:
+                return False  # one request per step then; each reports its own failure
+            self._info = info if isinstance(info, dict) else {}
+        offered = self._info.get("session_batch") or ()
+        return all(SESSION_CALLS[step][1] in offered for step in steps)
 
     def init_weights_update_group(self, **fields: Any) -> Future[None]:
         return self.submit(lambda c: c.init_weights_update_group(**fields))

@@ -14,7 +14,8 @@ Contract
   (issued together with the resume) and must equal ``str(version)`` (``WeightSyncError`` otherwise).
 * Per engine, the opening calls (pause -> flush -> begin) and the closing calls (end -> resume + version)
   each run as one sequence on the HTTP loop (``EngineOps.run_steps``): the order each engine sees is SGLang's,
-  without a thread hop and a wait for every engine between calls. A bucketed update gathers its first bucket
+  without a thread hop and a wait for every engine between calls; an engine that offers ``/session_batch``
+  (portable_rl's CPU engine) gets each sequence in one request. A bucketed update gathers its first bucket
   (``named_tensors`` is lazy) while the opening calls are in flight.
 * Engine calls fan out concurrently; any failure raises ``WeightSyncError`` naming the step and the engine.
 """

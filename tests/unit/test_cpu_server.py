@@ -392,3 +392,46 @@ def test_engine_threads_follow_its_env(engine, tiny_llama):
     finally:
         proc.stop()
     assert info["num_threads"] == 2
+
+
+def test_session_batch_runs_session_calls_in_order_as_lone_requests_would(mutable_engine):
+    def batch(*calls, stop_on_error=True, auth=True):
+        body = {
+            "calls": [{"method": m, "path": p, "body": b} for m, p, b in calls],
+            "stop_on_error": stop_on_error,
+        }
+        return post(mutable_engine, "/session_batch", body, auth=auth)
+
+    info = requests.get(f"{mutable_engine.url}/server_info", headers=AUTH, timeout=60).json()
+    assert "/begin_weight_update" in info["session_batch"]
+    assert batch(("POST", "/pause_generation", {}), auth=False).status_code == 401
+    refused = batch(("POST", "/pause_generation", {}), ("POST", "/generate", {"input_ids": [1]}))
+    assert refused.status_code == 400 and "POST /generate" in refused.text
+    opening = (
+        ("POST", "/pause_generation", {"mode": "abort"}),
+        ("POST", "/flush_cache", {}),
+        ("POST", "/begin_weight_update", {}),
+    )
+    try:
+        first = batch(*opening).json()["results"]
+        assert [r["status"] for r in first] == [200, 200, 200]
+        # A second opening stops at the refused begin, which answers as it would alone; nothing runs after it.
+        again = batch(*opening, ("POST", "/end_weight_update", {})).json()["results"]
+        assert [r["status"] for r in again] == [200, 200, 400]
+        assert again[2]["body"]["success"] is False and "already open" in again[2]["body"]["message"]
+    finally:
+        closing = batch(
+            ("POST", "/end_weight_update", {}),
+            ("POST", "/continue_generation", {}),
+            ("GET", "/model_info", None),
+            stop_on_error=False,
+        ).json()["results"]
+    assert [r["status"] for r in closing] == [200, 200, 200]
+    assert closing[2]["body"]["weight_version"] == info_version(mutable_engine)
+    assert (
+        generate(mutable_engine, [4, 5], max_new_tokens=2)["meta_info"]["finish_reason"]["type"] == "length"
+    )
+
+
+def info_version(engine) -> str:
+    return requests.get(f"{engine.url}/model_info", headers=AUTH, timeout=10).json()["weight_version"]

@@ -10,7 +10,8 @@ import asyncio
 
 import pytest
 
-from portable_rl.protocol.client import EngineError
+from portable_rl.protocol.checksum import check_weights
+from portable_rl.protocol.client import SESSION_CALLS, EngineError
 from portable_rl.protocol.engine_ops import EngineOps
 from portable_rl.weight_sync.base import WeightSyncError, update_session
 
@@ -55,15 +56,41 @@ class FakeClient:
         self.version_started.set()
         return self.version
 
+    async def get_server_info(self) -> dict:
+        return {}  # SGLang declares no session batch: one request per call
+
     async def close(self) -> None:
         pass
 
 
-def _ops(n: int, **fake) -> list[EngineOps]:
+class BatchingClient(FakeClient):
+    """An engine that runs a whole session sequence per request (portable_rl's CPU engine server)."""
+
+    def __init__(self, url: str, **fake) -> None:
+        super().__init__(url, **fake)
+        self.batches: list[list[str]] = []
+
+    async def get_server_info(self) -> dict:
+        return {"session_batch": sorted({path for _, path in SESSION_CALLS.values()})}
+
+    async def session_batch(self, steps, pause_mode="abort", stop_on_error=True):
+        self.batches.append(list(steps))
+        out = []
+        for step in steps:
+            try:
+                out.append(await getattr(self, step)(*([pause_mode] if step == "pause_generation" else [])))
+            except EngineError as exc:
+                out.append(exc)
+                if stop_on_error:
+                    break
+        return out
+
+
+def _ops(n: int, client=FakeClient, **fake) -> list[EngineOps]:
     ops = []
     for i in range(n):
         op = EngineOps(f"http://127.0.0.1:{9000 + i}", timeout_s=10)
-        op.client = FakeClient(op.client.base_url, **(fake if i == n - 1 else {}))
+        op.client = client(op.client.base_url, **(fake if i == n - 1 else {}))
         ops.append(op)
     return ops
 
@@ -207,3 +234,74 @@ def test_failed_overlap_puts_the_engines_back():
         "end_weight_update",
         "continue_generation",
     ]
+
+
+def test_an_engine_that_batches_gets_each_opening_and_closing_in_one_request():
+    ops = _ops(2, client=BatchingClient)
+    with update_session(ops, 7):
+        for op in ops:
+            op.client.log.append("update")
+    for op in ops:
+        assert op.client.batches == [
+            ["pause_generation", "flush_cache", "begin_weight_update"],
+            ["end_weight_update", "continue_generation", "get_weight_version"],
+        ]
+        assert op.client.log[3] == "update"
+
+
+def test_a_batched_refusal_is_reported_and_undone_like_a_lone_one():
+    ops = _ops(2, client=BatchingClient, refuse="begin_weight_update")
+    with pytest.raises(
+        WeightSyncError, match=r"begin_weight_update failed on 1 of 2 engine\(s\): .*:9001.*refused"
+    ):
+        with update_session(ops, 7, verify_version=False):
+            pytest.fail("the body must not run when the session did not open everywhere")
+    assert ops[1].client.batches == [
+        ["pause_generation", "flush_cache", "begin_weight_update"],
+        ["continue_generation"],  # paused, session not opened: only resumed
+    ]
+    assert ops[0].client.batches[-1] == ["end_weight_update", "continue_generation"]
+
+
+def test_a_failed_batch_request_fails_its_first_step_or_every_step_of_a_cleanup():
+    op = _ops(1, client=BatchingClient)[0]
+
+    async def unreachable(steps, pause_mode="abort", stop_on_error=True):
+        raise EngineError("http://127.0.0.1:9000/session_batch: connection refused")
+
+    op.client.session_batch = unreachable
+    done, failed = {}, {}
+    op.run_steps(["pause_generation", "flush_cache"], done, failed).result(timeout=10)
+    assert not done and list(failed) == ["pause_generation"]
+    done, failed = {}, {}
+    op.run_steps(["end_weight_update", "continue_generation"], done, failed, stop_on_error=False).result(10)
+    assert not done and list(failed) == ["end_weight_update", "continue_generation"]
+
+
+def test_check_weights_asks_the_engines_before_hashing_its_own_tensors(monkeypatch):
+    """The engine hashes its weights while the trainer hashes the same weights: the two overlap."""
+    import threading
+
+    import torch
+
+    from portable_rl.protocol import checksum
+
+    asked = threading.Event()
+    op = _ops(1)[0]
+    op._info = {"weights_checksum": True}
+    weights = [("w", torch.arange(6.0))]
+
+    async def post(path, payload):
+        assert path == "/get_weights_checksum"
+        asked.set()
+        return {"checksums": {"w": checksum.tensor_checksum(weights[0][1])}}
+
+    op.client.post = post
+    real = checksum.checksums
+
+    def hashing_after_the_request(tensors):
+        assert asked.wait(5), "the engine was asked only after the trainer hashed"
+        return real(tensors)
+
+    monkeypatch.setattr(checksum, "checksums", hashing_after_the_request)
+    assert check_weights([op], weights).ok

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import threading
 from importlib import metadata
 
 import pytest
@@ -25,10 +26,28 @@ def test_installed_megatron_is_the_pinned_one():
 
 def test_other_megatron_version_is_refused(monkeypatch):
     monkeypatch.setattr(megatron_compat, "needed", lambda: True)
+    monkeypatch.setattr(megatron_compat, "_PATCHED", False)  # the first install of a process checks
     monkeypatch.setattr(megatron_compat.metadata, "version", lambda name: "0.99.0")
     with pytest.raises(megatron_compat.MegatronVersionError, match=r"0\.99\.0.*megatron-core==0\.16\.1"):
         megatron_compat.install()
     assert not megatron_compat.installed()
+
+
+def test_version_is_read_once_per_process(monkeypatch):
+    """Once patched, install() (run before every trainer step and weight export) skips the metadata read."""
+    monkeypatch.setattr(megatron_compat, "needed", lambda: True)
+    monkeypatch.setattr(megatron_compat, "_PATCHED", True)
+
+    def read_again(name: str) -> str:
+        raise AssertionError(f"package metadata of {name} read again")
+
+    monkeypatch.setattr(megatron_compat.metadata, "version", read_again)
+    result: dict = {}
+    # In a thread of its own: the compat mode it pushes ends with the thread, not on the test's thread.
+    worker = threading.Thread(target=lambda: result.update(active=megatron_compat.install()))
+    worker.start()
+    worker.join()
+    assert result == {"active": True}
 
 
 def test_inactive_on_a_torch_build_with_an_accelerator(monkeypatch):

@@ -123,6 +123,23 @@ def test_flatten_roundtrip_is_bit_exact_and_matches_declared_layout():
         assert torch.equal(view, original)
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned-buffer", "odd-buffer"])
+def test_flatten_copies_every_bit_whether_or_not_a_tensor_is_aligned_for_its_dtype(offset):
+    """Tensors are copied as their own dtype where their offset allows it, else byte-wise: the bytes are equal."""
+    nan_payloads = torch.tensor([0x7FC00001, -1], dtype=torch.int32).view(torch.float32)
+    bucket = [
+        ("h", torch.randn(3).to(torch.bfloat16)),  # 6 bytes: the next tensor starts unaligned for fp32
+        ("f", torch.cat([nan_payloads, torch.randn(5)])),
+        ("g", torch.randn(4, 2).t()),  # non-contiguous
+        ("s", torch.tensor(7, dtype=torch.int64)),  # 0-dim
+    ]
+    out = torch.zeros(128, dtype=torch.uint8)[offset:]
+    flat, metas = flatten(bucket, out)
+    expected = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
+    assert torch.equal(flat, expected)
+    assert [m.start_idx for m in metas] == [0, 6, 34, 66]
+
+
 def test_flatten_into_a_given_buffer_and_rejects_a_small_one():
     bucket = [("x", torch.ones(4))]
     out = torch.zeros(32, dtype=torch.uint8)

@@ -16,7 +16,8 @@ Endpoints, request fields and response shapes follow SGLang 0.5.23, so one clien
               {names, dtypes, shapes, group_name, load_format, weight_version, flush_cache},
               /update_weights_from_tensor {serialized_named_tensors, load_format, weight_version},
               /update_weights_from_disk {model_path, weight_version}, /begin_weight_update,
-              /end_weight_update, /update_weight_version {new_version}, GET|POST /flush_cache
+              /end_weight_update, /update_weight_version {new_version}, GET|POST /flush_cache,
+              POST /session_batch (portable_rl: several session calls in one request, see session_batch.py)
   read-back   POST /get_weights_checksum {names} (portable_rl), GET|POST /get_weights_by_name {name,
               truncate_size}, GET /get_weight_version (portable_rl; SGLang reports it in /model_info only)
 As in SGLang 0.5.23, tensor and distributed updates must sit between /begin_weight_update and
@@ -48,6 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from portable_rl.protocol.buckets import Staging
+from portable_rl.rollout.engines import session_batch
 from portable_rl.rollout.engines.cpu_engine import CpuEngine, EngineConfig, GenRequest, GenResult
 from portable_rl.rollout.engines.engine_weights import (
     checksums,
@@ -132,6 +134,7 @@ class Server:
         self.app = FastAPI(openapi_url=None)
         self._install_auth()
         self._routes()
+        session_batch.install(self.app)
 
     # ---- auth -------------------------------------------------------------------------------------------
     def _install_auth(self) -> None:
@@ -307,6 +310,7 @@ class Server:
                 # on each side, so a client choosing the format ("auto") should send per tensor.
                 "weight_update_prefers_per_tensor": True,
                 "weights_checksum": True,
+                "session_batch": session_batch.PATHS,
                 "internal_states": [{**engine.load(), "paused": engine.paused, "decode_steps": engine.steps}],
             }
 
