@@ -108,7 +108,7 @@ class CpuEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
         self.model.eval()
-        self._new_cache = lambda: kv_cache.preallocate(DynamicCache(config=self.model.config))
+        self._new_cache = lambda: DynamicCache(config=self.model.config)
         kv_cache.check_supported(self._new_cache())
         self.context_length = cfg.context_length or int(
             getattr(self.model.config, "max_position_embeddings", 0) or 4096

@@ -8,20 +8,12 @@ that way while requests come and go between decode steps:
   * ``trim_left(cache, mask)``: columns that are padding in every row are dropped (after long rows leave).
 Only full-attention ``DynamicLayer`` caches are supported (Llama / Qwen families); anything else raises
 ``UnsupportedCache`` so the engine fails at start-up, not mid-rollout.
-
-``preallocate(cache)`` makes every layer keep its keys/values in a buffer with spare room at the end of the
-time axis, so a decode step writes one column into it instead of ``torch.cat`` copying the whole cache
-(quadratic in the sequence length over a rollout). ``layer.keys``/``layer.values`` stay the logical tensors
-(views of the buffer's first ``T`` columns), so the surgery above reads and replaces them as before; a layer
-whose keys were replaced gets a new buffer at its next update. Attention over such a view gives the same bits
-as over a contiguous tensor (the time axis keeps its layout; only the batch/head strides differ).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 
 class UnsupportedCache(TypeError):
@@ -45,56 +37,6 @@ def _layers(cache: DynamicCache) -> list:
 
 def check_supported(cache: DynamicCache) -> None:
     _layers(cache)
-
-
-def headroom(length: int) -> int:
-    """Spare columns a buffer gets when it is (re)allocated for ``length`` columns: amortised growth of at
-    most 1.5x memory, and at least 32 decode steps before the next copy."""
-    return max(32, length // 2)
-
-
-class PreallocLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose update writes into a buffer with spare capacity (see module docstring)."""
-
-    _kbuf: torch.Tensor | None = None
-    _vbuf: torch.Tensor | None = None
-
-    def _in_buffer(self, length: int) -> bool:
-        buf = self._kbuf
-        return (
-            buf is not None
-            and self.keys.data_ptr() == buf.data_ptr()
-            and self.values.data_ptr() == self._vbuf.data_ptr()
-            and self.keys.shape[0] == buf.shape[0]
-            and self.keys.shape[-2] == length
-        )
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length = self.keys.shape[-2] if self.keys.numel() else 0
-        end = length + key_states.shape[-2]
-        if not self._in_buffer(length) or end > self._kbuf.shape[-2]:
-            capacity = end + headroom(end)
-            shape_k = (*key_states.shape[:2], capacity, key_states.shape[-1])
-            shape_v = (*value_states.shape[:2], capacity, value_states.shape[-1])
-            self._kbuf = key_states.new_empty(shape_k)
-            self._vbuf = value_states.new_empty(shape_v)
-            if length:
-                self._kbuf[:, :, :length] = self.keys
-                self._vbuf[:, :, :length] = self.values
-        self._kbuf[:, :, length:end] = key_states
-        self._vbuf[:, :, length:end] = value_states
-        self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
-        return self.keys, self.values
-
-
-def preallocate(cache: DynamicCache) -> DynamicCache:
-    """Turn every plain ``DynamicLayer`` of ``cache`` into a ``PreallocLayer`` (in place; returns ``cache``)."""
-    for layer in _layers(cache):
-        if type(layer) is DynamicLayer:
-            layer.__class__ = PreallocLayer
-    return cache
 
 
 def _set(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
