@@ -163,20 +163,24 @@ def sample(
 ) -> tuple[list[int], list[float]]:
     """One token per row of ``logits`` [batch, vocab] and its log-prob (see module docstring)."""
     logits = logits.float()
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32)
-    logprobs = torch.log_softmax(logits / temps[:, None], dim=-1)
-    tokens = torch.empty(len(params), dtype=torch.long)
+    temps = [p.temperature if not p.greedy else 1.0 for p in params]
+    # x / 1.0 == x exactly, so the common all-temperature-1 batch skips a [batch, vocab] division and copy.
+    scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps)[:, None]
+    logprobs = torch.log_softmax(scaled, dim=-1)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     plain = [
         i
         for i, p in enumerate(params)
         if not p.greedy and p.top_k == TOP_K_ALL and p.top_p >= 1.0 and p.min_p == 0.0
     ]
+    if len(plain) == len(params):  # the usual rollout batch: one draw for all rows, no index bookkeeping
+        tokens = _draw(logprobs.exp(), generators)
+    else:
+        tokens = torch.empty(len(params), dtype=torch.long)
     if greedy:
         tokens[greedy] = logits[greedy].argmax(dim=-1)
-    if plain:
-        rows = logprobs if len(plain) == len(params) else logprobs[plain]
-        tokens[plain] = _draw(rows.exp(), [generators[i] for i in plain])
+    if plain and len(plain) < len(params):
+        tokens[plain] = _draw(logprobs[plain].exp(), [generators[i] for i in plain])
     for i, p in enumerate(params):
         if not p.greedy and i not in plain:
             tokens[i] = _draw(_filter(logits[i] / p.temperature, p)[None], [generators[i]])[0]
