@@ -36,13 +36,16 @@ def test_options_reach_every_torch_optimizer_and_only_known_keys():
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_cpu_optimizer_options_change_no_bit_of_the_update(weight_decay):
+def test_cpu_optimizer_options_change_the_update_by_float_rounding_only(weight_decay):
     options = plat.load("cpu").optimizer_options()
-    assert options  # the CPU platform sets something; it must then be bit-neutral
+    assert options  # the CPU platform sets something; it may only reorder the arithmetic
 
     def run(opts):
         g = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(64, 48), (48,), (300, 7)]]
+        params = [
+            torch.nn.Parameter(torch.randn(s, generator=g))
+            for s in [(576, 576), (1536, 576), (576,), (300, 7)]
+        ]
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay)
         set_optimizer_options(_Wrapped(opt), opts)
         for _ in range(3):
@@ -53,5 +56,6 @@ def test_cpu_optimizer_options_change_no_bit_of_the_update(weight_decay):
 
     base, base_state = run({})
     got, got_state = run(options)
-    assert all(torch.equal(x, y) for x, y in zip(base, got, strict=True))
-    assert all(torch.equal(x, y) for x, y in zip(base_state, got_state, strict=True))
+    # A few ulp of float32 at most: a wrong update (another lr, bias correction or decay) is off by far more.
+    for x, y in zip(base + base_state, got + got_state, strict=True):
+        torch.testing.assert_close(y, x, rtol=4e-7, atol=1e-9)
