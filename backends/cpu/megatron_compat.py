@@ -16,7 +16,10 @@ code paths run on the CPU, unchanged:
   the host only from a CUDA tensor (``is_cuda``), so on the CPU they arrive as tensors, which the process
   group's binding refuses; and the backward of Megatron's all-to-all (which allocates on
   ``torch.cuda.current_device()``) runs under the device mode too: the autograd engine calls a custom
-  Function's backward without the thread's torch-function modes.
+  Function's backward without the thread's torch-function modes;
+* gradient clipping scales the gradients with torch's in-place multi-tensor multiply: without TE or Apex,
+  Megatron falls back to allocating ``grad * scale`` and copying it back tensor by tensor, which cost ~0.18 s
+  of a SmolLM2-135M step on 2 cores (the multiply is the same, so the gradients are bit-identical).
 
 Contract
 --------
@@ -226,6 +229,21 @@ def _patch_process() -> None:
             return all_to_all_backward(ctx, *grad_output)
 
     mappings._AllToAll.backward = staticmethod(backward_on_cpu)
+
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.multi_tensor_scale_impl is mcore_utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _multi_tensor_scale
+
+
+def _multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
+    """Megatron's ``multi_tensor_scale`` signature: ``dst[i] = src[i] * scale`` for the lists' tensors."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst, strict=True)):
+        torch._foreach_mul_(dst, scale)  # clipping scales the gradients in place
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
 def install() -> bool:

@@ -219,3 +219,22 @@ def test_megatron_trains_on_cpu(cpu_run, dtype):
     assert result["changed"] == result["total"], "every parameter must move after two Adam steps"
     assert all(n > 0 and n == n for n in result["norms"])
     assert result["losses"][1] < result["losses"][0], result["losses"]
+
+
+@pytest.mark.skipif(not megatron_compat.needed(), reason="the CPU layer is inactive with an accelerator")
+@pytest.mark.parametrize("in_place", [True, False])
+def test_gradient_clipping_scale_is_bit_identical_to_megatrons_fallback(in_place):
+    from megatron.core import utils as mcore_utils
+
+    megatron_compat.install()
+    from megatron.core.optimizer import clip_grads
+
+    assert clip_grads.multi_tensor_scale_impl is megatron_compat._multi_tensor_scale
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(s, generator=g) for s in [(576, 576), (1536, 576), (576,), (3, 7)]]
+    expected = [t.clone() for t in src]
+    mcore_utils.local_multi_tensor_scale(0, None, [expected, expected], 0.4412345678901)
+    got = [t.clone() for t in src]
+    dst = got if in_place else [torch.empty_like(t) for t in src]
+    megatron_compat._multi_tensor_scale(0, None, [got, dst], 0.4412345678901)
+    assert all(torch.equal(x, y) for x, y in zip(expected, dst, strict=True))
