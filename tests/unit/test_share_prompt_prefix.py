@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_training_attention import _config, _reference  # the same config and float64 reference
 
 from portable_rl.config.training import share_prompt_prefix_refusal
 from portable_rl.training.attention import shared_prefix_mask
@@ -101,34 +102,14 @@ def test_shared_prefix_mask_matches_its_definition():
             assert bool(mask[q, c]) == (c <= q and (branch[c] == -1 or branch[c] == branch[q])), (q, c)
 
 
-def _reference(q, k, v, scale):
-    """q [s, h, d], k/v [s, g, d] -> [s, h*d], causal, float64, GQA in Megatron's order."""
-    q, k, v = q.double(), k.double(), v.double()
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = torch.einsum("shd,thd->hst", q, k) * scale
-    s = q.shape[0]
-    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("hst,thd->shd", scores.softmax(-1), v).reshape(s, -1)
-
-
 def test_sdpa_on_a_shared_row_equals_each_sample_attending_alone():
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnMaskType
 
     from portable_rl.training.attention import SdpaCoreAttention
 
     heads, groups, d = 4, 2, 8
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=heads * d,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        kv_channels=d,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
+    config = _config(heads, groups, d)
     attn = SdpaCoreAttention(config, 1, AttnMaskType.causal, "self")
     torch.manual_seed(3)
     # segment 0: prompt of 4 + responses of 3 and 5; segment 1: a plain sample of 6
