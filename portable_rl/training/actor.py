@@ -22,14 +22,11 @@ Public interface
     micro-batches of ``micro_batch_size`` samples, all padded to one sequence length, or, with
     ``max_tokens_per_micro_batch`` set, packed: consecutive samples laid end to end without padding up to that
     many tokens (``TrainBatch.pack``; a longer sample gets a micro-batch of its own), attention kept inside each
-    sample and positions restarting per sample. With ``share_prompt_prefix`` every micro-batch (of
-    ``micro_batch_size`` samples, or packed as without sharing, the budget counting every sample's prompt) is one
-    packed row in which the samples with identical prompts share one copy of it (``to_shared_micro_batch``):
-    the prompt's forward and backward run once per group, each response attends to it and to itself only, and
-    rotary positions continue from the prompt (a forward hook gives the rotary embedding each token's own
-    position); log-probs and gradients equal the unshared ones up to float rounding. With pipeline parallelism
-    every packed micro-batch of a step is padded to the step's longest (Megatron's pipeline sends one tensor
-    shape). For every micro-batch
+    sample and positions restarting per sample. With ``share_prompt_prefix`` each micro-batch, cut as without
+    sharing, is one row where samples with identical prompts share one copy of it
+    (``batch.shared_micro_batches``; a forward hook gives the rotary embedding each token's own position). With
+    pipeline parallelism every packed micro-batch of a step is padded to the step's longest (Megatron's
+    pipeline sends one tensor shape). For every micro-batch
     ``loss_fn(logprobs, entropy, mb) -> (loss, metrics)`` is called, where ``logprobs``/``entropy`` are
     ``[b, L]`` over response tokens (differentiable) and ``mb`` is ``MicroBatch.as_loss_batch()`` plus
     ``global_num_samples`` and ``global_num_tokens`` (whole batch, all DP ranks). With
@@ -298,9 +295,8 @@ class MegatronActor:
         ep_rank = ps.get_expert_model_parallel_rank() if self.spec.is_moe else 0
         self.experts = range(ep_rank * per, (ep_rank + 1) * per)  # global indices of this rank's experts
         self.step = 0
-        self._logit_rows: torch.Tensor | None = (
-            None  # the running micro-batch's logit positions (see _keep_rows)
-        )
+        # The running micro-batch's logit positions (see _keep_rows).
+        self._logit_rows: torch.Tensor | None = None
         self._rope_rows: torch.Tensor | None = None  # shared-prompt row's positions (see _rope_positions)
         self.model, self.tconfig = self._build(config.hf_checkpoint)
         if config.share_prompt_prefix:  # what only the built model knows
