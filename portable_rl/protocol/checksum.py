@@ -7,6 +7,10 @@ Contract
   ``/get_weights_checksum`` endpoint compute exactly this function (the CPU engine imports it from here).
 * ``check_weights(engines, named_tensors)`` asks every engine for its weights and returns a ``WeightCheckReport``
   listing mismatched, missing and failed names per engine; ``report.raise_if_failed()`` raises ``WeightMismatch``.
+  An engine that reports the ``dtype`` it holds its weights in (``/server_info``; portable_rl's CPU engine does)
+  is compared with the trainer's floating-point tensors cast to that dtype, which is what loading them did on its
+  side: a bf16 GPU trainer and a float32 CPU engine agree iff the engine holds exactly the trainer's values (the
+  upcast is exact); a float32 trainer and a bf16 engine iff the engine holds them rounded once.
   Engines are portable_rl engine clients. Two ways to read an engine's weights:
     - ``/get_weights_checksum`` (portable_rl's CPU engine): checksums only, one call for all names;
     - ``/get_weights_by_name`` (the real SGLang server, which has no per-tensor checksum of HF-named weights:
@@ -139,13 +143,16 @@ def check_weights(
                 asked[i] = engine.get_weights_checksum([name for name, _ in tensors])
         except _ENGINE_ERRORS as exc:
             reports[i].error = f"{type(exc).__name__}: {exc}"
-    expected = checksums(tensors) if asked else {}
+    expected: dict[torch.dtype | None, dict[str, str]] = {}
     for i, (engine, report) in enumerate(zip(ops, reports, strict=True)):
         if report.error is not None:
             continue
         try:
             if i in asked:
-                _compare_checksums(asked[i].result(timeout=timeout_s), expected, report)
+                dtype = _engine_dtype(engine)
+                if dtype not in expected:
+                    expected[dtype] = checksums(_in_dtype(tensors, dtype))
+                _compare_checksums(asked[i].result(timeout=timeout_s), expected[dtype], report)
             else:
                 _check_by_values(engine, tensors, report)
         except (*_ENGINE_ERRORS, FutureTimeout) as exc:
@@ -157,3 +164,16 @@ def check_weights(
 
 
 _ENGINE_ERRORS = (EngineCallError, OSError, ValueError, KeyError, TypeError)
+
+
+def _engine_dtype(engine: EngineOps) -> torch.dtype | None:
+    """The dtype the engine says it holds its weights in (``/server_info`` "dtype"), if a torch dtype name."""
+    name = engine.server_info().get("dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _in_dtype(tensors: Sequence[NamedTensor], dtype: torch.dtype | None) -> list[NamedTensor]:
+    if dtype is None:
+        return list(tensors)
+    return [(n, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for n, t in tensors]

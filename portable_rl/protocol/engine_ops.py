@@ -17,7 +17,10 @@ Request fields are SGLang 0.5.23's. Capabilities, read once from ``/server_info`
     supports them and does not declare ``weight_update_prefers_per_tensor`` (portable_rl's CPU engine does:
     a per-tensor broadcast lands straight in its parameters, a flattened one costs a staging copy on each
     side); ``flatten_buckets="auto"`` follows it;
-  * ``supports_weights_checksum()``: the engine serves portable_rl's ``/get_weights_checksum``.
+  * ``supports_weights_checksum()``: the engine serves portable_rl's ``/get_weights_checksum``;
+  * ``weight_update_backends()``: the torch.distributed backends the engine can join a weight-update group
+    with, or None when it does not say (SGLang: whatever the platform's backend is). portable_rl's CPU engine
+    lists ``["gloo"]``, so a GPU trainer broadcasting to it uses gloo instead of NCCL/RCCL.
 ``run_steps(steps, done, failed)`` runs several session calls as one coroutine (one hop to the loop instead of
 one per call): steps run in order, a tuple of steps runs concurrently; each success is recorded in ``done``
 and each failure in ``failed`` as it happens, so a caller that stops waiting still sees how far the engine got.
@@ -122,6 +125,10 @@ class EngineOps:
 
     def supports_weights_checksum(self) -> bool:
         return bool(self.server_info().get("weights_checksum"))
+
+    def weight_update_backends(self) -> list[str] | None:
+        listed = self.server_info().get("weight_update_backends")
+        return [str(b) for b in listed] if isinstance(listed, list) else None
 
     # ---- calls (each returns a Future) ------------------------------------------------------------------
     def pause_generation(self) -> Future[None]:

@@ -12,6 +12,8 @@ Contract
   through ``broadcast``/``barrier`` and a failure or timeout raises ``CollectiveTimeout`` naming the group,
   this rank, the ranks it waited for and what it was doing. (gloo enforces the timeout per operation; NCCL and
   RCCL report timeouts through their watchdog, which the platform's comm env configures.)
+* ``HOST_BACKEND`` ("gloo") is the backend every process can join with host tensors: the one an engine whose
+  weights live in host memory (portable_rl's CPU engine) accepts, whatever the trainer's device.
 * The same naming for any other group (``collective_errors``), free ports and the rendezvous address
   (``free_port``, ``resolve_master_address``) live in ``portable_rl.distributed``.
 """
@@ -27,6 +29,8 @@ import torch.distributed as dist
 
 from portable_rl.distributed import describe_ranks, first_line
 from portable_rl.errors import CollectiveTimeout
+
+HOST_BACKEND = "gloo"
 
 
 @dataclass

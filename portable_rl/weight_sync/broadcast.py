@@ -5,8 +5,10 @@ Contract
 * ``connect(engines)`` forms one process group: rank 0 is this trainer process (the one holding the full
   weights: rank 0 of its pipeline stage), engine i's TP ranks are ``rank_offset_i .. rank_offset_i + tp_i - 1``
   (offsets assigned in engine order from 1). Engines join through SGLang's ``/init_weights_update_group``
-  (master_address, master_port, rank_offset, world_size, group_name, backend = ``current_platform().dist_backend``),
-  issued concurrently while rank 0 hosts the rendezvous. A rank that never joins ends the rendezvous after
+  (master_address, master_port, rank_offset, world_size, group_name, backend), issued concurrently while rank 0
+  hosts the rendezvous. The backend is ``current_platform().dist_backend`` unless an engine lists the backends
+  it can join (``EngineOps.weight_update_backends``) without it: portable_rl's CPU engine lists gloo only, so a
+  GPU trainer syncing to it uses gloo and sends host copies of its tensors (``group_backend``). A rank that never joins ends the rendezvous after
   ``timeout_s`` with ``CollectiveTimeout`` naming the group, the ranks and the engines that own them.
 * ``update(named_tensors, version)`` sends buckets of at most ``bucket_mb`` (one dtype each). Per bucket every
   engine gets ``/update_weights_from_distributed`` with names, dtypes and shapes, then rank 0 broadcasts:
@@ -42,7 +44,7 @@ from portable_rl.errors import CollectiveTimeout
 from portable_rl.platform import Platform, current_platform
 from portable_rl.protocol.buckets import NamedTensor, Staging, dtype_name, flatten, nbytes
 from portable_rl.protocol.engine_ops import EngineOps
-from portable_rl.protocol.process_group import WeightUpdateGroup, init_weight_update_group
+from portable_rl.protocol.process_group import HOST_BACKEND, WeightUpdateGroup, init_weight_update_group
 from portable_rl.weight_sync.base import (
     WeightSyncError,
     as_engine_ops,
@@ -98,7 +100,11 @@ class BroadcastWeightSync:
         world_size = offset
         address = resolve_master_address(self.cfg.master_address)
         port = self.cfg.master_port or free_port()
-        backend = self.platform.dist_backend
+        try:
+            backend = group_backend(self.platform.dist_backend, self.engines)
+        except WeightSyncError:
+            close_all(self.engines)
+            raise
         name = self.cfg.group_name
 
         joins = [
@@ -193,13 +199,19 @@ class BroadcastWeightSync:
         )
         calls = [e.update_weights_from_distributed(**request) for e in self.engines]
 
+        # A host-backend group with a trainer on an accelerator (a GPU trainer and the CPU engine) sends host
+        # copies: the backend's device-tensor support is not something to rely on for a debugging layout.
+        to_host = group.backend == HOST_BACKEND and bucket[0][1].device.type != "cpu"
+
         def send() -> None:
             if flattened:
                 flat = _as_flat_bytes(bucket, self.staging)
+                flat = flat.cpu() if to_host else flat
                 group.broadcast(flat, what=f"bucket broadcast ({flat.numel()} bytes, {len(bucket)} tensors)")
             else:
                 for name, tensor in bucket:
-                    group.broadcast(tensor.detach().contiguous(), what=f"broadcast of {name!r}")
+                    t = tensor.detach().contiguous()
+                    group.broadcast(t.cpu() if to_host else t, what=f"broadcast of {name!r}")
 
         self._send_watching(send, calls)
         wait_all(self.engines, calls, self.cfg.timeout_s, "update_weights_from_distributed")
@@ -249,6 +261,21 @@ class BroadcastWeightSync:
             )
         assert collective is not None
         raise CollectiveTimeout(f"{collective}{owners}{_settled_errors(self.engines, calls)}") from collective
+
+
+def group_backend(platform_backend: str, engines: Sequence[EngineOps]) -> str:
+    """The weight-update group's backend: the platform's, unless an engine lists backends without it."""
+    listed = [(e, e.weight_update_backends()) for e in engines]
+    limits = [(e, b) for e, b in listed if b is not None]
+    if all(platform_backend in b for _, b in limits):
+        return platform_backend
+    if all(HOST_BACKEND in b for _, b in limits):
+        return HOST_BACKEND
+    e, b = next((e, b) for e, b in limits if HOST_BACKEND not in b)
+    raise WeightSyncError(
+        f"no weight-update backend every engine can join: the platform's is {platform_backend!r}, "
+        f"{e.label} lists {b}; use weight_sync.strategy=disk for this engine mix"
+    )
 
 
 def _as_flat_bytes(bucket: list[NamedTensor], staging: Staging) -> torch.Tensor:

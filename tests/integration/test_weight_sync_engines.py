@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from sglang_server import launch_sglang
 from transformers import AutoModelForCausalLM
 
+from portable_rl.platform import current_platform
 from portable_rl.protocol.client import EngineClient
 from portable_rl.rollout.engines.launcher import EngineSpec, launch_engine
 from portable_rl.weight_sync import (
@@ -218,6 +219,49 @@ def test_engine_that_never_joins_times_out_naming_group_and_ranks(cpu_engines):
     msg = str(info.value)
     assert "'stalled'" in msg and "rank 0 of 3" in msg and "engine ranks 1, 2" in msg
     assert f"rank 2 = {urls[1]}" in msg
+
+
+class _DeviceCollectivesPlatform(type(current_platform())):
+    """The host's platform with a device collective backend, as a GPU trainer has (what matters here)."""
+
+    dist_backend = "device-collectives"
+
+
+def test_gpu_style_trainer_syncs_to_the_cpu_engine_over_the_host_backend(cpu_engines, base_weights):
+    # A trainer whose platform backend the CPU engine cannot join (NCCL/RCCL on a GPU) broadcasts over gloo,
+    # which the engine lists in /server_info; before this the engine waited out the collective timeout.
+    urls = [e.url for e in cpu_engines]
+    cfg = WeightSyncConfig(strategy="broadcast", timeout_s=60, master_address="127.0.0.1", group_name="host")
+    sync = make_weight_sync(cfg, "disaggregated", _DeviceCollectivesPlatform())
+    weights = perturbed(base_weights, 21)
+    sync.connect(urls)
+    try:
+        assert sync.group.backend == "gloo"
+        sync.update(iter(weights), version=21)
+    finally:
+        sync.disconnect()
+    assert check_weights(urls, weights).ok
+
+
+def test_engine_refuses_a_backend_it_cannot_join_at_once(cpu_engines):
+    start = time.monotonic()
+    r = requests.post(
+        cpu_engines[0].url + "/init_weights_update_group",
+        json={
+            "master_address": "127.0.0.1",
+            "master_port": 1,
+            "rank_offset": 1,
+            "world_size": 2,
+            "group_name": "x",
+            "backend": "device-collectives",
+        },
+        timeout=30,
+    )
+    assert time.monotonic() - start < 10
+    assert r.status_code == 400 and "'device-collectives'" in r.text and "'gloo'" in r.text
+    assert requests.get(cpu_engines[0].url + "/server_info", timeout=30).json()["weight_update_backends"] == [
+        "gloo"
+    ]
 
 
 # ---- the real SGLang server ----------------------------------------------------------------------------------

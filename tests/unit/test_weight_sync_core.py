@@ -215,3 +215,24 @@ def test_buckets_can_keep_small_tensors_apart_from_large_ones():
     split = [[n for n, _ in b] for b in iter_buckets(iter(named), 2048 + 16, split_at=64)]
     assert plain == [["b0", "s0", "b1"], ["s1", "b2"]]
     assert split == [["b0", "b1"], ["b2"], ["s0", "s1"]]
+
+
+class _Listing:
+    def __init__(self, label, backends):
+        self.label, self._backends = label, backends
+
+    def weight_update_backends(self):
+        return self._backends
+
+
+def test_group_backend_is_the_platforms_unless_an_engine_lists_others():
+    from portable_rl.weight_sync import WeightSyncError
+    from portable_rl.weight_sync.broadcast import group_backend
+
+    sglang_like, cpu_engine = _Listing("a", None), _Listing("b", ["gloo"])
+    assert group_backend("device", [sglang_like, sglang_like]) == "device"
+    assert group_backend("gloo", [sglang_like, cpu_engine]) == "gloo"
+    assert group_backend("device", [cpu_engine]) == "gloo"
+    assert group_backend("device", [_Listing("c", ["device", "gloo"])]) == "device"
+    with pytest.raises(WeightSyncError, match=r"c lists \['other'\].*weight_sync.strategy=disk"):
+        group_backend("device", [cpu_engine, _Listing("c", ["other"])])

@@ -49,6 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from portable_rl.protocol.buckets import Staging
+from portable_rl.protocol.process_group import HOST_BACKEND
 from portable_rl.rollout.engines import session_batch
 from portable_rl.rollout.engines.cpu_engine import CpuEngine, EngineConfig, GenRequest, GenResult
 from portable_rl.rollout.engines.engine_weights import (
@@ -309,6 +310,8 @@ class Server:
                 # Per-tensor broadcasts land straight in the parameters; a flattened bucket costs a staging copy
                 # on each side, so a client choosing the format ("auto") should send per tensor.
                 "weight_update_prefers_per_tensor": True,
+                # Its weights live in host memory: it joins a weight-update group only over gloo.
+                "weight_update_backends": [HOST_BACKEND],
                 "weights_checksum": True,
                 "session_batch": session_batch.PATHS,
                 "internal_states": [{**engine.load(), "paused": engine.paused, "decode_steps": engine.steps}],
@@ -390,6 +393,14 @@ class Server:
             from portable_rl.protocol.process_group import init_weight_update_group
 
             body = await _body(request)
+            backend = str(body.get("backend", HOST_BACKEND))
+            if backend != HOST_BACKEND:
+                # Refused before the rendezvous, so the trainer gets this reason instead of a join timeout.
+                return _outcome(
+                    False,
+                    f"Failed to init group: backend={backend!r}; this engine's weights are in host memory and it "
+                    f"joins weight-update groups over {HOST_BACKEND!r} only (it lists weight_update_backends)",
+                )
             try:
                 group = await asyncio.to_thread(
                     init_weight_update_group,
@@ -398,7 +409,7 @@ class Server:
                     rank=int(body["rank_offset"]),  # + tp_rank, which is 0 on this single-rank engine
                     world_size=int(body["world_size"]),
                     group_name=str(body.get("group_name", "weight_update_group")),
-                    backend=str(body.get("backend", "gloo")),
+                    backend=backend,
                     timeout_s=self.timeout_s,
                 )
             except KeyError as exc:
