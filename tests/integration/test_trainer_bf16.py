@@ -114,3 +114,19 @@ def test_bf16_trainer_keeps_fp32_masters_and_exports_them_cast(tmp_path):
     for name, tensor in rec["after"].items():
         assert torch.equal(exported[name], tensor), name
         assert not torch.equal(tensor, rec["initial"][name]) or "norm" in name
+
+
+@pytest.mark.parametrize("strategy", ["broadcast", "shared_tensor"])
+def test_bf16_trainer_syncs_to_the_float32_cpu_engine_with_weight_checks(tmp_path, strategy):
+    """A GPU's layout on the CPU: a bf16 trainer, the float32 CPU engine, every sync checked bit for bit.
+
+    The engine holds the trainer's bf16 values upcast (exactly) to float32; the check compares in the engine's
+    dtype. Before, every check failed ("21 differ"), as on an H100 with ``rollout.engine=cpu``.
+    """
+    from train_cli import metrics, train
+
+    run = tmp_path / "run"
+    proc = train(run, "train.dtype=bfloat16", f"weight_sync.strategy={strategy}", "run.steps=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = metrics(run)
+    assert [r["weight_check_ok"] for r in rows] == [1.0, 1.0]

@@ -305,3 +305,25 @@ def test_check_weights_asks_the_engines_before_hashing_its_own_tensors(monkeypat
 
     monkeypatch.setattr(checksum, "checksums", hashing_after_the_request)
     assert check_weights([op], weights).ok
+
+
+@pytest.mark.parametrize("trainer_dtype", ["bfloat16", "float32"])
+def test_check_weights_compares_in_the_dtype_the_engine_holds(trainer_dtype):
+    """A bf16 trainer and a float32 engine (a GPU trainer, the CPU engine): equal iff the upcast values are."""
+    import torch
+
+    from portable_rl.protocol import checksum
+
+    trainer = [("w", torch.randn(4, 3).to(getattr(torch, trainer_dtype))), ("steps", torch.arange(3))]
+    held = {n: t.to(torch.float32) if t.is_floating_point() else t for n, t in trainer}
+    op = _ops(1)[0]
+    op._info = {"weights_checksum": True, "dtype": "float32"}
+
+    async def post(path, payload):
+        return {"checksums": {n: checksum.tensor_checksum(held[n]) for n in payload["names"]}}
+
+    op.client.post = post
+    assert check_weights([op], trainer).ok
+    held["w"] = held["w"].clone()
+    held["w"][0, 0] += 1e-3  # an engine value that is not the trainer's
+    assert check_weights([op], trainer).engines[0].mismatched == ["w"]
