@@ -118,6 +118,7 @@ class TrainConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO's value model (algo gae only)
     # Samples of a micro-batch with identical prompts (a GRPO group) share one copy of the prompt in the
     # trainer's forward/backward: same results up to float rounding, less compute (sdpa; no PP/SP/critic).
+    # A CPU win; on an H100 the per-group masked attention made the step slower (benchmarks/results/gpu_h100.md).
     share_prompt_prefix: bool = False
 
     def __post_init__(self) -> None:

@@ -53,9 +53,14 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
     "kernels.trainer_token_logprobs": {"cpu": {"*": 1e-5}, "*": {"*": 5e-5}},
     "determinism.hf_train_steps": EXACT,
     # Model level. CPU trains in fp32: measured 1.7e-6 (logits), 1.0e-6 (log-probs), 1.7e-6 (TP2 vs TP1).
-    # GPU platforms train in bf16 (their default_train_dtype): provisional, ~ a few bf16 ulps of logits ~4.
-    "training.megatron_vs_hf_logits": {"cpu": {"*": 2e-5}, "*": {"*": 1e-1}},
-    "training.megatron_vs_hf_logprobs": {"cpu": {"*": 2e-5}, "*": {"*": 1e-1}},
+    # GPU platforms train in bf16 (their default_train_dtype). Measured on one H100 (torch 2.11, local spec +
+    # SDPA): logits 0.031-0.038 for the dense models, 0.325 for Qwen3-MoE; log-probs 0.015-0.025 and 0.116.
+    # The MoE figure is bf16's, not the converter's: transformers itself in bf16 is 0.317 off float64 on the
+    # same batch (also Megatron on the CPU in bf16: 0.328; fp32 routing, moe_router_dtype, does not move it),
+    # so the bound is ~1.5x the MoE figure. A conversion bug (a transposed or misplaced weight, wrong RoPE)
+    # moves logits by O(1) and still fails; the detail lists transformers' own bf16 error per architecture.
+    "training.megatron_vs_hf_logits": {"cpu": {"*": 2e-5}, "*": {"*": 5e-1}},
+    "training.megatron_vs_hf_logprobs": {"cpu": {"*": 2e-5}, "*": {"*": 2e-1}},
     # Exported weights vs the checkpoint cast to the trainer's dtype: bit-equal in every dtype.
     "training.hf_roundtrip": EXACT,
     # Packed vs one sample per micro-batch: same math, other shapes (and SDPA calls); fp32 rounding on CPU
