@@ -236,3 +236,69 @@ def test_group_backend_is_the_platforms_unless_an_engine_lists_others():
     assert group_backend("device", [_Listing("c", ["device", "gloo"])]) == "device"
     with pytest.raises(WeightSyncError, match=r"c lists \['other'\].*weight_sync.strategy=disk"):
         group_backend("device", [cpu_engine, _Listing("c", ["other"])])
+
+
+class _SlowLoadingEngine:
+    """An in-process engine (EngineOps' calls only) that loads each bucket 50 ms after it was asked."""
+
+    label, tp_size, timeout_s = "slow", 1, 30.0
+
+    def __init__(self, events: list) -> None:
+        self.events, self.loaded, self.in_flight = events, {}, 0
+
+    def update_weights_from_tensor(self, serialized_named_tensors, load_format, weight_version, flush_cache):
+        import threading
+        from concurrent.futures import Future
+
+        from portable_rl.protocol.tensor_codec import deserialize_tensors
+
+        self.in_flight += 1
+        assert self.in_flight == 1, "a second bucket arrived before the first was answered"
+        self.events.append(("asked", weight_version))
+        done: Future = Future()
+
+        def load():
+            import time
+
+            time.sleep(0.05)
+            for name, t in deserialize_tensors(serialized_named_tensors[0]):
+                self.loaded[name] = t.clone()  # what the staging buffer holds now, when the engine reads it
+            self.in_flight -= 1
+            self.events.append(("answered", weight_version))
+            done.set_result(None)
+
+        threading.Thread(target=load).start()
+        return done
+
+    def close(self):
+        pass
+
+
+def test_shared_memory_sync_copies_the_next_bucket_while_the_engine_loads_the_last(monkeypatch):
+    """Two staging buffers in turn: bucket k+1 is staged before bucket k is answered, never sent before it,
+    and every bucket the engine reads still holds its own tensors (no buffer is overwritten under a reader)."""
+    from portable_rl.platform import load as load_platform
+    from portable_rl.protocol.engine_ops import EngineOps
+    from portable_rl.weight_sync import shared_tensor
+
+    events: list = []
+    real_flatten = shared_tensor.flatten
+    monkeypatch.setattr(
+        shared_tensor, "flatten", lambda b, s: (events.append(("staged", b[0][0])), real_flatten(b, s))[1]
+    )
+    monkeypatch.setattr(shared_tensor, "as_engine_ops", lambda engines, *a: list(engines))
+    engine = _SlowLoadingEngine(events)
+    assert not isinstance(engine, EngineOps)
+    g = torch.Generator().manual_seed(0)
+    weights = [(f"w{i}", torch.randn(256, 256, generator=g)) for i in range(5)]  # 256 KiB each
+    cfg = WeightSyncConfig(bucket_mb=0.25, flatten_buckets="off", manage_session=False, verify_version=False)
+    sync = shared_tensor.SharedTensorWeightSync(cfg, load_platform("cpu"))  # shared-memory transport
+    sync.connect([engine])
+    sync.update(iter(weights), version=3)
+    assert engine.loaded.keys() == {n for n, _ in weights}
+    for name, t in weights:
+        assert torch.equal(engine.loaded[name], t), name
+    kinds = [k for k, _ in events]
+    assert kinds == ["staged", "asked"] + ["staged", "answered", "asked"] * 4 + ["answered"]
+    assert events[-2:] == [("asked", "3"), ("answered", "3")]
+    sync.disconnect()
