@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from portable_rl.config.algo import AlgoConfig
@@ -36,7 +36,14 @@ from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform, current_platform
 from portable_rl.rollout_to_train import make_loss_fn, make_value_loss_fn, prepare_train_batch
 from portable_rl.training.actor import ActorConfig, MegatronActor
-from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync, tensor_checksum
+from portable_rl.weight_sync import (
+    WeightCheckReport,
+    WeightSyncConfig,
+    check_weights,
+    make_weight_sync,
+    tensor_checksum,
+    while_closing,
+)
 
 
 class TrainerWorker(MegatronActor):
@@ -111,19 +118,32 @@ class TrainerWorker(MegatronActor):
             for _ in weights:  # take part in the TP/PP gathers; the source rank sends
                 pass
             return {}
-        if check:
-            weights = list(weights)  # kept for the checksum comparison below
-        self._sync.update(weights, version)
+        if not check:
+            self._sync.update(weights, version)
+            return {"weight_sync_s": time.perf_counter() - t0}
+        # The weights are kept for the comparison as the update consumes them (gathered while the engines open
+        # their sessions), and compared while the engines close them: the check adds no round trip of its own.
+        source, kept = iter(weights), []
+
+        def keep() -> Iterator[tuple[str, Any]]:
+            for item in source:
+                kept.append(item)
+                yield item
+
+        def compare() -> WeightCheckReport:
+            kept.extend(source)  # whatever the strategy did not consume
+            return check_weights(self._sync.engines, kept)
+
+        with while_closing(compare) as reports:
+            self._sync.update(keep(), version)
         out = {"weight_sync_s": time.perf_counter() - t0}
-        if check:
-            report = check_weights(self._sync.engines, weights)
-            out["weight_check_ok"] = float(report.ok)
-            if not report.ok:
-                raise RuntimeError(
-                    f"--check-weight-update: engine weights differ from the trainer's after sync {version}: "
-                    + report.summary().replace("\n", "; ")
-                )
-        return out
+        report = reports[0] if reports else compare()  # no session closed here: compare now
+        if not report.ok:
+            raise RuntimeError(
+                f"--check-weight-update: engine weights differ from the trainer's after sync {version}: "
+                + report.summary().replace("\n", "; ")
+            )
+        return {**out, "weight_check_ok": float(report.ok)}
 
     def disconnect_weight_sync(self) -> None:
         if self._sync is not None:
