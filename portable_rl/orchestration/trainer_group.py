@@ -10,7 +10,7 @@
   co-located critic (``ActorConfig.critic_checkpoint``) gives the values and then takes as many steps on its
   clipped value loss (metrics ``critic/*``). With the run's
   ``check_weight_update`` it also reports ``weights_changed_frac`` (parameter checksums before and after the
-  step), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
+  step; one step's "after" is the next one's "before" unless a checkpoint was loaded in between), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
 * ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
   device Ray gave that bundle: ``devices[r]``, see ``orchestration.devices``), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).
@@ -50,6 +50,7 @@ class TrainerWorker(MegatronActor):
     """One trainer rank; adds the trainer side of weight sync to the Megatron actor."""
 
     _sync = None
+    _checksums_after: tuple[int, dict[str, str]] | None = None  # (step, parameter checksums after that step)
 
     def __init__(
         self,
@@ -77,7 +78,7 @@ class TrainerWorker(MegatronActor):
         With ``check`` it also reports ``weights_changed_frac``: the fraction of this rank's parameter tensors
         whose bits the optimizer step changed (0 means the step changed nothing: a no-op optimizer, zero
         advantages, a zero learning rate)."""
-        before = self._param_checksums() if check else None
+        before = self._checksums_before_step() if check else None
         if algo.uses_critic and self.critic is None:
             raise ValueError(
                 "algo.advantage_estimator='gae' needs the trainer built with a critic_checkpoint"
@@ -95,11 +96,23 @@ class TrainerWorker(MegatronActor):
         if before is not None:
             after = self._param_checksums()
             out["weights_changed_frac"] = sum(after[n] != d for n, d in before.items()) / max(len(before), 1)
+            self._checksums_after = (self.step, after)
         return out
 
     def _param_checksums(self) -> dict[str, str]:
         # Checksums, not copies: a check must not double the trainer's memory.
         return {name: tensor_checksum(p) for name, p in self.model.named_parameters()}
+
+    def _checksums_before_step(self) -> dict[str, str]:
+        # Only an optimizer step or a checkpoint load changes the parameters between two steps, so the previous
+        # step's "after" checksums are this step's "before" unless a load came in between (it clears them).
+        if self._checksums_after is not None and self._checksums_after[0] == self.step:
+            return self._checksums_after[1]
+        return self._param_checksums()
+
+    def load_checkpoint(self, path: str) -> int:
+        self._checksums_after = None
+        return super().load_checkpoint(path)
 
     def connect_weight_sync(
         self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
