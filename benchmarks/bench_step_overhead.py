@@ -7,8 +7,9 @@ sync), reads each step's ``time_generate_s`` / ``time_train_s`` / ``time_step_s`
 measures in the same process run the raw floor for moving the model's bytes: one single-tensor broadcast of
 the exported model's size with the platform's collective backend (``bench_weight_sync.time_raw_broadcast``).
 The ratio wall / (generate + train + raw sync) is what the loop costs beyond the three unavoidable pieces
-(orchestration, batching, bookkeeping, the sync's HTTP protocol and engine-side load). Medians over steps 2..N
-(step 1 includes warm-up).
+(orchestration, batching, bookkeeping, the sync's HTTP protocol and engine-side load). Medians over steps
+2..N-1: step 1 includes warm-up, and step N also writes the run's final checkpoint (0.1-0.2 s on the tiny recipe,
+once per run, not per step; kept in, it shifts the median wall step of a few steps up by one rank).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(recipe: str, steps: int, overrides: list[str] | None = None) -> dict[str, float]:
-    """Median seconds of generate / train / sync / wall over steps 2..N, the raw broadcast, and model bytes."""
+    """Median seconds of generate / train / sync / wall over steps 2..N-1, the raw broadcast, and model bytes."""
+    if steps < 3:
+        raise SystemExit(f"--steps {steps}: need at least 3 (step 1 warms up, the last one also checkpoints)")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "portable_rl", "train", recipe, "--output-dir", str(run_dir)]
@@ -40,7 +43,7 @@ def measure(recipe: str, steps: int, overrides: list[str] | None = None) -> dict
         subprocess.run(
             cmd, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL
         )
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:-1]
         model_bytes = sum(p.stat().st_size for p in (run_dir / "hf").glob("*.safetensors"))
     return {
         "raw": statistics.median(time_raw_broadcast(model_bytes, 5, current_platform().dist_backend)),

@@ -45,9 +45,9 @@ WEIGHT_SYNC = {"size_mb": 64.0, "bucket_mb": 16.0, "repeats": 3}
 WEIGHT_SYNC_LARGE = {"size_mb": 512.0, "bucket_mb": 64.0, "repeats": 3}
 ENGINE = {"models": "tiny", "batch_size": 16, "prompt_len": 32, "new_tokens": 32, "runs": 3}
 ENGINE_DEMO = {"batch_size": 8, "prompt_len": 32, "new_tokens": 32, "runs": 3}
-STEP_OVERHEAD = {"recipe": str(ROOT / "examples" / "tiny_cpu.yaml"), "steps": 5}
+STEP_OVERHEAD = {"recipe": str(ROOT / "examples" / "tiny_cpu.yaml"), "steps": 6}
 # The demo recipe at the vs_trl workload's sizes (2 prompts x 4 samples, 32 new tokens): 3 measured steps.
-STEP_OVERHEAD_DEMO = {"recipe": str(bench_vs_trl.DEFAULT_RECIPE), "steps": 4}
+STEP_OVERHEAD_DEMO = {"recipe": str(bench_vs_trl.DEFAULT_RECIPE), "steps": 5}
 TRL_RESULT: dict = {}  # the vs_trl run's workload and per-side results, for its own results file
 
 

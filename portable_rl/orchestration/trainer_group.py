@@ -10,7 +10,7 @@
   co-located critic (``ActorConfig.critic_checkpoint``) gives the values and then takes as many steps on its
   clipped value loss (metrics ``critic/*``). With the run's
   ``check_weight_update`` it also reports ``weights_changed_frac`` (parameter checksums before and after the
-  step), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
+  step; one step's "after" is the next one's "before" unless a checkpoint was loaded in between), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
 * ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
   device Ray gave that bundle: ``devices[r]``, see ``orchestration.devices``), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from portable_rl.config.algo import AlgoConfig
@@ -36,13 +36,21 @@ from portable_rl.orchestration.placement import Plan, actor_options
 from portable_rl.platform import Platform, current_platform
 from portable_rl.rollout_to_train import make_loss_fn, make_value_loss_fn, prepare_train_batch
 from portable_rl.training.actor import ActorConfig, MegatronActor
-from portable_rl.weight_sync import WeightSyncConfig, check_weights, make_weight_sync, tensor_checksum
+from portable_rl.weight_sync import (
+    WeightCheckReport,
+    WeightSyncConfig,
+    check_weights,
+    make_weight_sync,
+    tensor_checksum,
+    while_closing,
+)
 
 
 class TrainerWorker(MegatronActor):
     """One trainer rank; adds the trainer side of weight sync to the Megatron actor."""
 
     _sync = None
+    _checksums_after: tuple[int, dict[str, str]] | None = None  # (step, parameter checksums after that step)
 
     def __init__(
         self,
@@ -70,7 +78,7 @@ class TrainerWorker(MegatronActor):
         With ``check`` it also reports ``weights_changed_frac``: the fraction of this rank's parameter tensors
         whose bits the optimizer step changed (0 means the step changed nothing: a no-op optimizer, zero
         advantages, a zero learning rate)."""
-        before = self._param_checksums() if check else None
+        before = self._checksums_before_step() if check else None
         if algo.uses_critic and self.critic is None:
             raise ValueError(
                 "algo.advantage_estimator='gae' needs the trainer built with a critic_checkpoint"
@@ -88,11 +96,23 @@ class TrainerWorker(MegatronActor):
         if before is not None:
             after = self._param_checksums()
             out["weights_changed_frac"] = sum(after[n] != d for n, d in before.items()) / max(len(before), 1)
+            self._checksums_after = (self.step, after)
         return out
 
     def _param_checksums(self) -> dict[str, str]:
         # Checksums, not copies: a check must not double the trainer's memory.
         return {name: tensor_checksum(p) for name, p in self.model.named_parameters()}
+
+    def _checksums_before_step(self) -> dict[str, str]:
+        # Only an optimizer step or a checkpoint load changes the parameters between two steps, so the previous
+        # step's "after" checksums are this step's "before" unless a load came in between (it clears them).
+        if self._checksums_after is not None and self._checksums_after[0] == self.step:
+            return self._checksums_after[1]
+        return self._param_checksums()
+
+    def load_checkpoint(self, path: str) -> int:
+        self._checksums_after = None
+        return super().load_checkpoint(path)
 
     def connect_weight_sync(
         self, engine_urls: Sequence[str], cfg: WeightSyncConfig, mode: str, api_key: str | None = None
@@ -111,19 +131,32 @@ class TrainerWorker(MegatronActor):
             for _ in weights:  # take part in the TP/PP gathers; the source rank sends
                 pass
             return {}
-        if check:
-            weights = list(weights)  # kept for the checksum comparison below
-        self._sync.update(weights, version)
+        if not check:
+            self._sync.update(weights, version)
+            return {"weight_sync_s": time.perf_counter() - t0}
+        # The weights are kept for the comparison as the update consumes them (gathered while the engines open
+        # their sessions), and compared while the engines close them: the check adds no round trip of its own.
+        source, kept = iter(weights), []
+
+        def keep() -> Iterator[tuple[str, Any]]:
+            for item in source:
+                kept.append(item)
+                yield item
+
+        def compare() -> WeightCheckReport:
+            kept.extend(source)  # whatever the strategy did not consume
+            return check_weights(self._sync.engines, kept)
+
+        with while_closing(compare) as reports:
+            self._sync.update(keep(), version)
         out = {"weight_sync_s": time.perf_counter() - t0}
-        if check:
-            report = check_weights(self._sync.engines, weights)
-            out["weight_check_ok"] = float(report.ok)
-            if not report.ok:
-                raise RuntimeError(
-                    f"--check-weight-update: engine weights differ from the trainer's after sync {version}: "
-                    + report.summary().replace("\n", "; ")
-                )
-        return out
+        report = reports[0] if reports else compare()  # no session closed here: compare now
+        if not report.ok:
+            raise RuntimeError(
+                f"--check-weight-update: engine weights differ from the trainer's after sync {version}: "
+                + report.summary().replace("\n", "; ")
+            )
+        return {**out, "weight_check_ok": float(report.ok)}
 
     def disconnect_weight_sync(self) -> None:
         if self._sync is not None:

@@ -22,7 +22,7 @@ from portable_rl.protocol.checksum import (
     tensor_checksum,
 )
 from portable_rl.protocol.engine_ops import EngineCallError
-from portable_rl.weight_sync.base import WeightSync, WeightSyncError, update_session
+from portable_rl.weight_sync.base import WeightSync, WeightSyncError, update_session, while_closing
 
 
 def make_weight_sync(cfg: WeightSyncConfig, mode: str, platform: Platform | None = None) -> WeightSync:
@@ -54,4 +54,5 @@ __all__ = [
     "resolve_strategy",
     "tensor_checksum",
     "update_session",
+    "while_closing",
 ]

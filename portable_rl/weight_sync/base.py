@@ -17,6 +17,10 @@ Contract
   without a thread hop and a wait for every engine between calls; an engine that offers ``/session_batch``
   (portable_rl's CPU engine) gets each sequence in one request. A bucketed update gathers its first bucket
   (``named_tensors`` is lazy) while the opening calls are in flight.
+* ``while_closing(fn)``: the next update session entered in this context runs ``fn`` (in the caller's thread)
+  while its closing calls are in flight, once every bucket was answered (the engines hold the new weights), e.g. the
+  trainer's ``--check-weight-update`` comparison, which then costs no round trip of its own. Without a session
+  to close (``manage_session=False`` inside a caller's session) ``fn`` is not run there and the caller runs it.
 * Engine calls fan out concurrently; any failure raises ``WeightSyncError`` naming the step and the engine.
 """
 
@@ -29,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -37,6 +42,12 @@ from portable_rl.protocol.engine_ops import EngineCallError, EngineOps, step_nam
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+# Work to run while the next update session closes (``while_closing``): the callable and its results.
+_WHILE_CLOSING: ContextVar[tuple[Callable[[], Any], list[Any]] | None] = ContextVar(
+    "weight_sync_while_closing", default=None
+)
 
 
 class WeightSyncError(RuntimeError):
@@ -131,7 +142,11 @@ def update_session(
             raise_failures(ops, closing, run_sequences(ops, closing, stop_on_error=False))
             raise
         closing = _closing(open_session, read_version=verify_version)
-        progress = run_sequences(ops, closing, stop_on_error=False)
+        started = _start_each([(e, closing) for e in ops], stop_on_error=False)
+        try:
+            _run_while_closing()
+        finally:  # the engines are resumed whatever the overlapped work did
+            progress = _finish_each(started)
         raise_failures(ops, closing, progress)
         if verify_version:
             stale = [
@@ -143,6 +158,31 @@ def update_session(
                 raise WeightSyncError(f"weight version did not move to {str(version)!r}: " + "; ".join(stale))
     finally:
         close_all(created)
+
+
+@contextmanager
+def while_closing(fn: Callable[[], T]) -> Iterator[list[T]]:
+    """Run ``fn`` while the next update session in this context closes (see the module docstring).
+
+    The ``with`` statement binds a list that holds ``fn``'s result once it ran (empty if no session closed, or
+    if the update failed before its closing). An exception from ``fn`` propagates out of the update, after the
+    engines were resumed.
+    """
+    results: list[T] = []
+    token = _WHILE_CLOSING.set((fn, results))
+    try:
+        yield results
+    finally:
+        _WHILE_CLOSING.reset(token)
+
+
+def _run_while_closing() -> None:
+    pending = _WHILE_CLOSING.get()
+    if pending is None:
+        return
+    _WHILE_CLOSING.set(None)  # once: a later session in this context closes without it
+    fn, results = pending
+    results.append(fn())
 
 
 Steps = Sequence[str | tuple[str, ...]]

@@ -13,7 +13,7 @@ import pytest
 from portable_rl.protocol.checksum import check_weights
 from portable_rl.protocol.client import SESSION_CALLS, EngineError
 from portable_rl.protocol.engine_ops import EngineOps
-from portable_rl.weight_sync.base import WeightSyncError, update_session
+from portable_rl.weight_sync.base import WeightSyncError, update_session, while_closing
 
 
 class FakeClient:
@@ -164,6 +164,60 @@ def test_failed_update_closes_the_session_without_a_version_check():
         with update_session(ops, 7):
             raise RuntimeError("bucket failed")
     assert ops[0].client.log[-2:] == ["end_weight_update", "continue_generation"]
+
+
+def test_while_closing_runs_once_the_update_is_done_while_the_engines_close():
+    import threading
+
+    ops = _ops(1)
+    fake = ops[0].client
+    compared = threading.Event()
+    real_end = fake.end_weight_update
+
+    async def end_waiting_for_the_work() -> None:
+        # Answers only once the work ran: a session that ran it after closing would fail here.
+        if not await asyncio.get_running_loop().run_in_executor(None, compared.wait, 5):
+            raise EngineError("the work did not run while the session closed")
+        await real_end()
+
+    fake.end_weight_update = end_waiting_for_the_work
+
+    def compare() -> list[str]:
+        compared.set()
+        return list(fake.log)
+
+    with while_closing(compare) as results:
+        with update_session(ops, 7):
+            fake.log.append("update")
+        with update_session(ops, 7):  # a second session in the same context closes without it
+            pass
+    assert results == [["pause_generation", "flush_cache", "begin_weight_update", "update"]]
+
+
+def test_while_closing_is_skipped_by_a_failed_update_and_its_error_comes_after_the_resume():
+    ops = _ops(1)
+    with while_closing(lambda: pytest.fail("must not run after a failed update")) as results:
+        with pytest.raises(RuntimeError, match="bucket failed"):
+            with update_session(ops, 7):
+                raise RuntimeError("bucket failed")
+    assert results == []
+
+    def broken() -> None:
+        raise ValueError("compare failed")
+
+    ops = _ops(1)
+    with pytest.raises(ValueError, match="compare failed"), while_closing(broken):
+        with update_session(ops, 7):
+            pass
+    assert ops[0].client.log[-1] in ("continue_generation", "get_weight_version")
+    assert "continue_generation" in ops[0].client.log
+
+
+def test_while_closing_is_left_to_the_caller_without_a_session():
+    ops = _ops(1)
+    with while_closing(lambda: "ran") as results, update_session(ops, 7, enabled=False):
+        pass
+    assert results == [] and ops[0].client.log == []
 
 
 def test_run_steps_rejects_an_unknown_step():
