@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(recipe: str, steps: int, overrides: list[str] | None = None) -> dict[str, float]:
     """Median seconds of generate / train / sync / wall over steps 2..N-1, the raw broadcast, and model bytes."""
     if steps < 3:
-        raise SystemExit(f"--steps {steps}: need at least 3 (step 1 warms up, the last one also checkpoints)")
+        raise ValueError(f"steps={steps}: need at least 3 (step 1 warms up, the last one also checkpoints)")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "portable_rl", "train", recipe, "--output-dir", str(run_dir)]
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.steps < 3:
+        ap.error(f"--steps {args.steps}: use 3 or more (step 1 warms up, the last one also checkpoints)")
     m = measure(args.recipe, args.steps, args.overrides)
     raw, gen, train, sync, wall = m["raw"], m["generate"], m["train"], m["sync"], m["wall"]
     model_bytes = m["model_bytes"]
