@@ -43,10 +43,9 @@ class WeightSyncConfig:
     manage_session:  wrap every update() in pause/flush/begin/end/resume/version check (False: the caller does,
                      with ``update_session``; for several syncs that together make one update, e.g. one per
                      pipeline stage, each from that stage's rank 0 with its own group_name)
-    keep_staging:    keep the flat staging buffers between syncs (one bucket each, on the weights' device; two
-                     for a shared-memory hand-off, filled in turn so the trainer stages a bucket while the engines
-                     load the last): faster (no page faults / allocation per sync) at the cost of that memory;
-                     False frees them at the end of every update
+    keep_staging:    keep the flat staging buffer (one bucket, on the weights' device) between syncs:
+                     faster (no page faults / allocation per sync) at the cost of that memory; False frees it
+                     at the end of every update
     pause_mode:      how /pause_generation treats running requests: "abort" (SGLang's default; the rollout
                      resubmits them) or "retract" (requests wait in the engine and are recomputed after the sync)
     """
