@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from portable_rl.protocol.buckets import NamedTensor, dtype_name
+from portable_rl.protocol.buckets import NamedTensor, dtype_from_name, dtype_name
 from portable_rl.protocol.engine_ops import EngineCallError, EngineOps
 
 CHECKSUM_ALGORITHM = "sha256(dtype|shape|bytes)"
@@ -169,8 +169,11 @@ _ENGINE_ERRORS = (EngineCallError, OSError, ValueError, KeyError, TypeError)
 def _engine_dtype(engine: EngineOps) -> torch.dtype | None:
     """The dtype the engine says it holds its weights in (``/server_info`` "dtype"), if a torch dtype name."""
     name = engine.server_info().get("dtype")
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    try:
+        dtype = dtype_from_name(name) if isinstance(name, str) else None
+    except ValueError:  # a name this torch does not know (e.g. SGLang's "auto"): no cast
+        return None
+    return dtype if dtype is not None and dtype.is_floating_point else None
 
 
 def _in_dtype(tensors: Sequence[NamedTensor], dtype: torch.dtype | None) -> list[NamedTensor]:
