@@ -10,7 +10,8 @@
   co-located critic (``ActorConfig.critic_checkpoint``) gives the values and then takes as many steps on its
   clipped value loss (metrics ``critic/*``). With the run's
   ``check_weight_update`` it also reports ``weights_changed_frac`` (parameter checksums before and after the
-  step; one step's "after" is the next one's "before" unless a checkpoint was loaded in between), and every sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
+  step; one step's "after" is the next one's "before" unless a checkpoint was loaded in between), and every
+  sync compares the engines' weight checksums with the trainer's (the run fails otherwise).
 * ``TrainerGroup`` creates the ranks on their placement-group bundles (rank r on ``plan.trainer[r]``, with the
   device Ray gave that bundle: ``devices[r]``, see ``orchestration.devices``), finds
   the rendezvous address on rank 0's node, and fans every call out to all ranks (Megatron calls are collective).

@@ -18,8 +18,8 @@ Contract
   (portable_rl's CPU engine) gets each sequence in one request. A bucketed update gathers its first bucket
   (``named_tensors`` is lazy) while the opening calls are in flight.
 * ``while_closing(fn)``: the next update session entered in this context runs ``fn`` (in the caller's thread)
-  while its closing calls are in flight, once every bucket was answered (the engines hold the new weights), e.g. the
-  trainer's ``--check-weight-update`` comparison, which then costs no round trip of its own. Without a session
+  while its closing calls are in flight, once every bucket was answered (the engines hold the new weights),
+  e.g. the trainer's ``--check-weight-update`` comparison, which then costs no round trip of its own. Without a session
   to close (``manage_session=False`` inside a caller's session) ``fn`` is not run there and the caller runs it.
 * Engine calls fan out concurrently; any failure raises ``WeightSyncError`` naming the step and the engine.
 """

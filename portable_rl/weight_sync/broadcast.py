@@ -8,8 +8,9 @@ Contract
   (master_address, master_port, rank_offset, world_size, group_name, backend), issued concurrently while rank 0
   hosts the rendezvous. The backend is ``current_platform().dist_backend`` unless an engine lists the backends
   it can join (``EngineOps.weight_update_backends``) without it: portable_rl's CPU engine lists gloo only, so a
-  GPU trainer syncing to it uses gloo and sends host copies of its tensors (``group_backend``). A rank that never joins ends the rendezvous after
-  ``timeout_s`` with ``CollectiveTimeout`` naming the group, the ranks and the engines that own them.
+  GPU trainer syncing to it uses gloo and sends host copies of its tensors (``group_backend``). A rank that
+  never joins ends the rendezvous after ``timeout_s`` with ``CollectiveTimeout`` naming the group, the ranks
+  and the engines that own them.
 * ``update(named_tensors, version)`` sends buckets of at most ``bucket_mb`` (one dtype each). Per bucket every
   engine gets ``/update_weights_from_distributed`` with names, dtypes and shapes, then rank 0 broadcasts:
     - flattened (``load_format="flattened_bucket"``): the bucket's bytes as one uint8 buffer, one broadcast;
