@@ -5,7 +5,9 @@ Run: ``python benchmarks/bench_weight_sync.py [--size-mb 256] [--bucket-mb 64] [
 Builds a random Llama checkpoint of about ``--size-mb`` MB (fp32), starts one engine on it (portable_rl's CPU
 engine, or the real SGLang server with ``--engine sglang --python <sglang venv python>``), and times
 ``WeightSync.update()`` of the full weights for each strategy: end to end as a trainer sees it (pause, flush,
-session, every bucket's HTTP call + transfer + load into the engine's model, resume, version read-back).
+session, every bucket's HTTP call + transfer + load into the engine's model, resume, version read-back). The
+CPU engine also gets the shared-tensor sync with resident weights (the trainer writes into the engine's
+shared-memory weights: one copy, no bucket requests), measured last because it moves the engine's weights.
 
 The reference is the floor for moving those bytes with the platform's collective: one single-tensor broadcast
 of the same number of bytes, rank 0 (this process) -> one receiver process, on a group built by the same
@@ -79,7 +81,9 @@ def load_weights(path: Path) -> list[tuple[str, torch.Tensor]]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(str(f)))
-    return sorted(out.items())
+    # Cloned into ordinary memory, where a trainer's weights (and the raw broadcast's buffer) live: tensors
+    # from load_file read measurably slower, which charged every strategy for the benchmark's file cache.
+    return sorted((name, t.clone()) for name, t in out.items())
 
 
 def time_raw_broadcast(nbytes: int, repeats: int, backend: str) -> list[float]:
@@ -192,7 +196,9 @@ def measure(
                 (
                     f"shared-tensor sync ({platform.shared_tensor_transport}), {bucket_mb:g} MB",
                     "colocated",
-                    WeightSyncConfig(strategy="shared_tensor", bucket_mb=bucket_mb, **common),
+                    WeightSyncConfig(
+                        strategy="shared_tensor", bucket_mb=bucket_mb, resident_weights="off", **common
+                    ),
                 ),
                 (
                     "disk sync (safetensors)",
@@ -200,6 +206,15 @@ def measure(
                     WeightSyncConfig(strategy="disk", disk_dir=str(root / "xfer"), **common),
                 ),
             ]
+            if engine_kind == "cpu":
+                # Last: from here on the engine's weights live in shared memory (the CPU engine offers it).
+                cases.append(
+                    (
+                        "shared-tensor sync, resident engine weights",
+                        "colocated",
+                        WeightSyncConfig(strategy="shared_tensor", resident_weights="on", **common),
+                    )
+                )
             raw = time_raw_broadcast(nbytes, repeats, backend)
             rows = [(f"raw {backend} broadcast, 1 tensor, rank 0 -> 1 receiver", raw)]
             for i, (label, mode, cfg) in enumerate(cases):

@@ -6,7 +6,8 @@ Run: ``python benchmarks/run_all.py [--only weight_sync,engine,step_overhead,vs_
 Each row is one ratio from one benchmark script, measured in this process run on this machine:
 
 * weight_sync   (bench_weight_sync.py): seconds of a full weight sync through a running CPU engine per strategy /
-  one raw single-tensor broadcast of the same bytes (below 1 is impossible; lower is better), at 64 MiB of
+  one raw single-tensor broadcast of the same bytes (lower is better; only resident weights, one in-memory copy
+  and no transfer, can go below 1), at 64 MiB of
   fp32 layers (48 MiB exported) and at 512 MiB (about the demo model's 513 MiB).
 * engine        (bench_engine.py): generated tokens/s of the CPU engine over HTTP / in-process HF ``generate``
   (above 1 = the engine is faster), on the tiny model and on the demo model (SmolLM2-135M).

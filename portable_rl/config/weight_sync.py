@@ -14,6 +14,7 @@ from portable_rl.config import refuse_non_finite
 STRATEGIES = ("auto", "shared_tensor", "broadcast", "disk")
 MODES = ("colocated", "disaggregated")
 FLATTEN_CHOICES = ("auto", "on", "off")
+RESIDENT_CHOICES = ("auto", "on", "off")
 PAUSE_MODES = ("abort", "retract")
 
 # SGLang's default name for the trainer->engine group (InitWeightsUpdateGroupReqInput.group_name).
@@ -46,6 +47,12 @@ class WeightSyncConfig:
     keep_staging:    keep the flat staging buffer (one bucket, on the weights' device) between syncs:
                      faster (no page faults / allocation per sync) at the cost of that memory; False frees it
                      at the end of every update
+    resident_weights: auto | on | off (shared_tensor strategy). Engines that offer it (portable_rl's CPU engine)
+                     keep their weights in one shared-memory segment that the trainer maps once and writes each
+                     weight into during the update session: one copy and two requests per sync instead of a
+                     staging copy, a request and an engine-side copy per bucket. "auto" uses it when every
+                     engine offers it and its segment opens in this process (same host), else buckets; "on"
+                     fails at connect when it cannot
     pause_mode:      how /pause_generation treats running requests: "abort" (SGLang's default; the rollout
                      resubmits them) or "retract" (requests wait in the engine and are recomputed after the sync)
     """
@@ -63,6 +70,7 @@ class WeightSyncConfig:
     pause_mode: str = "abort"
     keep_staging: bool = True
     manage_session: bool = True
+    resident_weights: str = "auto"
 
     def __post_init__(self) -> None:
         refuse_non_finite(self, "weight_sync.")
@@ -82,6 +90,10 @@ class WeightSyncConfig:
         if self.strategy == "disk" and not self.disk_dir:
             raise ValueError(
                 "weight_sync.strategy='disk' needs weight_sync.disk_dir (a directory engines can read)"
+            )
+        if self.resident_weights not in RESIDENT_CHOICES:
+            raise ValueError(
+                f"weight_sync.resident_weights={self.resident_weights!r} is not one of {', '.join(RESIDENT_CHOICES)}"
             )
         if self.pause_mode not in PAUSE_MODES:
             raise ValueError(

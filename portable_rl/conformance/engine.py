@@ -89,7 +89,13 @@ def check_engine_vs_trainer(ctx: Context, dtype: str | None) -> Measurement:
 # ---- weight sync ------------------------------------------------------------------------------------------------
 VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # strategy -> [(deployment mode, extra WeightSyncConfig fields)]
-    "shared_tensor": [("colocated", {"flatten_buckets": "on"}), ("colocated", {"flatten_buckets": "off"})],
+    # Buckets both ways, then resident weights where the engine offers them (portable_rl's CPU engine; "auto"
+    # falls back to buckets elsewhere). Last, because the engine's weights then stay in shared memory.
+    "shared_tensor": [
+        ("colocated", {"flatten_buckets": "on", "resident_weights": "off"}),
+        ("colocated", {"flatten_buckets": "off", "resident_weights": "off"}),
+        ("colocated", {"resident_weights": "auto"}),
+    ],
     "broadcast": [
         ("disaggregated", {"flatten_buckets": "on"}),
         ("disaggregated", {"flatten_buckets": "off"}),

@@ -20,7 +20,9 @@ Request fields are SGLang 0.5.23's. Capabilities, read once from ``/server_info`
   * ``supports_weights_checksum()``: the engine serves portable_rl's ``/get_weights_checksum``;
   * ``weight_update_backends()``: the torch.distributed backends the engine can join a weight-update group
     with, or None when it does not say (SGLang: whatever the platform's backend is). portable_rl's CPU engine
-    lists ``["gloo"]``, so a GPU trainer broadcasting to it uses gloo instead of NCCL/RCCL.
+    lists ``["gloo"]``, so a GPU trainer broadcasting to it uses gloo instead of NCCL/RCCL;
+  * ``supports_resident_weights()``: the engine serves portable_rl's ``/resident_weights`` (its weights in a
+    shared-memory segment a co-located trainer writes; ``weight_sync.resident``).
 ``run_steps(steps, done, failed)`` runs several session calls as one coroutine (one hop to the loop instead of
 one per call): steps run in order, a tuple of steps runs concurrently; each success is recorded in ``done``
 and each failure in ``failed`` as it happens, so a caller that stops waiting still sees how far the engine got.
@@ -126,6 +128,9 @@ class EngineOps:
     def supports_weights_checksum(self) -> bool:
         return bool(self.server_info().get("weights_checksum"))
 
+    def supports_resident_weights(self) -> bool:
+        return bool(self.server_info().get("resident_weights"))
+
     def weight_update_backends(self) -> list[str] | None:
         listed = self.server_info().get("weight_update_backends")
         return [str(b) for b in listed] if isinstance(listed, list) else None
@@ -222,6 +227,20 @@ class EngineOps:
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None) -> Future[None]:
         return self.submit(lambda c: c.update_weights_from_disk(model_path, weight_version=weight_version))
+
+    def resident_weights(self) -> Future[dict[str, Any]]:
+        """The engine's resident-weight segment: {segment, size, tensors: {name: {dtype, shape, stride, offset}}}."""
+
+        async def call(c: EngineClient) -> dict[str, Any]:
+            body = await c.post("/resident_weights")
+            if not isinstance(body, dict) or "segment" not in body or "tensors" not in body:
+                raise EngineError(f"{c.base_url}/resident_weights: malformed answer {str(body)[:200]}")
+            return body
+
+        return self.submit(call)
+
+    def commit_resident_weights(self, weight_version: str | None) -> Future[Any]:
+        return self.submit(lambda c: c.post("/commit_resident_weights", {"weight_version": weight_version}))
 
     def get_weights_checksum(self, names: list[str] | None) -> Future[dict[str, str | None]]:
         async def call(c: EngineClient) -> dict[str, str | None]:

@@ -14,11 +14,17 @@ Contract
   buffer is overwritten only after every engine answered (they copy before answering) and kept between syncs
   unless ``keep_staging`` is False.
   Runs inside ``update_session`` (pause, flush, begin/end weight update, resume, version check).
+* Resident weights (``resident_weights``, see ``weight_sync.resident``): when every engine keeps its weights in
+  a shared-memory segment this process can map, ``connect`` maps them and ``update`` writes each weight straight
+  into every engine's served tensor inside the session, then ``/commit_resident_weights`` carries the version:
+  no staging buffer, no per-bucket request, no engine-side copy. ``resident`` says whether it is in use.
 * No process group; ``connect`` only records the engines, ``disconnect`` forgets them.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,7 +35,17 @@ from portable_rl.platform import Platform, current_platform
 from portable_rl.protocol.buckets import NamedTensor, Staging, flatten, nbytes, unflatten
 from portable_rl.protocol.engine_ops import EngineOps
 from portable_rl.protocol.tensor_codec import flattened_payload, serialize_tensors, share_memory_buffer
-from portable_rl.weight_sync.base import as_engine_ops, close_all, fan_out, update_in_buckets
+from portable_rl.weight_sync.base import (
+    WeightSyncError,
+    as_engine_ops,
+    close_all,
+    fan_out,
+    update_in_buckets,
+    update_session,
+)
+from portable_rl.weight_sync.resident import ResidentTargets, ResidentUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class SharedTensorWeightSync:
@@ -41,6 +57,7 @@ class SharedTensorWeightSync:
         self.engines: list[EngineOps] = []
         self.flattened = False
         self.staging = Staging(lambda n, device: share_memory_buffer(n, device, self.platform))
+        self.resident: ResidentTargets | None = None
 
     def connect(self, engines: Sequence[Any]) -> None:
         self.engines = as_engine_ops(engines, self.cfg.timeout_s, self.cfg.pause_mode)
@@ -48,8 +65,29 @@ class SharedTensorWeightSync:
             self.flattened = all(e.supports_flattened_bucket() for e in self.engines)
         else:
             self.flattened = self.cfg.flatten_buckets == "on"
+        self.resident = self._open_resident()
+
+    def _open_resident(self) -> ResidentTargets | None:
+        mode = self.cfg.resident_weights
+        if mode == "off":
+            return None
+        lacking = [e.label for e in self.engines if not e.supports_resident_weights()]
+        try:
+            if lacking:
+                raise ResidentUnavailable(f"{', '.join(lacking)} do(es) not offer /resident_weights")
+            return ResidentTargets.open(self.engines)
+        except ResidentUnavailable as exc:
+            if mode == "on":
+                raise WeightSyncError(
+                    f"weight_sync.resident_weights=on, but {exc}; use resident_weights=auto or off"
+                ) from exc
+            log.info("resident weights not used (%s); weights travel in buckets", exc)
+            return None
 
     def disconnect(self) -> None:
+        if self.resident is not None:
+            self.resident.close()
+            self.resident = None
         self.staging.release()
         close_all(self.engines)
         self.engines = []
@@ -65,7 +103,26 @@ class SharedTensorWeightSync:
             raise RuntimeError(
                 "SharedTensorWeightSync.update() before connect(); call connect(engines) first"
             )
+        if self.resident is not None:
+            self._update_resident(self.resident, named_tensors, version)
+            return
         update_in_buckets(self.engines, self.cfg, self.staging, named_tensors, version, self._send_bucket)
+
+    def _update_resident(
+        self, resident: ResidentTargets, named_tensors: Iterable[NamedTensor], version: int
+    ) -> None:
+        tensors = iter(named_tensors)
+        with update_session(
+            self.engines,
+            version,
+            verify_version=self.cfg.verify_version,
+            enabled=self.cfg.manage_session,
+            overlap=lambda: next(tensors, None),  # the trainer gathers its first weight while engines pause
+        ) as first:
+            resident.write(itertools.chain([first] if first is not None else [], tensors))
+            fan_out(
+                self.engines, lambda e: e.commit_resident_weights(str(version)), "commit_resident_weights"
+            )
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         size = sum(nbytes(t) for _, t in bucket)

@@ -37,13 +37,21 @@ from portable_rl.weight_sync import (
 
 PROMPT = [1, 17, 42, 99, 7, 3]
 STRATEGIES = [
-    ("shared_tensor", "colocated", {}),
-    ("shared_tensor", "colocated", {"flatten_buckets": "off"}),
+    ("shared_tensor", "colocated", {"resident_weights": "off"}),
+    ("shared_tensor", "colocated", {"flatten_buckets": "off", "resident_weights": "off"}),
     ("broadcast", "disaggregated", {}),
     ("broadcast", "disaggregated", {"flatten_buckets": "off"}),
     ("disk", "colocated", {}),
+    ("shared_tensor", "colocated", {"resident_weights": "on"}),
 ]
-IDS = ["shared-flat", "shared-per-tensor", "broadcast-flat", "broadcast-per-tensor", "disk"]
+IDS = [
+    "shared-flat",
+    "shared-per-tensor",
+    "broadcast-flat",
+    "broadcast-per-tensor",
+    "disk",
+    "shared-resident",
+]
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +115,12 @@ def run_sync(urls, strategy, mode, extra, weights, version, tmp_path):
     sync.connect(urls)
     try:
         sync.update(iter(weights), version=version)
-        # (format of buckets of small tensors, which is all the tiny model has; format of large-tensor buckets)
-        return getattr(sync, "flatten_small", getattr(sync, "flattened", None)), getattr(
-            sync, "flattened", None
-        )
+        # format of buckets of small tensors (all the tiny model has), of large-tensor buckets, resident writes
+        return {
+            "flattened": getattr(sync, "flatten_small", getattr(sync, "flattened", None)),
+            "flattened_large": getattr(sync, "flattened", None),
+            "resident": getattr(sync, "resident", None) is not None,
+        }
     finally:
         sync.disconnect()
 
@@ -125,16 +135,19 @@ def test_sync_makes_engines_serve_the_trainer_weights(
     ids_before, lp_before = greedy(urls[0])
     assert not check_weights(urls, weights).ok
 
-    flattened, flattened_large = run_sync(urls, strategy, mode, extra, weights, version, tmp_path)
+    used = run_sync(urls, strategy, mode, extra, weights, version, tmp_path)
 
     report = check_weights(urls, weights)
     assert report.ok, report.summary()
     assert [e.compared for e in report.engines] == [len(weights)] * 2
     assert [version_of(u) for u in urls] == [str(version)] * 2
     if strategy != "disk":
-        assert flattened == (extra.get("flatten_buckets") != "off")
+        assert used["flattened"] == (extra.get("flatten_buckets") != "off")
     if strategy == "broadcast":
-        assert flattened_large is False  # the CPU engine receives large tensors straight into its parameters
+        assert (
+            used["flattened_large"] is False
+        )  # the CPU engine receives large tensors straight into its parameters
+    assert used["resident"] == (extra.get("resident_weights") == "on")
     for url in urls:
         ids_after, lp_after = greedy(url)
         assert ids_after != ids_before or not torch.allclose(lp_after, lp_before)
@@ -272,15 +285,22 @@ def sglang_engine(tiny_llama):
     engine.stop()
 
 
+# SGLang offers no resident weights: "auto" (the default) must fall back to buckets.
+SGLANG_STRATEGIES = [*STRATEGIES[:5], ("shared_tensor", "colocated", {})]
+SGLANG_IDS = [*IDS[:5], "shared-resident-auto-falls-back"]
+
+
 @pytest.mark.sglang
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, mode, extra", STRATEGIES, ids=IDS)
+@pytest.mark.parametrize("strategy, mode, extra", SGLANG_STRATEGIES, ids=SGLANG_IDS)
 def test_sync_against_real_sglang(sglang_engine, base_weights, strategy, mode, extra, tmp_path):
     url = sglang_engine.url
-    version = 200 + STRATEGIES.index((strategy, mode, extra))
+    version = 200 + SGLANG_STRATEGIES.index((strategy, mode, extra))
     weights = perturbed(base_weights, seed=version)
     _, lp_before = greedy(url)
-    flattened, flattened_large = run_sync([url], strategy, mode, extra, weights, version, tmp_path)
+    used = run_sync([url], strategy, mode, extra, weights, version, tmp_path)
+    flattened, flattened_large = used["flattened"], used["flattened_large"]
+    assert not used["resident"]
     report = check_weights([url], weights)  # /get_weights_by_name: SGLang has no per-tensor checksum
     assert report.ok, report.summary()
     assert version_of(url) == str(version)

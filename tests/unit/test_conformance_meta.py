@@ -381,10 +381,11 @@ def test_ray_worker_env_fails_when_the_shipped_placement_loses_the_bundle(ctx, m
 
 def test_weight_sync_fails_when_the_shipped_strategy_is_broken(ctx, monkeypatch):
     # The real CPU engine and the real shared-tensor strategy, with its own code broken in two ways a bug
-    # could: the last tensor never sent (a partial sync), and one bit flipped in the staging buffer.
+    # could: the last tensor never sent (a partial sync), and one bit flipped in the staging buffer; and the
+    # resident writes missing their last tensor.
     import torch
 
-    from portable_rl.weight_sync import shared_tensor
+    from portable_rl.weight_sync import resident, shared_tensor
 
     real_update, real_flatten = shared_tensor.update_in_buckets, shared_tensor.flatten
 
@@ -402,6 +403,15 @@ def test_weight_sync_fails_when_the_shipped_strategy_is_broken(ctx, monkeypatch)
         return flat, metas
 
     monkeypatch.setattr(shared_tensor, "flatten", flipped)
+    res = run_case(CHECKS["weight_sync.shared_tensor"].cases()[0], ctx)
+    assert res.status == "fail" and res.error >= 1, (res.reason, res.detail)
+    monkeypatch.setattr(shared_tensor, "flatten", real_flatten)
+
+    # Resident weights (the CPU engine offers them): the last tensor never written.
+    real_write = resident.ResidentTargets.write
+    monkeypatch.setattr(
+        resident.ResidentTargets, "write", lambda self, named: real_write(self, list(named)[:-1])
+    )
     res = run_case(CHECKS["weight_sync.shared_tensor"].cases()[0], ctx)
     assert res.status == "fail" and res.error >= 1, (res.reason, res.detail)
 

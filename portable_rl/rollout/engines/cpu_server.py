@@ -17,7 +17,8 @@ Endpoints, request fields and response shapes follow SGLang 0.5.23, so one clien
               /update_weights_from_tensor {serialized_named_tensors, load_format, weight_version},
               /update_weights_from_disk {model_path, weight_version}, /begin_weight_update,
               /end_weight_update, /update_weight_version {new_version}, GET|POST /flush_cache,
-              POST /session_batch (portable_rl: several session calls in one request, see session_batch.py)
+              POST /session_batch (portable_rl: several session calls in one request, see session_batch.py),
+              POST /resident_weights and /commit_resident_weights {weight_version} (portable_rl, below)
   read-back   POST /get_weights_checksum {names} (portable_rl), GET|POST /get_weights_by_name {name,
               truncate_size}, GET /get_weight_version (portable_rl; SGLang reports it in /model_info only)
 As in SGLang 0.5.23, tensor and distributed updates must sit between /begin_weight_update and
@@ -28,6 +29,11 @@ Tensor updates use the payload of ``portable_rl.protocol.tensor_codec``: per TP 
 strategy), opened here with an allow-list unpickler; the engine copies the tensors into its weights before it
 answers. It keeps the last update's segment mapped until /end_weight_update (a sender that stages every bucket in
 one segment then pays the mapping once per session); the sender may free its memory after that.
+
+Resident weights (portable_rl, ``resident_weights.py``; ``/server_info`` lists ``resident_weights: true``):
+``/resident_weights`` moves the served weights into one shared-memory segment and answers its name and layout;
+a co-located trainer then writes the weights in place during an update session and calls
+``/commit_resident_weights`` (inside the session, like a tensor update) to set the weight version.
 
 Auth: with ``--api-key`` (or env ``PORTABLE_RL_ENGINE_TOKEN``, which keeps the key off the command line) every
 endpoint except /health, /health_generate, /ready and /metrics needs ``Authorization: Bearer <key>`` and
@@ -59,6 +65,7 @@ from portable_rl.rollout.engines.engine_weights import (
     receive_distributed,
     weight_by_name,
 )
+from portable_rl.rollout.engines.resident_weights import ResidentWeights, make_resident
 from portable_rl.rollout.engines.sampling import InvalidRequest, SamplingParams
 
 TOKEN_ENV = "PORTABLE_RL_ENGINE_TOKEN"
@@ -132,6 +139,8 @@ class Server:
         # ends so that the next bucket, staged by the sender in the same segment, finds it still mapped (torch
         # caches open segments by name): no new mapping and no page faults on every byte per bucket.
         self.mapped_inputs: Any = None
+        # The shared-memory segment the weights live in once a co-located trainer asked (resident_weights.py).
+        self.resident: ResidentWeights | None = None
         self.app = FastAPI(openapi_url=None)
         self._install_auth()
         self._routes()
@@ -313,6 +322,8 @@ class Server:
                 # Its weights live in host memory: it joins a weight-update group only over gloo.
                 "weight_update_backends": [HOST_BACKEND],
                 "weights_checksum": True,
+                # A co-located trainer may write straight into its weights (POST /resident_weights).
+                "resident_weights": True,
                 "session_batch": session_batch.PATHS,
                 "internal_states": [{**engine.load(), "paused": engine.paused, "decode_steps": engine.steps}],
             }
@@ -479,6 +490,30 @@ class Server:
 
             return await self._update(update, body, "Success")
 
+        @app.post("/resident_weights")
+        async def resident_weights():
+            def share(e: CpuEngine) -> dict[str, Any]:
+                self.resident = make_resident(e.model, self.resident)
+                return self.resident.describe()
+
+            try:
+                layout = await self._on_engine(share)
+            except ValueError as exc:
+                return _outcome(False, f"Failed to make weights resident: {exc}")
+            return {"success": True, "message": "Success", **layout}
+
+        @app.post("/commit_resident_weights")
+        async def commit_resident_weights(request: Request):
+            body = await _body(request)
+
+            def commit(e: CpuEngine) -> int:
+                in_session(e, "commit_resident_weights")
+                if self.resident is None:
+                    raise RuntimeError("no resident weights; call /resident_weights first")
+                return len(self.resident.layout)
+
+            return await self._update(commit, body, "Resident weights committed")
+
         @app.post("/update_weights_from_disk")
         async def update_weights_from_disk(request: Request):
             body = await _body(request)
@@ -566,6 +601,8 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     finally:
         engine.shutdown()
+        if server.resident is not None:
+            server.resident.release()
 
 
 if __name__ == "__main__":
