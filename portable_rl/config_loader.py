@@ -115,6 +115,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted on/off (and yes/no) as a boolean; the choice fields spell them on/off.
+            return "on" if value else "off"
         raise ConfigError(f"{where}={value!r} must be a string")
     return value
 

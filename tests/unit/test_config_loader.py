@@ -96,3 +96,17 @@ def test_overrides_and_pass_through():
         apply_overrides(base, ["steps"])
     with pytest.raises(ConfigError, match="is not a section"):
         apply_overrides(base, ["run.steps.x=1"])
+
+
+def test_unquoted_on_off_reach_a_string_field_as_on_off():
+    # YAML 1.1 reads `off` as False: `weight_sync.resident_weights=off` must still mean "off".
+    from portable_rl.config.weight_sync import WeightSyncConfig
+    from portable_rl.config_loader import parse_scalar
+
+    cfg = build(
+        WeightSyncConfig,
+        {"resident_weights": parse_scalar("off"), "flatten_buckets": parse_scalar("on")},
+    )
+    assert (cfg.resident_weights, cfg.flatten_buckets) == ("off", "on")
+    with pytest.raises(ConfigError, match=r"name=3 must be a string"):
+        build(Outer, {"name": 3})
