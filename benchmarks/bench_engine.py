@@ -2,7 +2,8 @@
 
 Same checkpoint, same batch of prompts, same number of new tokens per sequence (EOS ignored), sampling at
 temperature 1, the same torch thread count in both. The engine runs as its own server process and the batch
-arrives as concurrent ``/generate`` requests (what a rollout sends); HF generates the batch in one call.
+arrives as concurrent ``/generate`` requests (what a rollout sends, from one client kept across runs as the
+rollout manager keeps it); HF generates the batch in one call.
 Prints one table with the median of ``--runs`` timed runs (HF and engine interleaved) after one warm-up, and the ratio engine / HF
 (above 1 = the engine is faster), for the medians and for the fastest runs.
 
@@ -72,17 +73,24 @@ def hf_generate(path: Path, batch: list[list[int]], new_tokens: int):
 
 
 def engine_generate(url: str, batch: list[list[int]], new_tokens: int):
+    """(run, close): ``run()`` sends the batch and returns tokens/s. One client and its connections serve every
+    run, as a rollout manager keeps its engine client for the whole training run."""
     params = {"max_new_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
+    loop = asyncio.new_event_loop()
+    client = EngineClient(url)
 
     async def one_run() -> float:
-        async with EngineClient(url) as client:
-            start = time.perf_counter()
-            outs = await asyncio.gather(*(client.generate(p, params) for p in batch))
-            elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        outs = await asyncio.gather(*(client.generate(p, params) for p in batch))
+        elapsed = time.perf_counter() - start
         assert all(len(o.output_ids) == new_tokens for o in outs)
         return len(batch) * new_tokens / elapsed
 
-    return lambda: asyncio.run(one_run())
+    def close() -> None:
+        loop.run_until_complete(client.close())
+        loop.close()
+
+    return (lambda: loop.run_until_complete(one_run())), close
 
 
 def compare(
@@ -97,15 +105,16 @@ def compare(
         )
     )
     try:
-        hf_run, engine_run = (
-            hf_generate(path, batch, new_tokens),
-            engine_generate(engine.url, batch, new_tokens),
-        )
-        hf_run(), engine_run()  # warm-up
-        hf, eng = [], []
-        for _ in range(runs):
-            hf.append(hf_run())
-            eng.append(engine_run())
+        hf_run = hf_generate(path, batch, new_tokens)
+        engine_run, close = engine_generate(engine.url, batch, new_tokens)
+        try:
+            hf_run(), engine_run()  # warm-up
+            hf, eng = [], []
+            for _ in range(runs):
+                hf.append(hf_run())
+                eng.append(engine_run())
+        finally:
+            close()
         return hf, eng
     finally:
         engine.stop()

@@ -31,8 +31,9 @@ import aiohttp
 
 DEFAULT_GROUP = "weight_update_group"
 
-# The calls of a weight-update session: (method, path). Their payloads: {"mode": ...} for the pause, else {} for
-# a POST and none for a GET (``session_request``).
+# The calls of a weight-update session: (method, path). Their payloads: {"mode": ...} for the pause,
+# {"weight_version": ...} for the commit of resident weights (portable_rl's CPU engine), else {} for a POST and
+# none for a GET (``session_request``).
 SESSION_CALLS: dict[str, tuple[str, str]] = {
     "pause_generation": ("POST", "/pause_generation"),
     "flush_cache": ("POST", "/flush_cache"),
@@ -40,6 +41,7 @@ SESSION_CALLS: dict[str, tuple[str, str]] = {
     "end_weight_update": ("POST", "/end_weight_update"),
     "continue_generation": ("POST", "/continue_generation"),
     "get_weight_version": ("GET", "/model_info"),
+    "commit_resident_weights": ("POST", "/commit_resident_weights"),
 }
 # portable_rl's CPU engine: runs several of them in one request (see the module docstring).
 SESSION_BATCH_PATH = "/session_batch"
@@ -256,14 +258,18 @@ class EngineClient:
         await self.request(*session_request("end_weight_update"))
 
     async def session_batch(
-        self, steps: list[str], pause_mode: str = "abort", stop_on_error: bool = True
+        self,
+        steps: list[str],
+        pause_mode: str = "abort",
+        stop_on_error: bool = True,
+        weight_version: str | None = None,
     ) -> list[Any]:
         """Run session ``steps`` in one request (see the module docstring): per step that ran, its value (the
         version for ``get_weight_version``, else None) or its ``EngineError``. Raises ``EngineError`` itself when
         the request as a whole fails."""
         calls = []
         for step in steps:
-            method, path, payload = session_request(step, pause_mode)
+            method, path, payload = session_request(step, pause_mode, weight_version)
             calls.append({"method": method, "path": path, "body": payload})
         body = await self.post(SESSION_BATCH_PATH, {"calls": calls, "stop_on_error": stop_on_error})
         results = body.get("results") if isinstance(body, dict) else None
@@ -346,11 +352,15 @@ class EngineClient:
         await self.post("/update_weights_from_disk", payload)
 
 
-def session_request(step: str, pause_mode: str = "abort") -> tuple[str, str, dict[str, Any] | None]:
+def session_request(
+    step: str, pause_mode: str = "abort", weight_version: str | None = None
+) -> tuple[str, str, dict[str, Any] | None]:
     """(method, path, payload) of one session call (``SESSION_CALLS``)."""
     method, path = SESSION_CALLS[step]
     if step == "pause_generation":
         return method, path, {"mode": pause_mode}
+    if step == "commit_resident_weights":
+        return method, path, {"weight_version": weight_version}
     return method, path, ({} if method == "POST" else None)
 
 

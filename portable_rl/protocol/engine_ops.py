@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from portable_rl.config.weight_sync import PAUSE_MODES
-from portable_rl.protocol.client import SESSION_CALLS, EngineClient, EngineError
+from portable_rl.protocol.client import SESSION_CALLS, EngineClient, EngineError, session_request
 
 T = TypeVar("T")
 EngineCallError = EngineError
@@ -160,12 +160,14 @@ class EngineOps:
         done: dict[str, Any],
         failed: dict[str, BaseException],
         stop_on_error: bool = True,
+        weight_version: str | None = None,
     ) -> Future[None]:
         """Run session calls (names in ``SESSION_STEPS``) in order as one coroutine; see the module docstring.
 
         A tuple of steps is issued concurrently. With ``stop_on_error`` the first failure ends the sequence;
         without it every step is still issued (a cleanup sequence must resume generation even when closing the
-        session failed). The future itself only fails if the coroutine is cancelled.
+        session failed). ``weight_version`` is the body of a ``commit_resident_weights`` step. The future itself
+        only fails if the coroutine is cancelled.
         """
         unknown = [s for s in step_names(steps) if s not in SESSION_STEPS]
         if unknown:
@@ -173,7 +175,7 @@ class EngineOps:
 
         async def one(c: EngineClient, step: str) -> None:
             try:
-                done[step] = await SESSION_STEPS[step](self, c)
+                done[step] = await SESSION_STEPS[step](self, c, weight_version)
             except EngineError as exc:
                 failed[step] = exc
 
@@ -189,7 +191,7 @@ class EngineOps:
         async def batched(c: EngineClient) -> None:
             names = step_names(steps)
             try:
-                results = await c.session_batch(names, self.pause_mode, stop_on_error)
+                results = await c.session_batch(names, self.pause_mode, stop_on_error, weight_version)
             except EngineError as exc:
                 for step in names[:1] if stop_on_error else names:
                     failed[step] = exc
@@ -239,9 +241,6 @@ class EngineOps:
 
         return self.submit(call)
 
-    def commit_resident_weights(self, weight_version: str | None) -> Future[Any]:
-        return self.submit(lambda c: c.post("/commit_resident_weights", {"weight_version": weight_version}))
-
     def get_weights_checksum(self, names: list[str] | None) -> Future[dict[str, str | None]]:
         async def call(c: EngineClient) -> dict[str, str | None]:
             body = await c.post("/get_weights_checksum", {"names": names})
@@ -266,12 +265,16 @@ def step_names(steps: Sequence[str | tuple[str, ...]]) -> list[str]:
     return [s for step in steps for s in ((step,) if isinstance(step, str) else step)]
 
 
-# The calls an update session is made of, by endpoint name (what ``run_steps`` accepts).
-SESSION_STEPS: dict[str, Callable[[EngineOps, EngineClient], Awaitable[Any]]] = {
-    "pause_generation": lambda ops, c: c.pause_generation(ops.pause_mode),
-    "flush_cache": lambda ops, c: c.flush_cache(),
-    "begin_weight_update": lambda ops, c: c.begin_weight_update(),
-    "end_weight_update": lambda ops, c: c.end_weight_update(),
-    "continue_generation": lambda ops, c: c.continue_generation(),
-    "get_weight_version": lambda ops, c: c.get_weight_version(),
+# The calls an update session is made of, by endpoint name (what ``run_steps`` accepts); each gets the sync's
+# weight version, which only the commit of resident weights sends.
+SESSION_STEPS: dict[str, Callable[[EngineOps, EngineClient, str | None], Awaitable[Any]]] = {
+    "pause_generation": lambda ops, c, v: c.pause_generation(ops.pause_mode),
+    "flush_cache": lambda ops, c, v: c.flush_cache(),
+    "begin_weight_update": lambda ops, c, v: c.begin_weight_update(),
+    "end_weight_update": lambda ops, c, v: c.end_weight_update(),
+    "continue_generation": lambda ops, c, v: c.continue_generation(),
+    "get_weight_version": lambda ops, c, v: c.get_weight_version(),
+    "commit_resident_weights": lambda ops, c, v: c.request(
+        *session_request("commit_resident_weights", "abort", v)
+    ),
 }

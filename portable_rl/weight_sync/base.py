@@ -101,6 +101,7 @@ def update_session(
     enabled: bool = True,
     timeout_s: float = 600.0,
     overlap: Callable[[], Any] | None = None,
+    commit: str | None = None,
 ) -> Iterator[Any]:
     """Pause + flush, open the weight-update session, yield, close it, resume; then check the version.
 
@@ -115,6 +116,9 @@ def update_session(
 
     ``overlap`` (optional) runs in this thread while the opening calls are in flight, e.g. the trainer gathering
     the first bucket; the ``with`` statement binds its result. If it raises, the session is closed again.
+    ``commit`` (optional) is a session step that carries the weight version (``commit_resident_weights``): it
+    opens the closing sequence after a body that did not raise, so the version moves in the same round trip
+    that closes the session.
     """
     if not enabled:
         yield overlap() if overlap is not None else None
@@ -141,8 +145,8 @@ def update_session(
             closing = _closing(open_session, read_version=False)
             raise_failures(ops, closing, run_sequences(ops, closing, stop_on_error=False))
             raise
-        closing = _closing(open_session, read_version=verify_version)
-        started = _start_each([(e, closing) for e in ops], stop_on_error=False)
+        closing = ((commit,) if commit else ()) + _closing(open_session, read_version=verify_version)
+        started = _start_each([(e, closing) for e in ops], stop_on_error=False, weight_version=str(version))
         try:
             _run_while_closing()
         finally:  # the engines are resumed whatever the overlapped work did
@@ -209,24 +213,29 @@ def _closing(end_session: bool, read_version: bool) -> tuple[str | tuple[str, ..
     return ("end_weight_update", resume) if end_session else (resume,)
 
 
-def run_sequences(ops: Sequence[EngineOps], steps: Steps, stop_on_error: bool) -> list[Progress]:
+def run_sequences(
+    ops: Sequence[EngineOps], steps: Steps, stop_on_error: bool, weight_version: str | None = None
+) -> list[Progress]:
     """Run ``steps`` on every engine at once (``EngineOps.run_steps``); (done, failed) per engine.
 
     An engine that does not finish within its timeout has its sequence cancelled and its next step marked
     failed with "no answer".
     """
-    return _run_each([(e, steps) for e in ops], stop_on_error)
+    return _finish_each(_start_each([(e, steps) for e in ops], stop_on_error, weight_version))
 
 
 def _run_each(jobs: Sequence[tuple[EngineOps, Steps]], stop_on_error: bool = False) -> list[Progress]:
     return _finish_each(_start_each(jobs, stop_on_error))
 
 
-def _start_each(jobs: Sequence[tuple[EngineOps, Steps]], stop_on_error: bool) -> Started:
+def _start_each(
+    jobs: Sequence[tuple[EngineOps, Steps]], stop_on_error: bool, weight_version: str | None = None
+) -> Started:
     started: Started = []
     for e, steps in jobs:
         progress: Progress = ({}, {})
-        started.append((e, steps, e.run_steps(steps, *progress, stop_on_error=stop_on_error), progress))
+        future = e.run_steps(steps, *progress, stop_on_error=stop_on_error, weight_version=weight_version)
+        started.append((e, steps, future, progress))
     return started
 
 

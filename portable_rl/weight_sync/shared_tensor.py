@@ -40,6 +40,8 @@ from portable_rl.weight_sync.base import (
     as_engine_ops,
     close_all,
     fan_out,
+    raise_failures,
+    run_sequences,
     update_in_buckets,
     update_session,
 )
@@ -118,11 +120,12 @@ class SharedTensorWeightSync:
             verify_version=self.cfg.verify_version,
             enabled=self.cfg.manage_session,
             overlap=lambda: next(tensors, None),  # the trainer gathers its first weight while engines pause
+            commit="commit_resident_weights",  # carries the version in the request that closes the session
         ) as first:
             resident.write(itertools.chain([first] if first is not None else [], tensors))
-            fan_out(
-                self.engines, lambda e: e.commit_resident_weights(str(version)), "commit_resident_weights"
-            )
+        if not self.cfg.manage_session:  # the caller closes the session: the version moves here
+            progress = run_sequences(self.engines, ("commit_resident_weights",), True, str(version))
+            raise_failures(self.engines, ("commit_resident_weights",), progress)
 
     def _send_bucket(self, bucket: list[NamedTensor], weight_version: str | None, flush_cache: bool) -> None:
         size = sum(nbytes(t) for _, t in bucket)

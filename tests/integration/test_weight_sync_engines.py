@@ -316,3 +316,23 @@ def test_sync_against_real_sglang(sglang_engine, base_weights, strategy, mode, e
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_resident_sync_inside_a_callers_session_moves_the_version(cpu_engines, base_weights):
+    # manage_session=False: the caller opens and closes the session; the strategy still commits the version.
+    from portable_rl.weight_sync.base import update_session
+
+    urls = [e.url for e in cpu_engines]
+    weights = perturbed(base_weights, seed=77)
+    cfg = WeightSyncConfig(
+        strategy="shared_tensor", resident_weights="on", manage_session=False, timeout_s=60
+    )
+    sync = make_weight_sync(cfg, "colocated")
+    sync.connect(urls)
+    try:
+        with update_session(urls, 77, timeout_s=60):
+            sync.update(iter(weights), version=77)
+    finally:
+        sync.disconnect()
+    assert check_weights(urls, weights).ok
+    assert [version_of(u) for u in urls] == ["77"] * 2

@@ -73,7 +73,7 @@ class BatchingClient(FakeClient):
     async def get_server_info(self) -> dict:
         return {"session_batch": sorted({path for _, path in SESSION_CALLS.values()})}
 
-    async def session_batch(self, steps, pause_mode="abort", stop_on_error=True):
+    async def session_batch(self, steps, pause_mode="abort", stop_on_error=True, weight_version=None):
         self.batches.append(list(steps))
         out = []
         for step in steps:
@@ -320,7 +320,7 @@ def test_a_batched_refusal_is_reported_and_undone_like_a_lone_one():
 def test_a_failed_batch_request_fails_its_first_step_or_every_step_of_a_cleanup():
     op = _ops(1, client=BatchingClient)[0]
 
-    async def unreachable(steps, pause_mode="abort", stop_on_error=True):
+    async def unreachable(steps, pause_mode="abort", stop_on_error=True, weight_version=None):
         raise EngineError("http://127.0.0.1:9000/session_batch: connection refused")
 
     op.client.session_batch = unreachable
