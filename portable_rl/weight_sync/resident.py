@@ -40,15 +40,14 @@ def _open_segment(name: str) -> shared_memory.SharedMemory:
 
 def _views(segment: shared_memory.SharedMemory, tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
     base = torch.frombuffer(segment.buf, dtype=torch.uint8)
-    typed: dict[str, torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for name, spec in tensors.items():
         dtype = dtype_from_name(str(spec["dtype"]))
-        key = str(dtype)
-        if key not in typed:
+        if dtype not in typed:
             usable = base.numel() // dtype.itemsize * dtype.itemsize
-            typed[key] = base[:usable].view(dtype)
-        out[name] = typed[key].as_strided(tuple(spec["shape"]), tuple(spec["stride"]), int(spec["offset"]))
+            typed[dtype] = base[:usable].view(dtype)
+        out[name] = typed[dtype].as_strided(tuple(spec["shape"]), tuple(spec["stride"]), int(spec["offset"]))
     return out
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from portable_rl.protocol.buckets import dtype_name
 from portable_rl.rollout.engines.engine_weights import named_state
 
 ALIGN = 64
@@ -109,7 +110,7 @@ def _layout(model: torch.nn.Module, base: torch.Tensor) -> dict[str, dict[str, A
         if not start <= ptr < end:
             continue  # not in the segment (cannot happen for parameters and buffers moved above)
         out[name] = {
-            "dtype": str(t.dtype).removeprefix("torch."),
+            "dtype": dtype_name(t.dtype),
             "shape": list(t.shape),
             "stride": list(t.stride()),
             "offset": (ptr - start) // t.element_size(),
